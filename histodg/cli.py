@@ -1,0 +1,203 @@
+"""histodg command line: thin Click commands over the library (parse, call, print with rich).
+
+Heavy modules (torch, smp, zarr, openslide) are imported inside command bodies so that
+`histodg --help` stays instant.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import HistodgError, __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def fail_line(message: str) -> None:
+    """One line on stderr: `error: <path>: <reason>`."""
+    from rich.markup import escape
+
+    _console().print(f"[bold red]error[/]: {escape(message)}")
+
+
+class Group(click.Group):
+    """Turn library errors into one line and exit 1; never a traceback for bad input."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HistodgError as exc:
+            fail_line(str(exc))
+            sys.exit(1)
+        except KeyboardInterrupt:
+            fail_line("interrupted; rerun the same command to resume")
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="histodg")
+def main():
+    """histodg: cross-organ, cross-scanner adenocarcinoma segmentation on whole-slide images.
+
+    \b
+      histodg tile slides/*.svs -o stores/ --organ colon --scanner kfbio
+      histodg train stores/ --pretrain organ --finetune scanner -o runs/a
+      histodg predict runs/a/best.pt slides/*.svs -o preds/
+    """
+
+
+# -- info ------------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide", "image"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of tables.")
+def info(paths, backend, as_json):
+    """What is in slides, images and patch stores.
+
+    For a slide: reader backend, vendor, dimensions, levels and downsamples, mpp, objective
+    power, associated images. For a store: patch count, tile size, mpp, organ, scanner, labels,
+    complete or not.
+    """
+    from .slide import open_slide
+    from .store import describe_store
+
+    out, failed = [], 0
+    for p in paths:
+        try:
+            if (p / "zarr.json").is_file():
+                out.append(describe_store(p))
+            else:
+                with open_slide(p, backend) as s:
+                    out.append({"kind": "slide", **s.describe()})
+        except HistodgError as exc:
+            fail_line(str(exc))
+            failed += 1
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        from .report import print_info
+
+        print_info(out)
+    if failed:
+        sys.exit(1)
+
+
+# -- tile --------------------------------------------------------------------------------------
+def _magnification(ctx, param, value):
+    if value is None:
+        return None
+    text = str(value).strip().lower().rstrip("x")
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a magnification such as 20x") from None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the <name>.zarr stores.")
+@click.option("--mpp", type=float, default=None, help="Target microns per pixel  [default: 0.5 unless --magnification]")
+@click.option("--magnification", callback=_magnification, default=None, help="Target magnification instead of --mpp, e.g. 20x.")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="Patch side in target pixels.")
+@click.option("--overlap", type=int, default=0, show_default=True, help="Overlap of neighbouring patches, target pixels.")
+@click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Keep windows with at least this tissue fraction (0 keeps all).")
+@click.option("--tissue-method", type=click.Choice(["otsu", "saturation", "none"]), default="otsu", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide", "image"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]")
+@click.option("--organ", default="unknown", show_default=True, help="Organ of the inputs (a manifest column or COSAS folder wins).")
+@click.option("--scanner", default="unknown", show_default=True, help="Scanner of the inputs (a manifest column or COSAS folder wins).")
+@click.option("--mpp-override", type=float, default=None, help="Microns per pixel for inputs without it in their metadata.")
+@click.option("--annotations", type=click.Path(path_type=Path), default=None, help="GeoJSON / ASAP XML / mask image, or a folder of them named after the slides.")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is 1.")
+@click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None, help="What the domain folders of a COSAS layout are.")
+@click.option("--max-bad-fraction", type=float, default=0.1, show_default=True, help="Fail a slide when more of its windows than this cannot be decoded.")
+@click.option("--shard", default=None, metavar="I/N", help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]")
+@click.option("--overwrite", is_flag=True, help="Rewrite stores that exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def tile(inputs, out_dir, mpp, magnification, tile_size, overlap, min_tissue, tissue_method, backend, workers,
+         organ, scanner, mpp_override, annotations, labels, domain_axis, max_bad_fraction, shard, overwrite, as_json):
+    """Cut slides and image data sets into zarr patch stores, keeping tissue.
+
+    INPUTS are slides (anything OpenSlide or tiffslide opens), PNG/JPEG/TIFF images, folders of
+    them, CSV manifests (path, annotation, organ, scanner, mpp) or COSAS-layout folders
+    (<task>/<domain>/image/*.png with mask/ beside). One store per input; complete stores are
+    skipped, interrupted ones resumed. Windows that cannot be decoded are skipped and listed in
+    the store's bad_windows attribute and in the summary.
+    """
+    from .annotations import LabelMap
+    from .extract import TileOptions, default_workers, tile_slide
+    from .inputs import parse_shard, resolve_inputs, take_shard
+    from .report import run_batch
+    from .tiling import TileSettings
+
+    try:
+        settings = TileSettings(
+            tile_size=tile_size,
+            mpp=None if magnification is not None else (mpp if mpp is not None else 0.5),
+            magnification=magnification,
+            overlap=overlap,
+            min_tissue=min_tissue,
+            tissue_method=tissue_method,
+        )
+        if magnification is not None and mpp is not None:
+            raise ValueError("give --mpp or --magnification, not both")
+        label_map = LabelMap.parse(labels)
+        shard_ij = parse_shard(shard)
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError("--max-bad-fraction must be between 0 and 1")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    jobs = take_shard(
+        resolve_inputs(inputs, organ, scanner, domain_axis, annotations, mpp_override), shard_ij
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = TileOptions(settings, backend, workers or default_workers(), label_map, overwrite, max_bad_fraction)
+    results = run_batch(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), "tile", as_json)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+# -- synth -------------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--format", "fmt", type=click.Choice(["wsi", "cosas", "both"]), default="wsi", show_default=True,
+              help="wsi: pyramidal TIFF + QuPath GeoJSON per case; cosas: COSAS-layout PNG image/mask folders.")
+@click.option("--cases", type=int, default=None, help="Cases per domain  [default: the library's, see `histodg.synth`]")
+@click.option("--size-um", type=float, default=None, help="Side of each case in microns  [default: the library's]")
+@click.option("--gallery", type=click.Path(path_type=Path), default=None, help="Also write a PNG with one patch of every domain.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing data set in OUT_DIR.")
+def synth(out_dir, seed, fmt, cases, size_um, gallery, overwrite):
+    """Write a small COSAS-shaped multi-organ, multi-scanner adenocarcinoma data set.
+
+    Task `organ`: training organs and a held-out organ from one scanner; task `scanner`: one
+    organ from training scanners and a held-out scanner. Writes OUT_DIR/manifest.csv (path,
+    annotation, organ, scanner, split, task, mpp), ready for `histodg tile OUT_DIR/manifest.csv`.
+    """
+    from .report import err
+    from .synth import make_dataset, make_gallery
+
+    formats = ("wsi", "cosas") if fmt == "both" else (fmt,)
+    kwargs = {k: v for k, v in {"cases": cases, "size_um": size_um}.items() if v is not None}
+    try:
+        with err.status("generating synthetic slides") as status:
+            manifest = make_dataset(out_dir, seed=seed, formats=formats, overwrite=overwrite,
+                                    progress=lambda msg: status.update(msg), **kwargs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"wrote {manifest}")
+    if gallery is not None:
+        click.echo(f"wrote {make_gallery(manifest, gallery)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,227 @@
+"""Cut one slide into a patch store: plan the grid, read windows in threads, write, resume.
+
+Windows are read by `workers` threads (decoding releases the GIL) ahead of the writer, in grid
+order so neighbouring windows share decoded source tiles in the reader's cache. Patches are
+written a shard at a time and each shard is journalled, so a killed run resumes at its last
+shard.
+
+Bad regions: a window that cannot be decoded (a corrupt tile) is skipped and recorded in the
+store's ``bad_windows`` attribute (level-0 x, y and the reason) and in the run summary. If more
+than `max_bad_fraction` of the slide's windows fail, the slide fails instead and its store is
+removed, so a mostly unreadable slide never looks finished.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import HistodgError, SlideError
+from .annotations import LabelMap, load_annotations
+from .inputs import SlideJob
+from .slide import open_slide, resize
+from .store import StoreError, StoreWriter, store_state
+from .tiling import Grid, TileSettings, plan_grid
+
+# settings that must match for a rerun to skip or resume an existing store
+_SETTING_KEYS = ("tile_size", "mpp", "magnification", "overlap", "min_tissue", "tissue_method", "organ", "scanner")
+
+
+@dataclass
+class TileResult:
+    name: str
+    source: str
+    status: str  # "done" | "skipped" | "failed"
+    store: str | None = None
+    patches: int = 0
+    tissue_area_mm2: float | None = None
+    bad_windows: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    resumed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    settings: TileSettings = TileSettings()
+    backend: str = "auto"
+    workers: int = 2
+    labels: LabelMap = field(default_factory=LabelMap)
+    overwrite: bool = False
+    max_bad_fraction: float = 0.1
+
+
+def _source_attrs(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime": round(st.st_mtime, 3)}
+
+
+def _wanted_attrs(job: SlideJob, opts: TileOptions) -> dict:
+    s = opts.settings
+    return {
+        "tile_size": s.tile_size,
+        "mpp": s.mpp,
+        "magnification": s.magnification,
+        "overlap": s.overlap,
+        "min_tissue": s.min_tissue,
+        "tissue_method": s.tissue_method,
+        "organ": job.organ,
+        "scanner": job.scanner,
+    }
+
+
+def _existing_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
+    """Why an existing store cannot be reused for this job (None when it can)."""
+    import zarr
+
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    wanted = _wanted_attrs(job, opts)
+    if attrs.get("magnification") is not None or wanted["magnification"] is not None:
+        wanted.pop("mpp")  # with --magnification the stored mpp is the resolved one
+    diffs = [f"{k} {attrs.get(k)!r} -> {v!r}" for k, v in wanted.items() if attrs.get(k) != v]
+    src = attrs.get("source") or {}
+    now = _source_attrs(job.path)
+    if src.get("size") != now["size"] or abs(float(src.get("mtime", 0)) - now["mtime"]) > 1e-3:
+        diffs.append("the source file changed")
+    if (attrs.get("annotation") or None) != (str(job.annotation.resolve()) if job.annotation else None):
+        diffs.append("annotation file differs")
+    return "; ".join(diffs) or None
+
+
+def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -> TileResult:
+    """Tile one slide into `out_dir/<name>.zarr`. Never raises for bad input: returns a failed result."""
+    t0 = time.perf_counter()
+    out = Path(out_dir) / f"{job.name}.zarr"
+    result = TileResult(job.name, str(job.path), "failed", store=str(out))
+    try:
+        if job.meta.get("missing_mask"):
+            raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
+        state = store_state(out)
+        if state in ("complete", "partial") and not opts.overwrite:
+            why = _existing_mismatch(out, job, opts)
+            if why:
+                raise StoreError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
+            if state == "complete":
+                import zarr
+
+                attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+                result.status, result.patches = "skipped", int(attrs.get("n_patches", 0))
+                result.tissue_area_mm2 = attrs.get("tissue_area_mm2")
+                result.bad_windows = len(attrs.get("bad_windows") or [])
+                return result
+        _run(job, out, opts, state, result, progress)
+        result.status = "done"
+    except HistodgError as exc:
+        result.error = str(exc)
+    except OSError as exc:
+        result.error = f"{job.path}: {exc.strerror or exc}"
+    finally:
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileResult, progress) -> None:
+    s = opts.settings
+    with open_slide(job.path, opts.backend, mpp=job.mpp) as slide:
+        grid = plan_grid(slide, s)
+        ann = load_annotations(job.annotation, slide.dimensions, opts.labels) if job.annotation else None
+        ds = slide.level_downsamples[grid.level]
+        eff_scale = grid.read_size * ds / s.tile_size  # level-0 px per patch px, exactly as read
+        mpp0 = slide.mpp
+        thumb_px_um = grid.thumbnail_downsample * mpp0 if mpp0 else None
+        tissue_mm2 = float(grid.tissue_mask.sum() * thumb_px_um**2 / 1e6) if thumb_px_um else None
+        attrs = {
+            **_wanted_attrs(job, opts),
+            "mpp": grid.target_mpp,
+            "mpp_actual": mpp0 * eff_scale if mpp0 else None,
+            "level0_size": grid.read_size * ds,
+            "read_level": grid.level,
+            "read_size": grid.read_size,
+            "source": _source_attrs(job.path),
+            "annotation": str(job.annotation.resolve()) if job.annotation else None,
+            "labels": opts.labels.label_names() if ann is not None else None,
+            "backend": slide.backend,
+            "slide_mpp": mpp0,
+            "slide_dimensions": list(slide.dimensions),
+            "windows_total": grid.total_windows,
+            "windows_planned": len(grid),
+            "meta": dict(job.meta),
+        }
+        if ann is not None and hasattr(ann, "skipped") and ann.skipped:
+            attrs["annotations_skipped"] = dict(ann.skipped)
+        if state == "partial" and not opts.overwrite:
+            writer = StoreWriter.resume(out)
+            if writer.capacity != len(grid):
+                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None).create()
+            else:
+                result.resumed = True
+        else:
+            writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None).create()
+        if progress:
+            progress(total=len(grid), done=writer.plan_done)
+        _extract(slide, grid, ann, writer, opts, eff_scale, progress)
+        n_bad = len(writer.bad)
+        if len(grid) and n_bad > opts.max_bad_fraction * len(grid):
+            shutil.rmtree(out, ignore_errors=True)
+            first = writer.bad[0]["reason"]
+            raise SlideError(
+                job.path,
+                f"{n_bad} of {len(grid)} windows ({n_bad / len(grid):.0%}) cannot be decoded, more than "
+                f"--max-bad-fraction {opts.max_bad_fraction:g}; first: {first}",
+            )
+        writer.finish({"tissue_area_mm2": tissue_mm2})
+        result.patches, result.bad_windows, result.tissue_area_mm2 = writer.count, n_bad, tissue_mm2
+
+
+def read_window(slide, grid: Grid, xy, tile_size: int) -> np.ndarray:
+    """One patch: read `read_size` level pixels at level-0 `xy`, resize to `tile_size`."""
+    img = slide.read_region((int(xy[0]), int(xy[1])), grid.level, (grid.read_size, grid.read_size))
+    return resize(img, (tile_size, tile_size))
+
+
+def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff_scale: float, progress) -> None:
+    size = opts.settings.tile_size
+    start = writer.plan_done
+
+    def work(i: int):
+        xy = grid.coords[i]
+        try:
+            img = read_window(slide, grid, xy, size)
+        except SlideError as exc:
+            return i, None, None, exc.reason
+        mask = ann.rasterize(float(xy[0]), float(xy[1]), eff_scale, size) if ann is not None else None
+        return i, img, mask, None
+
+    workers = max(1, int(opts.workers))
+    depth = writer.shard + 4 * workers  # keep readers busy while a shard is written
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histodg-read") as pool:
+        pending: deque = deque()
+        nxt = start
+        n = len(grid)
+        while nxt < n or pending:
+            while nxt < n and len(pending) < depth:
+                pending.append(pool.submit(work, nxt))
+                nxt += 1
+            i, img, mask, err = pending.popleft().result()
+            if err is not None:
+                writer.add_bad(grid.coords[i], err)
+            else:
+                writer.append(img, mask, grid.coords[i], grid.tissue[i])
+            if writer.buffered >= writer.shard:
+                writer.flush()
+                writer.commit(i + 1)
+            if progress:
+                progress(advance=1)
+        writer.flush()
+        writer.commit(n)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))

@@ -1,0 +1,124 @@
+"""What the CLI prints: progress of a batch, the summary table, `info` tables.
+
+Progress and per-item lines go to stderr; the summary (table or JSON) goes to stdout, so
+`histodg tile ... --json > summary.json` stays machine-readable.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import os
+import sys
+
+
+def _width(stream) -> int | None:
+    """Full width on a terminal; 160 columns in logs (rich would use 80 and wrap the tables)."""
+    return None if stream.isatty() else int(os.environ.get("COLUMNS", 160))
+
+
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def run_batch(jobs, run_one, verb: str, as_json: bool = False):
+    """Run `run_one(job, progress_cb)` for each job with a bar per batch and one per item.
+
+    `progress_cb(total=..., done=...)` sets the item bar, `progress_cb(advance=n)` moves it.
+    Each result has `.name`, `.status` and `.error`; failures print one line and the batch goes on.
+    """
+    results = []
+    with _progress() as bar:
+        overall = bar.add_task(f"{verb} {len(jobs)} input(s)", total=len(jobs))
+        for job in jobs:
+            item = bar.add_task(f"  {escape(job.name)}", total=None)
+
+            def cb(total=None, done=None, advance=None, _item=item):
+                if total is not None:
+                    bar.update(_item, total=total, completed=done or 0)
+                if advance:
+                    bar.advance(_item, advance)
+
+            res = run_one(job, cb)
+            results.append(res)
+            bar.remove_task(item)
+            bar.advance(overall)
+            if res.status == "failed":
+                bar.console.print(f"[bold red]error[/]: {escape(res.error or 'failed')}")
+            else:
+                bar.console.print(f"[green]{res.status}[/] {escape(job.name)} {_brief(res)}")
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in results], indent=2, default=str))
+    else:
+        print_summary(results, verb)
+    return results
+
+
+def _brief(res) -> str:
+    parts = []
+    if getattr(res, "patches", None) is not None and hasattr(res, "patches"):
+        parts.append(f"{res.patches} patches")
+    if getattr(res, "bad_windows", 0):
+        parts.append(f"[yellow]{res.bad_windows} bad windows skipped[/]")
+    if getattr(res, "resumed", False):
+        parts.append("resumed")
+    return ", ".join(parts)
+
+
+def print_summary(results, verb: str) -> None:
+    table = Table(title=f"histodg {verb}: {len(results)} input(s)", title_justify="left")
+    for col, kw in [("input", {}), ("status", {}), ("patches", {"justify": "right"}), ("tissue mm²", {"justify": "right"}),
+                    ("bad windows", {"justify": "right"}), ("seconds", {"justify": "right"}), ("note", {"overflow": "fold"})]:
+        table.add_column(col, **kw)
+    style = {"done": "green", "skipped": "cyan", "failed": "bold red"}
+    for r in results:
+        area = "" if r.tissue_area_mm2 is None else f"{r.tissue_area_mm2:.1f}"
+        note = r.error or ("resumed" if r.resumed else "")
+        if r.bad_windows and not r.error:
+            note = f"{r.bad_windows} undecodable windows skipped (see the store's bad_windows)"
+        table.add_row(escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(r.patches), area,
+                      str(r.bad_windows or ""), f"{r.seconds:.1f}", escape(note))
+    n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    total = sum(r.patches for r in results)
+    area = sum(r.tissue_area_mm2 or 0 for r in results)
+    bad = sum(r.bad_windows for r in results)
+    table.caption = (f"{n['done']} done, {n['skipped']} skipped, {n['failed']} failed; "
+                     f"{total} patches, {area:.1f} mm² tissue, {bad} bad windows")
+    table.caption_justify = "left"
+    out.print(table)
+
+
+def print_info(items: list[dict]) -> None:
+    for d in items:
+        table = Table(title=escape(d["path"]), show_header=False, title_justify="left")
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        if d.get("kind") == "store":
+            keys = ["complete", "patches", "tile_size", "mpp", "overlap", "organ", "scanner", "labels", "has_masks",
+                    "bad_windows", "format_version", "histodg_version"]
+        else:
+            keys = ["backend", "vendor", "dimensions", "level_count", "level_dimensions", "level_downsamples", "mpp",
+                    "mpp_source", "objective_power", "associated_images"]
+        for k in keys:
+            v = d.get(k)
+            table.add_row(k, escape(json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
+        out.print(table)

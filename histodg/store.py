@@ -1,0 +1,295 @@
+"""The zarr v3 patch store: one group per slide or image, written resumably, read and validated.
+
+Arrays (see DESIGN.md): ``images`` (N, S, S, 3) uint8, ``masks`` (N, S, S) uint8 (optional),
+``coords`` (N, 2) int64 level-0 (x, y), ``tissue`` (N,) float32. Each patch is one chunk inside
+shards of `shard_patches` patches (zarr v3 sharding): reading one patch reads one chunk, writing
+happens a whole shard at a time, so the per-chunk cost of zarr stays off the hot path.
+
+Writing is resumable: every committed shard is journalled in ``histodg_progress.json`` (written
+to a temporary name and renamed); ``complete: true`` is the last attribute written, after the
+arrays are trimmed to their final length. A store without it is unfinished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import HistodgError, __version__
+
+FORMAT_VERSION = 1
+PROGRESS_FILE = "histodg_progress.json"
+SHARD_BYTES = 48 * 2**20
+
+
+class StoreError(HistodgError):
+    """A patch store is missing, unfinished, from another version or inconsistent."""
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def shard_patches(tile_size: int) -> int:
+    """Patches per shard: about SHARD_BYTES of raw RGB, a power of two, 1-1024."""
+    n = max(1, SHARD_BYTES // (tile_size * tile_size * 3))
+    return int(min(1024, 2 ** int(np.log2(n))))
+
+
+def _compressor():
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def store_state(path) -> str:
+    """'missing' | 'complete' | 'partial' (resumable) | 'broken' (must be rewritten)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    try:
+        attrs = dict(_zarr().open_group(str(path), mode="r").attrs)
+    except Exception:
+        return "broken"
+    if attrs.get("complete") is True:
+        return "complete"
+    if (path / PROGRESS_FILE).is_file() and attrs.get("format_version") == FORMAT_VERSION:
+        return "partial"
+    return "broken"
+
+
+class StoreWriter:
+    """Create (or resume) a store of at most `capacity` patches; append; finish.
+
+    `append` buffers patches and writes whole shards; `commit` journals progress (how many patches
+    are stored and how far through the caller's plan they reach). Resume with `StoreWriter.resume`.
+    """
+
+    def __init__(self, path: Path, attrs: dict, capacity: int, tile_size: int, with_masks: bool):
+        self.path = Path(path)
+        self.tile_size = tile_size
+        self.with_masks = with_masks
+        self.shard = shard_patches(tile_size)
+        self.capacity = max(int(capacity), 1)
+        self.count = 0  # patches durably written
+        self.plan_done = 0  # caller's plan position matching `count`
+        self.bad: list[dict] = []
+        self._buf_img: list[np.ndarray] = []
+        self._buf_mask: list[np.ndarray] = []
+        self._buf_xy: list[tuple[int, int]] = []
+        self._buf_tissue: list[float] = []
+        self._group = None
+        self._attrs = attrs
+
+    # -- create / resume --------------------------------------------------------------------
+    def create(self) -> StoreWriter:
+        zarr = _zarr()
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        g = zarr.open_group(str(self.path), mode="w")
+        s, n, k = self.tile_size, self.capacity, self.shard
+        opts = dict(compressors=_compressor(), config={"write_empty_chunks": True})
+        g.create_array("images", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8", **opts)
+        if self.with_masks:
+            g.create_array("masks", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype="uint8", **opts)
+        g.create_array("coords", shape=(n, 2), chunks=(min(n, 65536), 2), dtype="int64")
+        g.create_array("tissue", shape=(n,), chunks=(min(n, 65536),), dtype="float32")
+        g.attrs.update({**self._attrs, "format_version": FORMAT_VERSION, "histodg_version": __version__, "complete": False})
+        self._group = g
+        self._journal()
+        return self
+
+    @classmethod
+    def resume(cls, path: Path) -> StoreWriter:
+        """Reopen an unfinished store at its last committed shard."""
+        zarr = _zarr()
+        g = zarr.open_group(str(path), mode="r+")
+        progress = json.loads((Path(path) / PROGRESS_FILE).read_text())
+        attrs = dict(g.attrs)
+        w = cls(path, attrs, g["images"].shape[0], int(attrs["tile_size"]), "masks" in g)
+        w._group = g
+        w.count, w.plan_done, w.bad = progress["count"], progress["plan_done"], progress["bad"]
+        return w
+
+    # -- write ----------------------------------------------------------------------------------
+    def append(self, image: np.ndarray, mask: np.ndarray | None, xy, tissue: float) -> None:
+        self._buf_img.append(image)
+        if self.with_masks:
+            self._buf_mask.append(mask)
+        self._buf_xy.append((int(xy[0]), int(xy[1])))
+        self._buf_tissue.append(float(tissue))
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf_img)
+
+    def flush(self) -> None:
+        """Write the buffered patches (a whole shard when called at a shard boundary)."""
+        n = len(self._buf_img)
+        if not n:
+            return
+        g, a, b = self._group, self.count, self.count + n
+        if b > self.capacity:
+            raise StoreError(self.path, f"more patches ({b}) than planned ({self.capacity})")
+        g["images"][a:b] = np.stack(self._buf_img)
+        if self.with_masks:
+            g["masks"][a:b] = np.stack(self._buf_mask)
+        g["coords"][a:b] = np.asarray(self._buf_xy, np.int64)
+        g["tissue"][a:b] = np.asarray(self._buf_tissue, np.float32)
+        self.count = b
+        self._buf_img, self._buf_mask, self._buf_xy, self._buf_tissue = [], [], [], []
+
+    def commit(self, plan_done: int) -> None:
+        """Record that patches up to plan position `plan_done` are durably written."""
+        self.plan_done = int(plan_done)
+        self._journal()
+
+    def add_bad(self, xy, reason: str) -> None:
+        self.bad.append({"x": int(xy[0]), "y": int(xy[1]), "reason": reason})
+
+    def _journal(self) -> None:
+        _write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad})
+
+    def finish(self, extra_attrs: dict | None = None) -> None:
+        """Trim arrays to the patches written, then mark complete (the last write)."""
+        self.flush()
+        g = self._group
+        n = self.count
+        for name in ("images", "masks", "coords", "tissue"):
+            if name in g:
+                arr = g[name]
+                arr.resize((n,) + arr.shape[1:])
+        g.attrs.update({**(extra_attrs or {}), "bad_windows": self.bad, "n_patches": n})
+        g.attrs["complete"] = True
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+@dataclass
+class PatchStore:
+    """A complete store opened for reading."""
+
+    path: Path
+    attrs: dict
+    group: object
+
+    @property
+    def images(self):
+        return self.group["images"]
+
+    @property
+    def masks(self):
+        return self.group["masks"] if "masks" in self.group else None
+
+    @property
+    def coords(self) -> np.ndarray:
+        return np.asarray(self.group["coords"][:])
+
+    @property
+    def tissue(self) -> np.ndarray:
+        return np.asarray(self.group["tissue"][:])
+
+    def __len__(self) -> int:
+        return int(self.group["images"].shape[0])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.attrs["mpp"])
+
+    @property
+    def organ(self) -> str:
+        return str(self.attrs.get("organ") or "unknown")
+
+    @property
+    def scanner(self) -> str:
+        return str(self.attrs.get("scanner") or "unknown")
+
+    @property
+    def name(self) -> str:
+        return self.path.name[:-5] if self.path.name.endswith(".zarr") else self.path.name
+
+
+def open_store(path, require_complete: bool = True) -> PatchStore:
+    """Open a store for reading, with one clear error for each way it can be unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(path, "no such store")
+    zarr = _zarr()
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        attrs = dict(g.attrs)
+    except Exception as exc:
+        raise StoreError(path, f"not a zarr v3 patch store ({str(exc).splitlines()[0]})") from None
+    version = attrs.get("format_version")
+    if version is None:
+        raise StoreError(path, "not a histodg patch store (no format_version attribute)")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            path, f"store format version {version}, this histodg reads version {FORMAT_VERSION}: re-run `histodg tile`"
+        )
+    if require_complete and attrs.get("complete") is not True:
+        raise StoreError(path, "store is incomplete (tiling was interrupted): re-run `histodg tile` to finish it")
+    for name in ("images", "coords", "tissue"):
+        if name not in g:
+            raise StoreError(path, f"store has no '{name}' array")
+    n = g["images"].shape[0]
+    for name in ("masks", "coords", "tissue"):
+        if name in g and g[name].shape[0] != n:
+            raise StoreError(path, f"'{name}' has {g[name].shape[0]} rows but 'images' has {n}")
+    return PatchStore(path, attrs, g)
+
+
+def describe_store(path) -> dict:
+    """Plain-data summary of a store (for `histodg info`), complete or not."""
+    path = Path(path)
+    state = store_state(path)
+    if state == "broken":
+        raise StoreError(path, "not a readable histodg patch store")
+    s = open_store(path, require_complete=False)
+    out = {
+        "path": str(path),
+        "kind": "store",
+        "complete": s.attrs.get("complete") is True,
+        "patches": len(s) if state == "complete" else json.loads((path / PROGRESS_FILE).read_text())["count"],
+        "tile_size": s.attrs.get("tile_size"),
+        "mpp": s.attrs.get("mpp"),
+        "overlap": s.attrs.get("overlap"),
+        "organ": s.organ,
+        "scanner": s.scanner,
+        "labels": s.attrs.get("labels"),
+        "has_masks": s.masks is not None,
+        "bad_windows": len(s.attrs.get("bad_windows") or []),
+        "source": s.attrs.get("source"),
+        "format_version": s.attrs.get("format_version"),
+        "histodg_version": s.attrs.get("histodg_version"),
+    }
+    return out
+
+
+def find_stores(paths) -> list[Path]:
+    """Expand store paths and folders of stores (recursively) into store paths, sorted."""
+    found = []
+    for p in paths:
+        p = Path(p)
+        if (p / "zarr.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*.zarr") if (q / "zarr.json").is_file()))
+        else:
+            raise StoreError(p, "not a patch store or a folder of stores")
+    return found

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real slides in ../shared/data (never copied into the repo), CLI runner."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path | None:
+    for cand in (os.environ.get("HISTODG_TEST_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if cand and (Path(cand) / "cmu_small_region.svs").is_file():
+            return Path(cand)
+    return None
+
+
+DATA = _data_dir()
+needs_data = pytest.mark.skipif(DATA is None, reason="real test slides (../shared/data) not found; set HISTODG_TEST_DATA")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if DATA is None:
+        pytest.skip("real test slides (../shared/data) not found; set HISTODG_TEST_DATA")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def cmu(data_dir) -> Path:
+    return data_dir / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
+def bad_dir(data_dir) -> Path:
+    return data_dir / "bad"
+
+
+@pytest.fixture
+def cli():
+    """Invoke the histodg CLI in-process: cli("tile", path, "-o", out) -> click Result."""
+    from histodg.cli import main
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run

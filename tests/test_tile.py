@@ -1,0 +1,342 @@
+"""`histodg tile` and `histodg info` end to end, on the real slides and on small made-up data sets."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import zarr
+from PIL import Image
+
+from histodg.extract import TileOptions, tile_slide
+from histodg.inputs import SlideJob, parse_shard, resolve_inputs, take_shard
+from histodg.slide import resize
+from histodg.store import PROGRESS_FILE, StoreError, open_store, store_state
+from histodg.tiling import TileSettings
+
+BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.svs", "unopenable.tiff", "unreadable.svs"]
+
+
+def direct(osr, x, y, size):
+    """OpenSlide read with transparency (past the slide's edge) composited on white."""
+    rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (size, size))).astype(np.float64)
+    a = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+
+
+def _store(path):
+    g = zarr.open_group(str(path), mode="r")
+    return g, dict(g.attrs)
+
+
+def test_tile_real_slide_patches_equal_direct_reads(cli, cmu, tmp_path):
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "256", "--mpp", "0.5", "--organ", "skin", "--scanner", "aperio")
+    assert r.exit_code == 0, r.output
+    g, a = _store(tmp_path / "cmu_small_region.zarr")
+    assert a["complete"] is True and a["format_version"] == 1
+    assert a["organ"] == "skin" and a["scanner"] == "aperio" and a["mpp"] == 0.5 and a["tile_size"] == 256
+    assert a["level0_size"] == 257 and a["source"]["size"] == cmu.stat().st_size
+    n = g["images"].shape[0]
+    assert n == a["n_patches"] > 10 and g["coords"].shape == (n, 2) and g["tissue"].shape == (n,)
+    assert "masks" not in g
+    coords = g["coords"][:]
+    assert (coords >= 0).all() and (coords[:, 0] < 2220).all() and (coords[:, 1] < 2967).all()
+    assert (g["tissue"][:] >= 0.25).all()
+    osr = openslide.OpenSlide(str(cmu))
+    for i in [0, n // 2, n - 1]:  # the last one runs past the bottom edge
+        x, y = (int(v) for v in coords[i])
+        np.testing.assert_array_equal(g["images"][i], resize(direct(osr, x, y, 257), (256, 256)))
+
+
+def test_tile_at_native_resolution_is_a_plain_crop(cli, cmu, tmp_path):
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "128", "--mpp", "0.499", "--backend", "openslide")
+    assert r.exit_code == 0, r.output
+    g, a = _store(tmp_path / "cmu_small_region.zarr")
+    assert a["level0_size"] == 128 and a["backend"] == "openslide"
+    osr = openslide.OpenSlide(str(cmu))
+    x, y = (int(v) for v in g["coords"][3])
+    np.testing.assert_array_equal(g["images"][3], direct(osr, x, y, 128))
+
+
+def test_glass_windows_are_dropped(cli, cmu, tmp_path):
+    cli("tile", cmu, "-o", tmp_path / "all", "--tile-size", "256", "--min-tissue", "0")
+    cli("tile", cmu, "-o", tmp_path / "tissue", "--tile-size", "256")
+    g_all, _ = _store(tmp_path / "all" / "cmu_small_region.zarr")
+    g_t, _ = _store(tmp_path / "tissue" / "cmu_small_region.zarr")
+    assert g_all["images"].shape[0] == 9 * 12  # min-tissue 0 keeps the whole grid
+    kept = {tuple(c) for c in g_t["coords"][:]}
+    tissue_all = g_all["tissue"][:]
+    for c, t, img in zip(g_all["coords"][:], tissue_all, g_all["images"]):
+        if tuple(c) not in kept:
+            assert t < 0.25
+    # the emptiest window of the grid is glass: bright and unsaturated
+    glass = g_all["images"][int(np.argmin(tissue_all))]
+    assert glass.mean() > 225 and (glass.max(2).astype(int) - glass.min(2)).mean() < 12
+
+
+def test_annotations_are_rasterised_into_masks(cli, cmu, tmp_path):
+    fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+          "geometry": {"type": "Polygon", "coordinates": [[[600, 800], [1400, 800], [1400, 1600], [600, 1600], [600, 800]],
+                                                          [[900, 1100], [1100, 1100], [1100, 1300], [900, 1300], [900, 1100]]]}}]}
+    ann = tmp_path / "cmu.geojson"
+    ann.write_text(json.dumps(fc))
+    r = cli("tile", cmu, "-o", tmp_path / "s", "--tile-size", "128", "--mpp", "0.499", "--min-tissue", "0",
+            "--annotations", ann, "--label", "tumor=1")
+    assert r.exit_code == 0, r.output
+    g, a = _store(tmp_path / "s" / "cmu_small_region.zarr")
+    assert a["labels"] == {"0": "background", "1": "tumor"}
+    masks, coords = g["masks"][:], g["coords"][:]
+    for m, (x, y) in zip(masks, coords):  # native scale: pixel (i, j) covers level-0 (x + j, y + i)
+        yy, xx = np.mgrid[y:y + 128, x:x + 128] + 0.5
+        inside = (xx >= 600) & (xx < 1400) & (yy >= 800) & (yy < 1600)
+        hole = (xx >= 900) & (xx < 1100) & (yy >= 1100) & (yy < 1300)
+        np.testing.assert_array_equal(m, (inside & ~hole).astype(np.uint8))
+    assert masks.sum() == 800 * 800 - 200 * 200
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_every_bad_file_gives_one_clear_line_and_fails(cli, bad_dir, tmp_path, name):
+    r = cli("tile", bad_dir / name, "-o", tmp_path)
+    assert r.exit_code == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and name in errors[0], r.stderr
+    assert "Traceback" not in r.output
+    assert not (tmp_path / f"{Path(name).stem}.zarr").exists()  # nothing that could look finished
+
+
+def test_a_batch_goes_on_past_bad_files(cli, cmu, bad_dir, tmp_path):
+    inputs = [bad_dir / n for n in BAD_FILES[:3]] + [cmu] + [bad_dir / n for n in BAD_FILES[3:]]
+    r = cli("tile", *inputs, "-o", tmp_path, "--tile-size", "256", "--json")
+    assert r.exit_code == 1
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["cmu_small_region"]["status"] == "done" and rows["cmu_small_region"]["patches"] > 0
+    for n in BAD_FILES:
+        assert rows[Path(n).stem]["status"] == "failed" and n in rows[Path(n).stem]["error"]
+    assert store_state(tmp_path / "cmu_small_region.zarr") == "complete"
+    # the rich summary table names every failure too
+    r2 = cli("tile", *inputs, "-o", tmp_path, "--tile-size", "256")
+    assert "skipped" in r2.stdout and r2.stdout.count("failed") >= len(BAD_FILES)
+
+
+def test_corrupt_tiles_are_skipped_and_recorded_or_fail_the_slide(cli, bad_dir, cmu, tmp_path):
+    src = bad_dir / "corrupt_tiles.svs"
+    # default: too many undecodable windows -> the slide fails, no store left behind
+    r = cli("tile", src, "-o", tmp_path / "strict", "--tile-size", "128")
+    assert r.exit_code == 1 and "cannot be decoded" in r.stderr
+    assert not (tmp_path / "strict" / "corrupt_tiles.zarr").exists()
+    # tolerant: bad windows are skipped, recorded in attrs and the summary; both readers agree
+    for backend in ("tiffslide", "openslide"):
+        r = cli("tile", src, "-o", tmp_path / backend, "--tile-size", "128", "--max-bad-fraction", "1",
+                "--backend", backend, "--workers", "3", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)[0]["bad_windows"] == 142
+    ga, aa = _store(tmp_path / "tiffslide" / "corrupt_tiles.zarr")
+    gb, ab = _store(tmp_path / "openslide" / "corrupt_tiles.zarr")
+    assert len(aa["bad_windows"]) == len(ab["bad_windows"]) == 142
+    assert {(b["x"], b["y"]) for b in aa["bad_windows"]} == {(b["x"], b["y"]) for b in ab["bad_windows"]}
+    np.testing.assert_array_equal(ga["coords"][:], gb["coords"][:])
+    np.testing.assert_array_equal(ga["images"][:], gb["images"][:])
+    # every stored patch equals the intact slide at the same place: no silent grey holes
+    good = openslide.OpenSlide(str(cmu))
+    for img, (x, y) in zip(ga["images"], ga["coords"][:]):
+        np.testing.assert_array_equal(img, direct(good, x, y, 128))
+
+
+def test_cosas_layout_import(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    task = tmp_path / "task1"
+    truth = {}
+    for organ in ("colon", "stomach"):
+        for d in ("image", "mask"):
+            (task / organ / d).mkdir(parents=True)
+        for k in range(2):
+            img = rng.integers(60, 200, (300, 260, 3), dtype=np.uint8)
+            mask = np.zeros((300, 260), np.uint8)
+            mask[50 + 20 * k: 200, 30:180] = 255
+            Image.fromarray(img).save(task / organ / "image" / f"{k}.png")
+            Image.fromarray(np.stack([mask] * 3, -1)).save(task / organ / "mask" / f"{k}.png")  # 3-channel 0/255
+            truth[f"{organ}-{k}"] = (img, mask // 255)
+    r = cli("tile", task, "-o", tmp_path / "stores", "--mpp-override", "0.5", "--mpp", "0.5", "--tile-size", "128",
+            "--min-tissue", "0", "--scanner", "scan-x", "--json")
+    assert r.exit_code == 0, r.output
+    names = sorted(row["name"] for row in json.loads(r.stdout))
+    assert names == ["colon-0", "colon-1", "stomach-0", "stomach-1"]
+    for name, (img, mask) in truth.items():
+        g, a = _store(tmp_path / "stores" / f"{name}.zarr")
+        assert a["organ"] == name.split("-")[0] and a["scanner"] == "scan-x" and a["meta"]["domain_axis"] == "organ"
+        assert set(np.unique(g["masks"][:]).tolist()) <= {0, 1}
+        for patch, m, (x, y) in zip(g["images"], g["masks"], g["coords"][:]):
+            pimg = np.full((128, 128, 3), 255, np.uint8)
+            pm = np.zeros((128, 128), np.uint8)
+            crop = img[y:y + 128, x:x + 128]
+            pimg[: crop.shape[0], : crop.shape[1]] = crop
+            pm[: crop.shape[0], : crop.shape[1]] = mask[y:y + 128, x:x + 128]
+            np.testing.assert_array_equal(patch, pimg)
+            np.testing.assert_array_equal(m, pm)
+    # a domain folder that could be either axis needs --domain-axis
+    other = tmp_path / "mystery"
+    (other / "a" / "image").mkdir(parents=True)
+    (other / "a" / "mask").mkdir()
+    (other / "b" / "image").mkdir(parents=True)
+    (other / "b" / "mask").mkdir()
+    r = cli("tile", other, "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "--domain-axis" in r.stderr
+
+
+def test_manifest_input(cli, cmu, data_dir, tmp_path):
+    man = tmp_path / "m.csv"
+    man.write_text(f"path,organ,scanner,mpp,split\n{cmu},skin,aperio,,train\n{data_dir / 'he_carcinoma_1000.png'},colon,,0.25,test\n")
+    r = cli("tile", man, "-o", tmp_path / "s", "--tile-size", "256", "--scanner", "default-scan", "--json")
+    assert r.exit_code == 0, r.output
+    _, a = _store(tmp_path / "s" / "he_carcinoma_1000.zarr")
+    assert a["organ"] == "colon" and a["scanner"] == "default-scan" and a["slide_mpp"] == 0.25
+    assert a["meta"] == {"split": "test"}
+    _, b = _store(tmp_path / "s" / "cmu_small_region.zarr")
+    assert b["organ"] == "skin" and b["scanner"] == "aperio"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,organ\nx.svs,colon\n")
+    r = cli("tile", bad, "-o", tmp_path / "s2")
+    assert r.exit_code == 1 and "'path' column" in r.stderr
+
+
+def test_png_without_mpp_needs_an_override(cli, data_dir, tmp_path):
+    r = cli("tile", data_dir / "he_carcinoma_1000.png", "-o", tmp_path)
+    assert r.exit_code == 1 and "--mpp-override" in r.stderr
+
+
+def test_rerun_skips_complete_and_refuses_other_settings(cli, cmu, tmp_path):
+    assert cli("tile", cmu, "-o", tmp_path, "--tile-size", "256").exit_code == 0
+    before = (tmp_path / "cmu_small_region.zarr" / "zarr.json").stat().st_mtime_ns
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "256", "--json")
+    assert json.loads(r.stdout)[0]["status"] == "skipped"
+    assert (tmp_path / "cmu_small_region.zarr" / "zarr.json").stat().st_mtime_ns == before
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "128")
+    assert r.exit_code == 1 and "other settings" in r.stderr and "tile_size 256 -> 128" in r.stderr
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "128", "--overwrite", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "done"
+    assert _store(tmp_path / "cmu_small_region.zarr")[1]["tile_size"] == 128
+
+
+def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_path, monkeypatch):
+    monkeypatch.setattr("histodg.store.SHARD_BYTES", 16 * 64 * 64 * 3)  # 16 patches per shard
+    opts = TileOptions(TileSettings(tile_size=64, mpp=0.499, min_tissue=0.25), workers=2)
+    job = SlideJob(cmu, "cmu")
+    ref = tile_slide(job, tmp_path / "ref", opts)
+    assert ref.status == "done" and ref.patches > 100
+
+    seen = {"n": 0}
+
+    def stop_after_70(total=None, done=None, advance=None):
+        seen["n"] += advance or 0
+        if seen["n"] >= 70:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(job, tmp_path / "cut", opts, progress=stop_after_70)
+    partial = tmp_path / "cut" / "cmu.zarr"
+    assert store_state(partial) == "partial"
+    assert json.loads((partial / PROGRESS_FILE).read_text())["count"] == 64  # 4 whole shards
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(partial)  # training refuses it
+    again = tile_slide(job, tmp_path / "cut", opts)
+    assert again.status == "done" and again.resumed and again.patches == ref.patches
+    a, b = open_store(tmp_path / "ref" / "cmu.zarr"), open_store(partial)
+    np.testing.assert_array_equal(a.images[:], b.images[:])
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.tissue, b.tissue)
+
+
+def test_killed_process_leaves_no_complete_store_and_the_rerun_finishes(cmu, tmp_path):
+    """SIGKILL mid-slide: the store must not claim to be complete; the next run resumes it."""
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "histodg", "tile", str(cmu), "-o", str(out), "--tile-size", "32", "--mpp", "0.499",
+           "--min-tissue", "0", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prog = out / "cmu_small_region.zarr" / PROGRESS_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if prog.is_file() and json.loads(prog.read_text() or '{"count": 0}')["count"] >= 1024:
+            break
+        time.sleep(0.01)
+    was_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = out / "cmu_small_region.zarr"
+    if was_running:
+        assert store_state(store) == "partial"
+    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    assert row["patches"] == 70 * 93 and store_state(store) == "complete"
+    if was_running:
+        assert row["resumed"] is True
+    s = open_store(store)
+    osr = openslide.OpenSlide(str(cmu))
+    for i in (0, 3000, len(s) - 1):  # patches written before and after the kill are right
+        x, y = (int(v) for v in s.coords[i])
+        np.testing.assert_array_equal(s.images[i], direct(osr, x, y, 32))
+
+
+def test_info_on_slides_and_stores(cli, cmu, bad_dir, tmp_path):
+    r = cli("info", cmu, "--json")
+    d = json.loads(r.stdout)[0]
+    assert d["backend"] == "tiffslide" and d["vendor"] == "aperio" and d["mpp"] == pytest.approx(0.499)
+    assert d["dimensions"] == [2220, 2967] and d["level_downsamples"] == [1.0] and d["objective_power"] == 20
+    assert set(d["associated_images"]) == {"label", "macro", "thumbnail"}
+    cli("tile", cmu, "-o", tmp_path, "--tile-size", "256", "--organ", "skin")
+    d = json.loads(cli("info", tmp_path / "cmu_small_region.zarr", "--json").stdout)[0]
+    assert d["kind"] == "store" and d["complete"] and d["organ"] == "skin" and d["tile_size"] == 256 and d["patches"] > 0
+    r = cli("info", cmu, tmp_path / "cmu_small_region.zarr")
+    assert r.exit_code == 0 and "aperio" in r.stdout and "skin" in r.stdout
+    r = cli("info", bad_dir / "empty.svs", cmu)
+    assert r.exit_code == 1 and "empty.svs: empty file" in r.stderr and "aperio" in r.stdout
+
+
+def test_shards_split_the_inputs(monkeypatch):
+    jobs = list(range(10))
+    assert parse_shard("2/3") == (1, 3)
+    assert take_shard(jobs, (1, 3)) == [1, 4, 7]
+    assert sorted(sum((take_shard(jobs, (i, 3)) for i in range(3)), [])) == jobs
+    with pytest.raises(ValueError):
+        parse_shard("4/3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    assert parse_shard(None) == (1, 4)
+
+
+def test_duplicate_names_are_made_unique(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.svs").write_bytes(b"")
+    jobs = resolve_inputs([tmp_path / "a" / "x.svs", tmp_path / "b" / "x.svs"])
+    assert [j.name for j in jobs] == ["a-x", "b-x"]
+
+
+def test_help_everywhere(cli):
+    from histodg.cli import main
+
+    r = cli("--help")
+    assert r.exit_code == 0 and "tile" in r.stdout and "info" in r.stdout
+    assert cli("-h").exit_code == 0
+    assert cli("--version").stdout.strip().startswith("histodg")
+    for name in main.commands:
+        for flag in ("--help", "-h"):
+            r = cli(name, flag)
+            assert r.exit_code == 0 and "Usage" in r.stdout, name
+
+
+def test_python_dash_m_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "histodg", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "histodg" in r.stdout
+    exe = Path(sys.executable).parent / "histodg"
+    if exe.exists():
+        r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "Usage" in r.stdout

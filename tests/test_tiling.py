@@ -1,0 +1,98 @@
+"""The window grid and the tissue mask, on the real CMU slide and on synthetic thumbnails."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from histodg import SlideError
+from histodg.slide import open_slide
+from histodg.tiling import TileSettings, axis_starts, plan_grid
+from histodg.tissue import otsu_threshold, tissue_mask, window_fractions
+
+
+def test_axis_starts_cover_the_axis_exactly():
+    for length, window, stride in [(1000, 256, 256), (1000, 256, 128), (255, 256, 256), (2220, 513.03, 513.03)]:
+        xs = axis_starts(length, window, stride)
+        assert xs[0] == 0
+        assert xs[-1] + window >= length  # the last window reaches the edge
+        assert len(xs) == 1 or xs[-2] + window < length  # and no window is wasted
+        assert np.allclose(np.diff(xs), stride)
+
+
+def test_settings_validate_in_post_init():
+    with pytest.raises(ValueError, match="overlap"):
+        TileSettings(tile_size=256, overlap=256)
+    with pytest.raises(ValueError, match="min tissue"):
+        TileSettings(min_tissue=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        TileSettings(mpp=0.5, magnification=20)
+    with pytest.raises(ValueError, match="tissue method"):
+        TileSettings(tissue_method="unet")
+
+
+def test_grid_on_the_real_slide(cmu):
+    s = open_slide(cmu)
+    g = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25))
+    w0, h0 = s.dimensions
+    assert g.scale == pytest.approx(0.5 / 0.499)
+    assert g.read_size == round(256 * 0.5 / 0.499) == 257
+    # every kept window starts inside the slide and on the stride grid
+    assert ((g.coords >= 0) & (g.coords < [w0, h0])).all()
+    stride0 = 256 * g.scale
+    assert np.allclose(g.coords / stride0, np.round(g.coords / stride0), atol=0.01)
+    assert 0 < len(g) < g.total_windows == 9 * 12
+    assert (g.tissue >= 0.25).all()
+    # magnification 20x on a 20x slide is the native resolution
+    g20 = plan_grid(s, TileSettings(tile_size=256, mpp=None, magnification=20))
+    assert g20.scale == 1.0 and g20.target_mpp == pytest.approx(0.499)
+    g10 = plan_grid(s, TileSettings(tile_size=256, mpp=None, magnification=10))
+    assert g10.scale == 2.0 and g10.read_size == 512
+
+
+def test_tissue_mask_covers_tissue_not_glass(cmu):
+    """Clearly stained pixels are in the mask; clean glass is not."""
+    s = open_slide(cmu)
+    thumb = s.thumbnail(1024)
+    mask = tissue_mask(thumb)
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
+    sat = hsv[..., 1] / 255.0
+    stained = sat > 0.25
+    glass = (sat < 0.04) & (thumb.min(axis=2) > 225)
+    # ignore a 3-px rim around each class (the morphology may move the boundary that much)
+    k = np.ones((7, 7), np.uint8)
+    stained_core = cv2.erode(stained.astype(np.uint8), k).astype(bool)
+    glass_core = cv2.erode(glass.astype(np.uint8), k).astype(bool)
+    assert mask[stained_core].mean() > 0.99
+    assert mask[glass_core].mean() < 0.01
+    assert 0.2 < mask.mean() < 0.6  # the section fills about a third of this field
+
+
+def test_tissue_mask_keeps_an_all_tissue_field(data_dir):
+    """A field that is all tissue (pale and dark) must not be split in two by Otsu."""
+    s = open_slide(data_dir / "he_carcinoma_1000.png")
+    mask = tissue_mask(s.thumbnail(512))
+    assert mask.mean() > 0.9
+    assert tissue_mask(s.thumbnail(512), "none").all()
+
+
+def test_otsu_threshold_separates_two_modes():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.6, 0.05, 5000)]).clip(0, 1)
+    assert 0.15 < otsu_threshold(v) < 0.45  # anywhere in the empty gap is optimal
+    v = np.concatenate([rng.normal(0.3, 0.1, 5000), rng.normal(0.7, 0.1, 5000)]).clip(0, 1)
+    assert otsu_threshold(v) == pytest.approx(0.5, abs=0.03)  # overlapping equal modes: the midpoint
+
+
+def test_window_fractions_integral_image():
+    m = np.zeros((10, 10), bool)
+    m[:5, :5] = True
+    boxes = np.array([[0, 0, 5, 5], [0, 0, 10, 10], [5, 5, 10, 10], [-5, -5, 5, 5], [2.5, 0, 7.5, 5]], float)
+    np.testing.assert_allclose(window_fractions(m, boxes), [1.0, 0.25, 0.0, 0.25, 0.5], atol=0.11)
+
+
+def test_small_slide_and_upsampling_are_refused(data_dir):
+    with pytest.raises(SlideError, match="smaller than one window"):
+        plan_grid(open_slide(data_dir / "bad" / "tiny_valid.svs"), TileSettings(tile_size=256))
+    with pytest.raises(SlideError, match="upsampling"):
+        plan_grid(open_slide(data_dir / "cmu_small_region.svs"), TileSettings(tile_size=64, mpp=0.1))
