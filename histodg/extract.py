@@ -12,10 +12,12 @@ removed, so a mostly unreadable slide never looks finished.
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,9 @@ from .store import StoreError, StoreWriter, store_state
 from .tiling import Grid, TileSettings, plan_grid
 
 # settings that must match for a rerun to skip or resume an existing store
-_SETTING_KEYS = ("tile_size", "mpp", "magnification", "overlap", "min_tissue", "tissue_method", "organ", "scanner")
+
+
+WINDOWS_PER_TASK = 4
 
 
 @dataclass
@@ -56,6 +60,7 @@ class TileOptions:
     labels: LabelMap = field(default_factory=LabelMap)
     overwrite: bool = False
     max_bad_fraction: float = 0.1
+    compression: str = "lz4"
 
 
 def _source_attrs(path: Path) -> dict:
@@ -72,6 +77,7 @@ def _wanted_attrs(job: SlideJob, opts: TileOptions) -> dict:
         "overlap": s.overlap,
         "min_tissue": s.min_tissue,
         "tissue_method": s.tissue_method,
+        "mpp_tolerance": s.mpp_tolerance,
         "organ": job.organ,
         "scanner": job.scanner,
     }
@@ -133,7 +139,7 @@ def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileRe
         grid = plan_grid(slide, s)
         ann = load_annotations(job.annotation, slide.dimensions, opts.labels) if job.annotation else None
         ds = slide.level_downsamples[grid.level]
-        eff_scale = grid.read_size * ds / s.tile_size  # level-0 px per patch px, exactly as read
+        eff_scale = grid.eff_scale  # level-0 px per patch px, exactly as read
         mpp0 = slide.mpp
         thumb_px_um = grid.thumbnail_downsample * mpp0 if mpp0 else None
         tissue_mm2 = float(grid.tissue_mask.sum() * thumb_px_um**2 / 1e6) if thumb_px_um else None
@@ -159,11 +165,11 @@ def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileRe
         if state == "partial" and not opts.overwrite:
             writer = StoreWriter.resume(out)
             if writer.capacity != len(grid):
-                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None).create()
+                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression).create()
             else:
                 result.resumed = True
         else:
-            writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None).create()
+            writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression).create()
         if progress:
             progress(total=len(grid), done=writer.plan_done)
         _extract(slide, grid, ann, writer, opts, eff_scale, progress)
@@ -189,38 +195,65 @@ def read_window(slide, grid: Grid, xy, tile_size: int) -> np.ndarray:
 def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff_scale: float, progress) -> None:
     size = opts.settings.tile_size
     start = writer.plan_done
+    n = len(grid)
 
-    def work(i: int):
-        xy = grid.coords[i]
-        try:
-            img = read_window(slide, grid, xy, size)
-        except SlideError as exc:
-            return i, None, None, exc.reason
-        mask = ann.rasterize(float(xy[0]), float(xy[1]), eff_scale, size) if ann is not None else None
-        return i, img, mask, None
+    def work(i0: int, i1: int):
+        """Read, rasterise and compress windows i0..i1-1 (a few per task keeps overhead low)."""
+        out = []
+        for i in range(i0, i1):
+            xy = grid.coords[i]
+            try:
+                img = read_window(slide, grid, xy, size)
+            except SlideError as exc:
+                out.append((i, None, exc.reason))
+                continue
+            mask = ann.rasterize(float(xy[0]), float(xy[1]), eff_scale, size) if ann is not None else None
+            out.append((i, writer.encode(img, mask), None))
+        return out
 
     workers = max(1, int(opts.workers))
-    depth = writer.shard + 4 * workers  # keep readers busy while a shard is written
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histodg-read") as pool:
-        pending: deque = deque()
-        nxt = start
-        n = len(grid)
-        while nxt < n or pending:
-            while nxt < n and len(pending) < depth:
-                pending.append(pool.submit(work, nxt))
-                nxt += 1
-            i, img, mask, err = pending.popleft().result()
+    step = WINDOWS_PER_TASK
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histodg-read") as pool, gc_paused():
+        _pump(pool, work, grid, writer, progress, start, n, step, workers)
+
+
+@contextmanager
+def gc_paused():
+    """No cyclic garbage collection while windows stream through (the loop makes no cycles).
+
+    A full collection walks every object of the process (zarr, numpy, torch ...) holding the GIL,
+    which stalls the reader threads; on 2 cores it cost more than writing the store.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _pump(pool, work, grid, writer, progress, start, n, step, workers) -> None:
+    """Submit window batches ahead of the writer, collect them in plan order, write shards."""
+    depth = writer.shard // step + 4 * workers  # keep readers busy while a shard is written
+    pending: deque = deque()
+    nxt = start
+    while nxt < n or pending:
+        while nxt < n and len(pending) < depth:
+            pending.append(pool.submit(work, nxt, min(nxt + step, n)))
+            nxt += step
+        for i, encoded, err in pending.popleft().result():
             if err is not None:
                 writer.add_bad(grid.coords[i], err)
             else:
-                writer.append(img, mask, grid.coords[i], grid.tissue[i])
+                writer.append(encoded, grid.coords[i], grid.tissue[i])
             if writer.buffered >= writer.shard:
                 writer.flush()
                 writer.commit(i + 1)
             if progress:
                 progress(advance=1)
-        writer.flush()
-        writer.commit(n)
+    writer.flush()
+    writer.commit(n)
 
 
 def default_workers() -> int:

@@ -64,7 +64,7 @@ def check_page(page) -> str | None:
 class TiffTileReader:
     """Region reads over a list of tifffile pages (level 0 first), with a shared tile cache."""
 
-    def __init__(self, path, pages, cache_bytes: int = 256 * 2**20):
+    def __init__(self, path, pages, cache_bytes: int = 128 * 2**20):
         self.path = str(path)
         self.levels = [_Level(p) for p in pages]
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -145,12 +145,20 @@ class TiffTileReader:
 
     # -- regions ---------------------------------------------------------------------------
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of level pixels [x, x+w) x [y, y+h); outside the image is white."""
+        """RGB uint8 (h, w, 3) of level pixels [x, x+w) x [y, y+h); outside the image is white.
+
+        A region that is exactly one stored tile comes back as the cached tile itself
+        (read-only, no copy).
+        """
         lv = self.levels[level]
-        out = np.full((h, w, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
         if x0 >= x1 or y0 >= y1:
-            return out
+            return np.full((h, w, 3), 255, np.uint8)
+        if (w, h) == (lv.tile_w, lv.tile_h) and x % lv.tile_w == 0 and y % lv.tile_h == 0 and (x1 - x, y1 - y) == (w, h):
+            return self.tile(level, y // lv.tile_h, x // lv.tile_w)
+        out = np.empty((h, w, 3), np.uint8)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out.fill(255)
         for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
             for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
                 tile = self.tile(level, ty, tx)

@@ -33,13 +33,16 @@ def test_settings_validate_in_post_init():
 
 def test_grid_on_the_real_slide(cmu):
     s = open_slide(cmu)
-    g = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25))
+    g = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25, mpp_tolerance=0))
     w0, h0 = s.dimensions
     assert g.scale == pytest.approx(0.5 / 0.499)
-    assert g.read_size == round(256 * 0.5 / 0.499) == 257
+    assert g.read_size == round(256 * 0.5 / 0.499) == 257  # resampled 257 -> 256
+    # within the default 2% tolerance 0.499 um/px is read as is
+    g_tol = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25))
+    assert g_tol.read_size == 256 and g_tol.eff_scale == 1.0 and g_tol.scale == pytest.approx(0.5 / 0.499)
     # every kept window starts inside the slide and on the stride grid
     assert ((g.coords >= 0) & (g.coords < [w0, h0])).all()
-    stride0 = 256 * g.scale
+    stride0 = 256 * g.eff_scale
     assert np.allclose(g.coords / stride0, np.round(g.coords / stride0), atol=0.01)
     assert 0 < len(g) < g.total_windows == 9 * 12
     assert (g.tissue >= 0.25).all()
@@ -89,6 +92,16 @@ def test_window_fractions_integral_image():
     m[:5, :5] = True
     boxes = np.array([[0, 0, 5, 5], [0, 0, 10, 10], [5, 5, 10, 10], [-5, -5, 5, 5], [2.5, 0, 7.5, 5]], float)
     np.testing.assert_allclose(window_fractions(m, boxes), [1.0, 0.25, 0.0, 0.25, 0.5], atol=0.11)
+
+
+def test_windows_are_visited_in_strips():
+    from histodg.tiling import strip_order
+
+    order = strip_order(3, 5, width=2)
+    rows, cols = np.divmod(order, 5)
+    assert sorted(order.tolist()) == list(range(15))  # a permutation
+    assert list(zip(rows, cols))[:6] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]  # strip 0 first
+    assert list(zip(rows, cols))[-3:] == [(0, 4), (1, 4), (2, 4)]  # the last, narrower strip
 
 
 def test_small_slide_and_upsampling_are_refused(data_dir):

@@ -1,0 +1,117 @@
+"""The patch store: shards written by histodg are byte-identical to zarr's, validation errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from histodg.store import (
+    FORMAT_VERSION,
+    PROGRESS_FILE,
+    StoreError,
+    StoreWriter,
+    _compressor,
+    describe_store,
+    find_stores,
+    open_store,
+    shard_patches,
+    store_state,
+)
+
+
+def _patches(n, s, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+    img[:, : s // 2] //= 16  # partly compressible
+    mask = (rng.random((n, s, s)) > 0.7).astype(np.uint8)
+    return img, mask
+
+
+@pytest.mark.parametrize("compression", ["lz4", "none"])
+def test_shards_are_byte_identical_to_zarr(tmp_path, compression):
+    s, n = 32, 40
+    img, mask = _patches(n, s)
+    w = StoreWriter(tmp_path / "ours.zarr", {"tile_size": s}, n, s, True, compression).create()
+    k = w.shard
+    assert k == shard_patches(s) and n < k  # one partial shard
+    for i in range(n):
+        w.append(w.encode(img[i], mask[i]), (i, 2 * i), 0.5)
+    w.finish()
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
+    ref.create_array("images", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
+                     compressors=_compressor(compression))
+    ref.create_array("masks", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype="uint8", compressors=_compressor())
+    ref["images"][:] = img
+    ref["masks"][:] = mask
+    for name in ("images", "masks"):
+        ours = (tmp_path / "ours.zarr" / name / "c" / "0").rglob("*")
+        ours = sorted(p for p in ours if p.is_file())
+        theirs = sorted(p for p in (tmp_path / "ref.zarr" / name / "c" / "0").rglob("*") if p.is_file())
+        assert [p.relative_to(tmp_path / "ours.zarr") for p in ours] == [p.relative_to(tmp_path / "ref.zarr") for p in theirs]
+        for a, b in zip(ours, theirs):
+            assert a.read_bytes() == b.read_bytes(), name
+    st = open_store(tmp_path / "ours.zarr")
+    np.testing.assert_array_equal(st.images[:], img)
+    np.testing.assert_array_equal(st.masks[:], mask)
+    np.testing.assert_array_equal(st.coords, np.stack([np.arange(n), 2 * np.arange(n)], 1))
+
+
+def test_many_shards_and_random_access(tmp_path, monkeypatch):
+    monkeypatch.setattr("histodg.store.SHARD_BYTES", 8 * 16 * 16 * 3)  # 8 patches per shard
+    img, _ = _patches(30, 16, seed=1)
+    w = StoreWriter(tmp_path / "s.zarr", {"tile_size": 16}, 35, 16, False).create()
+    for i in range(30):
+        w.append(w.encode(img[i], None), (0, 0), 1.0)
+        if w.buffered == w.shard:
+            w.flush()
+            w.commit(i + 1)
+    w.finish()
+    st = open_store(tmp_path / "s.zarr")
+    assert len(st) == 30 and st.masks is None  # trimmed from the planned 35
+    for i in np.random.default_rng(0).permutation(30):
+        np.testing.assert_array_equal(st.images[int(i)], img[i])
+
+
+def _complete_store(path, **attrs):
+    img, mask = _patches(3, 16)
+    w = StoreWriter(path, {"tile_size": 16, "mpp": 0.5, "organ": "colon", "scanner": "unknown", **attrs}, 3, 16, True).create()
+    for i in range(3):
+        w.append(w.encode(img[i], mask[i]), (0, 0), 1.0)
+    w.finish()
+    return path
+
+
+def test_validation_errors(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        open_store(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a histodg patch store"):
+        open_store(tmp_path / "plain.zarr")
+    p = _complete_store(tmp_path / "old.zarr")
+    zarr.open_group(str(p), mode="r+").attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(StoreError, match="format version"):
+        open_store(p)
+    p = _complete_store(tmp_path / "half.zarr")
+    zarr.open_group(str(p), mode="r+").attrs["complete"] = False
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(p)
+    (tmp_path / "junk.zarr").mkdir()
+    (tmp_path / "junk.zarr" / "zarr.json").write_text("{trunc")
+    assert store_state(tmp_path / "junk.zarr") == "broken"
+    with pytest.raises(StoreError):
+        open_store(tmp_path / "junk.zarr")
+
+
+def test_state_describe_and_find(tmp_path):
+    p = _complete_store(tmp_path / "a" / "x.zarr")
+    assert store_state(p) == "complete" and store_state(tmp_path / "nope.zarr") == "missing"
+    d = describe_store(p)
+    assert d["patches"] == 3 and d["complete"] and d["organ"] == "colon" and d["has_masks"]
+    w = StoreWriter(tmp_path / "b" / "y.zarr", {"tile_size": 16}, 5, 16, False).create()
+    assert store_state(w.path) == "partial" and json.loads((w.path / PROGRESS_FILE).read_text())["count"] == 0
+    assert describe_store(w.path)["complete"] is False
+    assert find_stores([tmp_path]) == [p, w.path]
+    with pytest.raises(StoreError):
+        find_stores([tmp_path / "nothing-here"])
