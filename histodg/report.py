@@ -122,3 +122,85 @@ def print_info(items: list[dict]) -> None:
             v = d.get(k)
             table.add_row(k, escape(json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
         out.print(table)
+
+
+class TrainView:
+    """Live view of a training run: a bar per stage with loss, lr and throughput; a line per epoch
+    with Dice per domain (seen domains' validation, and held-out domains in brackets)."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.1f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        self.task = None
+        self._t = None
+        self._done = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_stage_start(self, stage, model, total_steps):
+        import time
+
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        doms = ", ".join(stage.domain_names)
+        self.progress.console.print(f"[bold]stage {stage.index + 1}[/] ({stage.axis}): {escape(doms)}"
+                                    + (f"; held out: {escape(', '.join(stage.heldout))}" if stage.heldout else ""))
+        self.task = self.progress.add_task(f"stage {stage.index + 1}", total=total_steps, loss=float("nan"), lr=0.0, ips=0.0)
+        self._t, self._done = time.perf_counter(), 0
+
+    def on_step(self, info):
+        import time
+
+        self._done += 1
+        ips = info.get("images", 0)
+        dt = time.perf_counter() - self._t
+        self.progress.update(self.task, advance=1, loss=info["loss"], lr=info["lr"],
+                             ips=(self._done * ips / dt) if dt > 0 and ips else 0.0)
+
+    def on_epoch(self, r):
+        def fmt(block):
+            doms = (block or {}).get("domains", {})
+            return " ".join(f"{escape(d)} {s['dice_pixels']:.3f}" for d, s in doms.items())
+
+        held = fmt(r.get("heldout"))
+        self.progress.console.print(
+            f"stage {r['stage']} epoch {r['epoch']}/{r['epochs']}  loss {r['train_loss']:.4f}  Dice {fmt(r.get('val')) or '-'}"
+            + (f"  \\[held out: {held}]" if held else "") + ("  [green]best[/]" if r.get("best") else ""))
+
+
+def print_cv(summary: dict) -> None:
+    table = Table(title=f"leave-one-{summary['axis']}-out cross-validation", title_justify="left")
+    for c in ("held-out domain", "Dice", "IoU"):
+        table.add_column(c, justify="right" if c != "held-out domain" else "left")
+    for d, f in summary["folds"].items():
+        table.add_row(escape(d), f"{f['dice']:.4f}", f"{f['iou']:.4f}")
+    table.caption = f"Dice {summary['dice_mean']:.4f} ± {summary['dice_std']:.4f}   IoU {summary['iou_mean']:.4f} ± {summary['iou_std']:.4f}"
+    table.caption_justify = "left"
+    out.print(table)
+
+
+def print_methods(rows: list[dict]) -> None:
+    for m in rows:
+        if not m["hparams"]:
+            out.print(f"[bold]{m['name']}[/]: {escape(m['doc'])} (no hyperparameters)")
+            continue
+        table = Table(title=f"{m['name']}: {escape(m['doc'])}", title_justify="left", show_header=bool(m["hparams"]))
+        table.add_column("--hp")
+        table.add_column("default")
+        table.add_column("meaning", overflow="fold")
+        for h in m["hparams"]:
+            table.add_row(h["name"], str(h["default"]), escape(h["help"]))
+        out.print(table)

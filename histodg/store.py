@@ -377,14 +377,35 @@ def describe_store(path) -> dict:
 
 
 def find_stores(paths) -> list[Path]:
-    """Expand store paths and folders of stores (recursively) into store paths, sorted."""
+    """Expand store paths, folders of stores (recursively) and CSV lists (a `path` or `store`
+    column, relative to the CSV) into store paths."""
     found = []
     for p in paths:
         p = Path(p)
-        if (p / "zarr.json").is_file():
+        if p.is_file() and p.suffix.lower() == ".csv":
+            found.extend(_stores_from_csv(p))
+        elif (p / "zarr.json").is_file():
             found.append(p)
         elif p.is_dir():
             found.extend(sorted(q for q in p.rglob("*.zarr") if (q / "zarr.json").is_file()))
         else:
-            raise StoreError(p, "not a patch store or a folder of stores")
+            raise StoreError(p, "not a patch store, a folder of stores or a CSV list of stores")
     return found
+
+
+def _stores_from_csv(path: Path) -> list[Path]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    col = next((c for c in ("store", "path") if rows and c in rows[0]), None)
+    if col is None:
+        raise StoreError(path, "a CSV of stores needs a 'store' or 'path' column")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        p = Path(row[col].strip())
+        p = p if p.is_absolute() else path.parent / p
+        if not (p / "zarr.json").is_file():
+            raise StoreError(path, f"line {i}: {p} is not a patch store")
+        out.append(p)
+    return out

@@ -1,0 +1,242 @@
+"""The training engine on small synthetic stores with tiny untrained models (64 px, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from helpers import make_domains, make_store
+from histodg.checkpoint import load_checkpoint, model_from_checkpoint
+from histodg.config import TrainConfig
+from histodg.train import Callbacks, Trainer, TrainError
+
+TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return make_domains(tmp_path_factory.mktemp("stores"))
+
+
+def cfg(stores, out, **kw):
+    return TrainConfig(stores=(str(stores),), out_dir=str(out), **{**TINY, **kw})
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path):
+    seen = {}
+
+    def on_stage_start(stage, model, total):
+        seen[stage.index] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    c = cfg(stores, tmp_path / "run", pretrain="organ", finetune="scanner", epochs=2, val_domains=("lung",))
+    result = Trainer(c, callbacks=Callbacks(on_stage_start=on_stage_start)).run()
+    stage1 = load_checkpoint(tmp_path / "run" / "stage1.pt")
+    assert states_equal(seen[1], stage1["model_state"])  # stage 2 starts from stage 1's final weights
+    assert not states_equal(seen[0], seen[1])  # and stage 1 did train
+    s1, s2 = result["stages"]
+    assert s1["axis"] == "organ" and set(s1["train_patches"]) == {"colon", "stomach"}
+    assert s2["axis"] == "scanner" and set(s2["train_patches"]) == {"s1", "s2", "s3"}
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    # a fresh optimizer and schedule in stage 2: its first epoch has a high lr again
+    assert lines[2]["lr"] > lines[1]["lr"]
+    assert set(lines[0]["heldout"]["domains"]) == {"lung"} and "lung" not in s1["train_patches"]
+    assert set(lines[0]["val"]["domains"]) == {"colon", "stomach"}
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "result.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    mc = best["model_config"]
+    assert mc["tile_size"] == 64 and mc["mpp"] == 1.0 and mc["classes"] == 1 and mc["arch"] == "unet"
+    assert best["metrics"]["stage"] == 2  # best.pt is a fine-tuned (final stage) model
+    model = model_from_checkpoint(best)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(stores, tmp_path):
+    c = dict(pretrain="organ", finetune="scanner", epochs=2)
+    Trainer(cfg(stores, tmp_path / "a", **c)).run()
+
+    class Killed(Exception):
+        pass
+
+    epochs = []
+
+    def kill_after_first_stage(record):
+        epochs.append(record)
+        if len(epochs) == 3:  # stage 2, epoch 1: last.pt was just written
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(cfg(stores, tmp_path / "b", **c), callbacks=Callbacks(on_epoch=kill_after_first_stage)).run()
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(cfg(stores, tmp_path / "b", **c)).run()  # never silently start over
+    Trainer(cfg(stores, tmp_path / "b", **c), resume=True).run()
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["global_step"] == b["global_step"]
+    assert states_equal(a["model_state"], b["model_state"])
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}  # noqa: E731
+    assert [strip(r) for r in la] == [strip(r) for r in lb]
+    with pytest.raises(TrainError, match="finished"):
+        Trainer(cfg(stores, tmp_path / "b", **c), resume=True).run()
+
+
+def test_loss_goes_down_on_a_learnable_task(tmp_path):
+    root = tmp_path / "s"
+    for d in range(2):
+        make_store(root / f"d{d}.zarr", n=32, organ=f"o{d}", seed=d, tint=(10 * d, 0, 0))
+    r = Trainer(TrainConfig(stores=(str(root),), out_dir=str(tmp_path / "run"), **{**TINY, "lr": 3e-3},
+                            epochs=8, steps_per_epoch=4, val_fraction=0.25)).run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = lines[0]["train_loss"], lines[-1]["train_loss"]
+    assert last < 0.75 * first
+    assert lines[0]["val"]["mean_domain_dice_pixels"] < 0.5 < 0.8 < r["final"]["val"]["mean_domain_dice_pixels"]
+
+
+def test_cross_validation_gives_one_result_per_domain(stores, tmp_path):
+    from histodg.crossval import run_cv
+
+    summary = run_cv(cfg(stores, tmp_path / "cv", domains="scanner", epochs=1, cv=True))
+    assert set(summary["folds"]) == {"s1", "s2", "s3"} and summary["axis"] == "scanner"
+    for name, fold in summary["folds"].items():
+        res = json.loads((tmp_path / "cv" / "cv" / name / "result.json").read_text())
+        trained = res["stages"][0]["train_patches"]
+        assert name not in trained and len(trained) == 2  # the fold's domain is held out
+        assert 0 <= fold["dice"] <= 1
+    dice = [f["dice"] for f in summary["folds"].values()]
+    assert summary["dice_mean"] == pytest.approx(np.mean(dice)) and summary["dice_std"] == pytest.approx(np.std(dice))
+    assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["dice_mean"] == summary["dice_mean"]
+
+
+def test_cross_validation_after_pretraining(stores, tmp_path):
+    from histodg.crossval import run_cv
+
+    summary = run_cv(cfg(stores, tmp_path / "cv", pretrain="organ", finetune="scanner", steps=2, cv=True))
+    assert set(summary["folds"]) == {"s1", "s2", "s3"}
+    pre = tmp_path / "cv" / "cv" / "_pretrain"
+    assert (pre / "result.json").is_file()
+    fold_cfg = json.loads((tmp_path / "cv" / "cv" / "s1" / "config.json").read_text())
+    assert fold_cfg["encoder_weights"] == str(pre / "last.pt") and fold_cfg["domains"] == "scanner"
+
+
+def test_cli_train_and_methods(stores, tmp_path, cli):
+    r = cli("train", stores, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
+            "--domains", "organ", "--steps", "2", "--batch-size", "2", "--workers", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["global_step"] == 2
+    r = cli("train", "-o", tmp_path / "run", "--resume")
+    assert r.exit_code == 1 and "finished" in r.stderr
+    r = cli("methods", "--json")
+    assert "erm" in {m["name"] for m in json.loads(r.stdout)}
+    assert "histodg methods" in cli("train", "--help").stdout
+
+
+def _bad(tmp_path, cli, *stores_and_args, match):
+    r = cli("train", *stores_and_args, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18",
+            "--encoder-weights", "none", "--steps", "1", "--workers", "0")
+    assert r.exit_code != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and match in lines[0], r.output
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
+    return lines[0]
+
+
+def test_bad_stores_are_refused_before_training(tmp_path, cli):
+    a = make_store(tmp_path / "a.zarr", n=4, organ="colon")
+    inc = make_store(tmp_path / "inc.zarr", n=4, organ="colon")
+    zarr.open_group(str(inc), mode="r+").attrs["complete"] = False
+    assert "inc.zarr" in _bad(tmp_path, cli, a, inc, match="incomplete")
+    old = make_store(tmp_path / "old.zarr", n=4, organ="colon")
+    zarr.open_group(str(old), mode="r+").attrs["format_version"] = 99
+    _bad(tmp_path, cli, a, old, match="format version 99")
+    small = make_store(tmp_path / "small.zarr", n=4, size=32, organ="colon")
+    _bad(tmp_path, cli, a, small, match="mixed tile sizes")
+    coarse = make_store(tmp_path / "coarse.zarr", n=4, organ="colon", mpp=2.0)
+    _bad(tmp_path, cli, a, coarse, match="mixed resolutions")
+    nomask = make_store(tmp_path / "nomask.zarr", n=4, organ="colon", masks=False)
+    _bad(tmp_path, cli, a, nomask, match="has no masks")
+    _bad(tmp_path, cli, a, "--domains", "scanner", match="no store has a known scanner")
+    _bad(tmp_path, cli, a, "--val-domain", "liver", match="no store has this organ or scanner")
+    _bad(tmp_path, cli, tmp_path / "missing.zarr", match="not a patch store")
+    r = cli("train", a, "-o", tmp_path / "r", "--pretrain", "organ")
+    assert r.exit_code == 2 and "--finetune" in r.stderr
+    r = cli("train", a, "-o", tmp_path / "r", "--hp", "nope=1")
+    assert r.exit_code == 2 and "no hyperparameter 'nope'" in r.stderr
+
+
+def test_missing_weights_file_and_offline_imagenet(tmp_path, cli, monkeypatch):
+    a = make_store(tmp_path / "a.zarr", n=4, organ="colon")
+    r = cli("train", a, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18",
+            "--encoder-weights", tmp_path / "nope.pth", "--steps", "1", "--workers", "0")
+    assert r.exit_code == 1 and "weights file not found" in r.stderr
+    import segmentation_models_pytorch as smp
+
+    def offline(*a, **k):
+        raise OSError("Could not connect to huggingface.co")
+
+    monkeypatch.setattr(smp, "create_model", offline)
+    r = cli("train", a, "-o", tmp_path / "run2", "--arch", "unet", "--encoder", "resnet18", "--steps", "1", "--workers", "0")
+    assert r.exit_code == 1 and "--encoder-weights none" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_with_step_and_domain_and_keeps_last_pt(tmp_path, cli, monkeypatch):
+    from histodg.methods import METHODS
+    from histodg.methods.erm import ERM
+
+    class Explodes(ERM):
+        """ERM whose 'stomach' loss turns NaN at the 4th step."""
+
+        name = "explodes"
+        calls = 0
+
+        def loss(self, batches):
+            Explodes.calls += 1
+            loss, logs = super().loss(batches)
+            if Explodes.calls >= 4:
+                logs["domain_losses"][1] = float("nan")
+                loss = loss * float("nan")
+            return loss, logs
+
+    monkeypatch.setitem(METHODS, "explodes", Explodes)
+    root = tmp_path / "s"
+    make_store(root / "a.zarr", n=8, organ="colon", seed=0)
+    make_store(root / "b.zarr", n=8, organ="stomach", seed=1)
+    r = cli("train", root, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
+            "--method", "explodes", "--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "2", "--workers", "0",
+            "--val-fraction", "0")
+    assert r.exit_code == 1
+    err = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert len(err) == 1 and "step 4" in err[0] and "domain stomach" in err[0] and "last.pt" in err[0]
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
+
+
+def test_ddp_with_two_cpu_processes(stores, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "histodg",
+           "train", str(stores), "-o", str(tmp_path / "run"), "--arch", "unet", "--encoder", "resnet18",
+           "--encoder-weights", "none", "--domains", "scanner", "--epochs", "2", "--steps-per-epoch", "2",
+           "--batch-size", "2", "--workers", "0", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert res["world_size"] == 2
+    assert len(set(res["param_checksums"])) == 1  # gradients were synchronised: identical weights
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone wrote
+    cfg_ = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg_["resolved"]["world_size"] == 2
+    # each rank drew its own patches: 2 ranks x 3 domains x 2 patches per step
+    assert json.loads(r.stdout[r.stdout.index("{"):])["global_step"] == 4
