@@ -170,26 +170,18 @@ def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def box_reduce(img: np.ndarray, f: int) -> np.ndarray:
-    """Mean over f x f cells (a partial cell at the right/bottom edge averages what it has)."""
+    """Mean over f x f cells; a partial cell at the right/bottom edge averages what it has."""
     if f == 1:
         return img
-    h, w = img.shape[:2]
+    h, w, c = img.shape
     H, W = -(-h // f), -(-w // f)
-    acc = np.zeros((H, W, img.shape[2]), np.float64)
-    cnt = np.zeros((H, W, 1), np.float64)
-    hh, ww = h // f * f, w // f * f
-    core = img[:hh, :ww].reshape(hh // f, f, ww // f, f, -1)
-    acc[: hh // f, : ww // f] = core.sum((1, 3))
-    cnt[: hh // f, : ww // f] = f * f
-    if ww < w:
-        acc[: hh // f, -1] = img[:hh, ww:].reshape(hh // f, f, w - ww, -1).sum((1, 2))
-        cnt[: hh // f, -1] = f * (w - ww)
-    if hh < h:
-        acc[-1, : ww // f] = img[hh:, :ww].reshape(h - hh, ww // f, f, -1).sum((0, 2))
-        cnt[-1, : ww // f] = (h - hh) * f
-        if ww < w:
-            acc[-1, -1] = img[hh:, ww:].reshape(-1, img.shape[2]).sum(0)
-            cnt[-1, -1] = (h - hh) * (w - ww)
+    # pad to whole cells, then divide each cell's sum by its count of real pixels
+    padded = np.zeros((H * f, W * f, c), np.float64)
+    padded[:h, :w] = img
+    counts = np.zeros((H * f, W * f, 1), np.float64)
+    counts[:h, :w] = 1
+    acc = padded.reshape(H, f, W, f, c).sum((1, 3))
+    cnt = counts.reshape(H, f, W, f, 1).sum((1, 3))
     return (acc / cnt + 0.5).astype(np.uint8)
 
 

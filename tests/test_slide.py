@@ -135,3 +135,13 @@ def test_plain_image_metadata_and_alpha(tmp_path):
     assert tuple(px[5, 5]) == (200, 0, 0) and tuple(px[5, 25]) == (255, 255, 255)
     Image.fromarray(rgba[..., :3]).save(tmp_path / "b.png", dpi=(72, 72))  # screen dpi says nothing
     assert open_slide(tmp_path / "b.png").mpp is None
+
+
+def test_box_reduce_handles_blocks_thinner_than_the_factor():
+    from histodg.slide import box_reduce
+
+    assert box_reduce(np.zeros((1, 10, 3), np.uint8), 2).shape == (1, 5, 3)
+    a = np.arange(36, dtype=np.uint8).reshape(6, 6, 1).repeat(3, 2)
+    np.testing.assert_array_equal(box_reduce(a, 2)[..., 0], [[4, 6, 8], [16, 18, 20], [28, 30, 32]])  # means rounded
+    edge = box_reduce(np.arange(5, dtype=np.uint8).reshape(1, 5, 1).repeat(3, 2), 2)[0, :, 0]
+    np.testing.assert_array_equal(edge, [1, 3, 4])  # (0+1)/2, (2+3)/2, 4 alone

@@ -1,0 +1,81 @@
+"""Acquisition model of `histodg synth`: how a scanner turns stain concentrations into RGB.
+
+Beer-Lambert in optical density with the scanner's own haematoxylin and eosin vectors (jittered a
+little per slide), white balance, vignetting of each camera field and a gradient across the slide,
+optical blur, sensor noise and a tone curve. JPEG quality and resolution (`mpp`) are part of the
+profile too; the writers apply the JPEG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """Acquisition of one scanner: stain appearance, optics, sensor and compression."""
+
+    name: str
+    mpp: float  # microns per pixel at level 0
+    stain_h: tuple[float, float, float]  # haematoxylin optical-density direction (R, G, B)
+    stain_e: tuple[float, float, float]  # eosin optical-density direction (R, G, B)
+    stain_scale: float  # overall stain density (protocol and sensor gain)
+    white: tuple[float, float, float]  # RGB of empty glass (white balance)
+    vignetting: float  # relative darkening at the corners of each camera field
+    field_um: float  # camera field of view (the vignetting repeats with it)
+    gradient: float  # relative illumination change across the slide
+    blur_um: float  # optical blur, Gaussian sigma
+    gamma: float  # tone curve exponent (1 = linear)
+    noise: float  # sensor noise, 8-bit levels (sigma)
+    jpeg_quality: int
+
+    def __post_init__(self):
+        if not 0.05 <= self.mpp <= 5:
+            raise ValueError(f"{self.name}: mpp {self.mpp} is outside 0.05-5")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"{self.name}: JPEG quality must be 1-100")
+
+
+def scan(rng, c_h: np.ndarray, c_e: np.ndarray, s: ScannerProfile) -> np.ndarray:
+    """Concentrations -> RGB uint8 as the scanner records them (before JPEG).
+
+    Beer-Lambert with the scanner's stain vectors (jittered a little per slide), white point and
+    illumination folded into the log intensity, then optical blur, sensor noise and tone curve.
+    """
+    h, w = c_h.shape
+    v_h = np.asarray(s.stain_h, np.float64) * rng.normal(1, 0.03, 3)  # per-slide staining variation
+    v_e = np.asarray(s.stain_e, np.float64) * rng.normal(1, 0.03, 3)
+    scale = s.stain_scale * rng.normal(1, 0.04)
+    v_h, v_e = scale * v_h / np.linalg.norm(v_h), scale * v_e / np.linalg.norm(v_e)
+    # illumination: vignetting of each camera field and a slow gradient across the slide
+    field = s.field_um / s.mpp
+    yy, xx = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
+    fy = np.sqrt(np.clip(np.sin(np.pi * (yy % field) / field), 0, 1))
+    fx = np.sqrt(np.clip(np.sin(np.pi * (xx % field) / field), 0, 1))
+    gdir = rng.uniform(0, 2 * np.pi)
+    illum = (1 - s.vignetting * (1 - fy[:, None] * fx[None, :])
+             - s.gradient * (np.cos(gdir) * xx[None, :] / w + np.sin(gdir) * yy[:, None] / h))
+    log_illum = np.log(np.clip(illum, 0.05, None)).astype(np.float32)
+    # log I_k = log white_k + log illum - (c_H v_H,k + c_E v_E,k + background)
+    m = np.zeros((3, 4), np.float32)
+    m[:, 0], m[:, 1], m[:, 2] = -v_h, -v_e, 1
+    m[:, 3] = np.log(np.asarray(s.white, np.float64)) - 0.015
+    rgb = cv2.exp(cv2.transform(cv2.merge([c_h, c_e, log_illum]), m))
+    sigma = s.blur_um / s.mpp
+    if sigma > 0.1:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    block = 499  # sensor noise: one random block, tiled with a random offset (not in step with tiles)
+    noise = rng.standard_normal((block, block, 3), dtype=np.float32) * np.float32(s.noise)
+    oy, ox = rng.integers(0, block, 2)
+    noise = np.roll(noise, (oy, ox), (0, 1))
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            view = rgb[y : y + block, x : x + block]
+            view += noise[: view.shape[0], : view.shape[1]]
+    out = cv2.convertScaleAbs(rgb)  # rounds and saturates to 0-255
+    if s.gamma != 1:
+        lut = np.clip(255 * (np.arange(256) / 255) ** (1 / s.gamma) + 0.5, 0, 255).astype(np.uint8)
+        out = cv2.LUT(out, lut)
+    return out
