@@ -254,6 +254,10 @@ class Normalizer:
         x = (x.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised -> RGB in 0-255 (float)."""
+        return x.float() * self.std + self.mean
+
 
 def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float = 0.1) -> torch.Tensor:
     """Light per-image brightness, contrast and saturation jitter on uint8-range floats (0-255)."""

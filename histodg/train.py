@@ -279,6 +279,7 @@ class Trainer:
                 st.epoch = epoch + 1
             if rt.world > 1:
                 torch.distributed.barrier()
+        method.close()
 
     def _train_epoch(self, method, optimizer, scheduler, dataset, domain_indices, domains, steps, epoch, stage,
                      normalizer, rt: Runtime, st: _State) -> dict:

@@ -5,10 +5,22 @@ Each is a `Method` (see base.py): `loss(batches)` over a list of per-domain mini
 from __future__ import annotations
 
 from .base import Method, NoHparams, SegTask, describe, parse_hparams, seg_loss
+from .coral import Coral
+from .dsu import DSU
 from .erm import ERM
+from .fishr import Fishr
+from .mixstyle import MixStyle
+from .sds import SDS
+from .stain import Stain
 
 METHODS: dict[str, type[Method]] = {
     "erm": ERM,
+    "stain": Stain,
+    "mixstyle": MixStyle,
+    "dsu": DSU,
+    "coral": Coral,
+    "fishr": Fishr,
+    "sds": SDS,
 }
 
 __all__ = ["METHODS", "Method", "NoHparams", "SegTask", "describe", "parse_hparams", "seg_loss"]

@@ -104,7 +104,10 @@ class Method(nn.Module):
         return self.model(x)
 
     def end_of_step(self) -> None:
-        """Called by the loop after each optimizer step (e.g. to reset accumulated statistics)."""
+        """Called by the loop after each optimizer step (e.g. to count steps)."""
+
+    def close(self) -> None:
+        """Called by the loop when the stage ends: remove hooks this method put on the model."""
 
     # -- helpers for subclasses ------------------------------------------------------------
     @staticmethod
