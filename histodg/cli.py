@@ -117,7 +117,7 @@ def _magnification(ctx, param, value):
 @click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]")
 @click.option("--organ", default="unknown", show_default=True, help="Organ of the inputs (a manifest column or COSAS folder wins).")
 @click.option("--scanner", default="unknown", show_default=True, help="Scanner of the inputs (a manifest column or COSAS folder wins).")
-@click.option("--mpp-override", type=float, default=None, help="Microns per pixel for inputs without it in their metadata.")
+@click.option("--mpp-override", type=float, default=None, help="Microns per pixel of the inputs, used instead of their metadata (images without it, or a wrong value); a manifest's mpp column wins.")
 @click.option("--annotations", type=click.Path(path_type=Path), default=None, help="GeoJSON / ASAP XML / mask image, or a folder of them named after the slides.")
 @click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is 1.")
 @click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None, help="What the domain folders of a COSAS layout are.")
@@ -219,7 +219,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
     metrics.jsonl, last.pt, best.pt, curves.png and result.json.
     """
     from .config import TrainConfig
-    from .report import TrainView, print_cv
+    from .report import TrainView, print_cv, print_train_result
     from .train import Callbacks, Trainer, default_workers
 
     if resume and (out_dir / "config.json").is_file():
@@ -254,6 +254,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
     elif cfg.cv:
         print_cv(result)
     else:
+        print_train_result(result)
         click.echo(f"run: {out_dir}  (best.pt, last.pt, metrics.jsonl, curves.png)")
 
 
@@ -312,6 +313,136 @@ def synth(out_dir, seed, fmt, cases, size_um, gallery, overwrite):
     click.echo(f"wrote {manifest}")
     if gallery is not None:
         click.echo(f"wrote {make_gallery(manifest, gallery)}")
+
+
+# -- predict -----------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for one <name>/ folder per input.")
+@click.option("--mpp", type=float, default=None, help="Model resolution, um/px  [default: the checkpoint's]")
+@click.option("--tile-size", type=int, default=None, help="Window side in model pixels  [default: the checkpoint's]")
+@click.option("--overlap", type=float, default=0.5, show_default=True,
+              help="Overlap of neighbouring windows: a fraction of the tile (< 1) or pixels (>= 1).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: mean of the 4 flipped predictions (4x the model time).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide", "image"]), default="auto", show_default=True)
+@click.option("--tissue-method", type=click.Choice(["otsu", "saturation", "none"]), default="otsu", show_default=True,
+              help="Run windows that touch tissue (none: every window).")
+@click.option("--mpp-override", type=float, default=None, help="Microns per pixel of the inputs, used instead of their metadata (images without it, or a wrong value); a manifest's mpp column wins.")
+@click.option("--organ", default="unknown", show_default=True, help="Organ of the inputs, recorded for `histodg evaluate`.")
+@click.option("--scanner", default="unknown", show_default=True, help="Scanner of the inputs, recorded for `histodg evaluate`.")
+@click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None, help="What the domain folders of a COSAS layout are.")
+@click.option("--max-bad-fraction", type=float, default=0.1, show_default=True, help="Fail a slide when more of its windows than this cannot be decoded.")
+@click.option("--shard", default=None, metavar="I/N", help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]")
+@click.option("--overwrite", is_flag=True, help="Redo inputs that have finished outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def predict(checkpoint, inputs, out_dir, mpp, tile_size, overlap, batch_size, tta, threshold, device, workers, backend,
+            tissue_method, mpp_override, organ, scanner, domain_axis, max_bad_fraction, shard, overwrite, as_json):
+    """Segment tumour on whole slides and images with a trained model.
+
+    INPUTS are as for `histodg tile`: slides, PNG/JPEG/TIFF images, folders, CSV manifests,
+    COSAS layouts. Windows cover the tissue at the model's resolution with Gaussian-weighted
+    overlaps. Per input, OUT/<name>/ gets prob.zarr (uint8 probability at the model's resolution),
+    mask.ome.tiff (pyramidal 0/255 mask at the slide's size and pixel size: open it in QuPath),
+    tumor.geojson (polygons with holes in level-0 pixels: QuPath > File > Import objects),
+    overlay.png, mask.png (plain images: same size as the input) and done.json (settings,
+    timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
+    redone; a bad input fails alone and the batch goes on.
+    """
+    from .extract import default_workers
+    from .inputs import parse_shard, resolve_inputs, take_shard
+    from .predict import PredictOptions, Predictor, predict_slide
+    from .report import run_batch
+
+    try:
+        opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
+                              threshold=threshold, device=device, workers=workers or default_workers(), backend=backend,
+                              tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
+        shard_ij = parse_shard(shard)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    jobs = take_shard(resolve_inputs(inputs, organ, scanner, domain_axis, None, mpp_override), shard_ij)
+    predictor = Predictor.from_checkpoint(checkpoint, opts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_batch(jobs, lambda job, progress: predict_slide(predictor, job, out_dir, progress), "predict", as_json)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--truth", type=click.Path(path_type=Path), default=None,
+              help="Ground truth for predictions: a folder of GeoJSON / XML / mask images named after the slides, one file, or a CSV manifest (path, annotation, organ, scanner).")
+@click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None,
+              help="Domains are organs or scanners  [default: per image, whichever it knows]")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is tumour.")
+@click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True, help="With a checkpoint: flip test-time augmentation.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="With a checkpoint: patches per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="With a checkpoint: auto, cpu, cuda, ...")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(sources, truth, domain_axis, labels, threshold, tta, batch_size, device, as_json):
+    """Dice and IoU per image, per domain and overall (the mean over images).
+
+    \b
+      histodg evaluate CHECKPOINT STORES...          # run the model on stores with masks, score
+      histodg evaluate PREDICTIONS... --truth TRUTH  # score `histodg predict` outputs
+
+    With a checkpoint, STORES are patch stores with masks (or folders / CSV lists of them); each
+    store is one image, its counts summed over its patches (the image's Dice when tiled without
+    overlap, as COSAS images are). PREDICTIONS are `histodg predict` output folders (with
+    done.json) or the folders holding them; the truth is rasterised at the prediction's
+    resolution. An image where both prediction and truth are empty scores 1. Label 255 is ignored.
+    """
+    from .annotations import LabelMap
+    from .evaluate import evaluate_predictions, evaluate_stores, print_evaluation, to_json
+    from .report import err
+
+    first = sources[0]
+    with_checkpoint = first.is_file() and first.suffix.lower() != ".csv"
+    try:
+        label_map = LabelMap.parse(labels)
+        if threshold is not None and not 0 < threshold < 1:
+            raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
+        if with_checkpoint and truth is not None:
+            raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
+        if with_checkpoint and len(sources) < 2:
+            raise ValueError("give the stores to score after the checkpoint")
+        if not with_checkpoint and truth is None:
+            raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if with_checkpoint:
+        from .predict import PredictOptions, Predictor
+
+        try:
+            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device,
+                                  **({"threshold": threshold} if threshold is not None else {}))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        predictor = Predictor.from_checkpoint(first, opts)
+        with err.status("scoring stores"):
+            ev = evaluate_stores(predictor, sources[1:], domain_axis)
+    else:
+        with err.status("scoring predictions"):
+            ev = evaluate_predictions(sources, truth, domain_axis, threshold, label_map)
+    for e in ev.errors:
+        fail_line(e)
+    table = ev.table()
+    if as_json:
+        click.echo(to_json(table))
+    elif ev.images:
+        print_evaluation(table)
+    if ev.errors or not ev.images:
+        if not ev.images:
+            fail_line("nothing could be scored")
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,8 @@ def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, call
     out = Path(cfg.out_dir)
     axis, names = cv_domains(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite or not (out / "config.json").exists():
+        write_json_atomic(out / "config.json", cfg.to_dict())  # `histodg train -o RUN_DIR --resume` needs no more
     base = cfg
     if cfg.pretrain:
         pre = cfg.replace(out_dir=str(out / "cv" / "_pretrain"), pretrain=None, finetune=None, domains=cfg.pretrain, cv=False)

@@ -73,10 +73,20 @@ def run_batch(jobs, run_one, verb: str, as_json: bool = False):
     return results
 
 
+# column labels of the summary; a result type may carry its own `summary_spec` (predict does)
+SUMMARY_SPEC = {"count": ("patches", "patches"), "area": ("tissue_area_mm2", "tissue mm²", "tissue"),
+                "bad_note": "undecodable windows skipped (see the store's bad_windows)", "resumed_note": "resumed"}
+
+
+def _spec(res) -> dict:
+    return getattr(res, "summary_spec", None) or SUMMARY_SPEC
+
+
 def _brief(res) -> str:
     parts = []
-    if getattr(res, "patches", None) is not None and hasattr(res, "patches"):
-        parts.append(f"{res.patches} patches")
+    count_attr, count_label = _spec(res)["count"]
+    if getattr(res, count_attr, None) is not None:
+        parts.append(f"{getattr(res, count_attr)} {count_label}")
     if getattr(res, "bad_windows", 0):
         parts.append(f"[yellow]{res.bad_windows} bad windows skipped[/]")
     if getattr(res, "resumed", False):
@@ -85,24 +95,27 @@ def _brief(res) -> str:
 
 
 def print_summary(results, verb: str) -> None:
+    spec = _spec(results[0]) if results else SUMMARY_SPEC
+    count_attr, count_label = spec["count"]
+    area_attr, area_label, area_word = spec["area"]
     table = Table(title=f"histodg {verb}: {len(results)} input(s)", title_justify="left")
-    for col, kw in [("input", {}), ("status", {}), ("patches", {"justify": "right"}), ("tissue mm²", {"justify": "right"}),
+    for col, kw in [("input", {}), ("status", {}), (count_label, {"justify": "right"}), (area_label, {"justify": "right"}),
                     ("bad windows", {"justify": "right"}), ("seconds", {"justify": "right"}), ("note", {"overflow": "fold"})]:
         table.add_column(col, **kw)
     style = {"done": "green", "skipped": "cyan", "failed": "bold red"}
     for r in results:
-        area = "" if r.tissue_area_mm2 is None else f"{r.tissue_area_mm2:.1f}"
-        note = r.error or ("resumed" if r.resumed else "")
+        area = "" if getattr(r, area_attr) is None else f"{getattr(r, area_attr):.1f}"
+        note = r.error or (spec["resumed_note"] if r.resumed else "")
         if r.bad_windows and not r.error:
-            note = f"{r.bad_windows} undecodable windows skipped (see the store's bad_windows)"
-        table.add_row(escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(r.patches), area,
+            note = f"{r.bad_windows} {spec['bad_note']}"
+        table.add_row(escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(getattr(r, count_attr)), area,
                       str(r.bad_windows or ""), f"{r.seconds:.1f}", escape(note))
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    total = sum(r.patches for r in results)
-    area = sum(r.tissue_area_mm2 or 0 for r in results)
+    total = sum(getattr(r, count_attr) for r in results)
+    area = sum(getattr(r, area_attr) or 0 for r in results)
     bad = sum(r.bad_windows for r in results)
     table.caption = (f"{n['done']} done, {n['skipped']} skipped, {n['failed']} failed; "
-                     f"{total} patches, {area:.1f} mm² tissue, {bad} bad windows")
+                     f"{total} {count_label}, {area:.1f} mm² {area_word}, {bad} bad windows")
     table.caption_justify = "left"
     out.print(table)
 
@@ -204,3 +217,20 @@ def print_methods(rows: list[dict]) -> None:
         for h in m["hparams"]:
             table.add_row(h["name"], str(h["default"]), escape(h["help"]))
         out.print(table)
+
+
+def print_train_result(result: dict) -> None:
+    """The final epoch's Dice/IoU per domain: seen domains' validation and held-out domains."""
+    final = result.get("final") or {}
+    table = Table(title=f"histodg train: {result['run_dir']}", title_justify="left")
+    for c, kw in (("domain", {}), ("kind", {}), ("Dice", {"justify": "right"}), ("IoU", {"justify": "right"}),
+                  ("patches", {"justify": "right"})):
+        table.add_column(c, **kw)
+    for kind, label in (("val", "validation"), ("heldout", "held out")):
+        for d, s in ((final.get(kind) or {}).get("domains") or {}).items():
+            table.add_row(escape(d), label, f"{s['dice_pixels']:.4f}", f"{s['iou_pixels']:.4f}", str(s["images"]))
+    best = result.get("best_val_dice")
+    table.caption = (f"{result['epochs_run']} epochs, {result['global_step']} steps; Dice pooled over each domain's pixels"
+                     + (f"; best validation Dice {best:.4f} (best.pt)" if best is not None else "; best.pt = last epoch"))
+    table.caption_justify = "left"
+    out.print(table)

@@ -1,0 +1,220 @@
+"""`histodg evaluate`: Dice / IoU per image, per domain, overall; on stores and on predictions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from helpers import make_store
+from histodg.checkpoint import save_checkpoint
+from histodg.evaluate import Evaluation, binarise_truth, domain_of, evaluate_predictions
+from histodg.inputs import SlideJob
+from histodg.predict import PredictOptions, Predictor, predict_slide
+from histodg.store import StoreWriter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    threads that spin while another process holds the cores make them 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def constant_checkpoint(path: Path, logit: float, mpp: float = 1.0, tile: int = 64) -> Path:
+    """A Unet whose every weight is 0 and whose head bias is `logit`: it predicts the same
+    probability everywhere (+10: all tumour, -10: none)."""
+    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+    model = build_model("unet", "resnet18", "none", 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.segmentation_head[0].bias.fill_(logit)
+    mc = {"arch": "unet", "encoder": "resnet18", "classes": 1, "labels": {"0": "background", "1": "tumor"}, "mpp": mpp,
+          "tile_size": tile, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, "method": "erm",
+          "hparams": {}, "loss": "bce"}
+    save_checkpoint(path, {"model_state": model.state_dict(), "model_config": mc})
+    return path
+
+
+def empty_store(path: Path, n: int = 4, size: int = 64, organ: str = "unknown", scanner: str = "unknown") -> Path:
+    attrs = {"tile_size": size, "mpp": 1.0, "organ": organ, "scanner": scanner, "labels": {"0": "background", "1": "tumor"}}
+    w = StoreWriter(path, attrs, n, size, True).create()
+    for i in range(n):
+        w.append(w.encode(np.full((size, size, 3), 200, np.uint8), np.zeros((size, size), np.uint8)), (i * size, 0), 1.0)
+    w.finish()
+    return path
+
+
+# -- the numbers ----------------------------------------------------------------------------------------
+def test_dice_and_iou_against_hand_computed_cases():
+    ev = Evaluation()
+    a = ev.add("a", "colon", inter=30, n_pred=40, n_true=50)  # Dice 60/90, IoU 30/60
+    b = ev.add("b", "colon", inter=0, n_pred=0, n_true=0)  # both empty: a perfect score
+    c = ev.add("c", "lung", inter=0, n_pred=10, n_true=0)  # found something where there is nothing
+    d = ev.add("d", "lung", inter=0, n_pred=0, n_true=25)  # missed everything
+    assert (a.dice, a.iou) == (pytest.approx(2 / 3), pytest.approx(0.5))
+    assert (b.dice, b.iou) == (1.0, 1.0) and (c.dice, c.iou) == (0.0, 0.0) and (d.dice, d.iou) == (0.0, 0.0)
+    t = ev.table()
+    assert t["domains"]["colon"]["dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert t["domains"]["colon"]["iou"] == pytest.approx(0.75)
+    assert t["domains"]["lung"]["dice"] == 0.0 and t["domains"]["lung"]["images"] == 2
+    assert t["overall"]["dice"] == pytest.approx((2 / 3 + 1) / 4)  # the mean over images, not pixels
+    assert t["overall"]["dice_pixels"] == pytest.approx(60 / (50 + 75))
+    assert t["mean_domain_dice"] == pytest.approx(((2 / 3 + 1) / 2 + 0) / 2)
+    assert [r["name"] for r in t["images"]] == ["a", "b", "c", "d"]
+
+
+def test_truth_labels_and_domains():
+    np.testing.assert_array_equal(binarise_truth(np.array([0, 1, 2, 255])), [0, 1, 1, 255])
+    assert domain_of("colon", "s1") == "colon" and domain_of("unknown", "s1") == "s1"
+    assert domain_of("colon", "s1", "scanner") == "s1" and domain_of(None, None) == "unknown"
+
+
+# -- stores -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    make_store(root / "colon-a.zarr", n=6, organ="colon", seed=1)
+    make_store(root / "colon-b.zarr", n=6, organ="colon", seed=2)
+    make_store(root / "s2-a.zarr", n=6, scanner="s2", seed=3)
+    empty_store(root / "s2-empty.zarr", scanner="s2")
+    return root
+
+
+def _true_px(path: Path) -> tuple[int, int]:
+    m = zarr.open_group(str(path), mode="r")["masks"][:]
+    return int((m == 1).sum()), int(m.size)
+
+
+def test_cli_evaluate_stores_with_models_of_known_output(cli, stores, tmp_path):
+    everything = constant_checkpoint(tmp_path / "all.pt", 10.0)
+    nothing = constant_checkpoint(tmp_path / "none.pt", -10.0)
+    r = cli("evaluate", everything, stores, "--json")
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)
+    rows = {x["name"]: x for x in t["images"]}
+    assert set(rows) == {"colon-a", "colon-b", "s2-a", "s2-empty"}
+    expected = {}
+    for name in ("colon-a", "colon-b", "s2-a"):
+        n_true, n_all = _true_px(stores / f"{name}.zarr")
+        assert rows[name]["true_px"] == n_true and rows[name]["predicted_px"] == n_all
+        expected[name] = 2 * n_true / (n_all + n_true)  # every pixel predicted: Dice = 2|T| / (|all| + |T|)
+        assert rows[name]["dice"] == pytest.approx(expected[name])
+        assert rows[name]["iou"] == pytest.approx(n_true / n_all)
+    assert rows["s2-empty"]["dice"] == 0.0  # predicted tumour on an image without any
+    assert rows["colon-a"]["domain"] == "colon" and rows["s2-a"]["domain"] == "s2"  # the axis each store knows
+    assert t["domains"]["colon"]["dice"] == pytest.approx((expected["colon-a"] + expected["colon-b"]) / 2)
+    assert t["domains"]["s2"]["dice"] == pytest.approx(expected["s2-a"] / 2)
+    assert t["overall"]["dice"] == pytest.approx(sum(expected.values()) / 4)
+
+    r = cli("evaluate", nothing, stores / "s2-empty.zarr", stores / "colon-a.zarr", "--domain-axis", "scanner", "--json")
+    t = json.loads(r.stdout)
+    rows = {x["name"]: x for x in t["images"]}
+    assert rows["s2-empty"]["dice"] == 1.0 and rows["s2-empty"]["iou"] == 1.0  # empty vs empty
+    assert rows["colon-a"]["dice"] == 0.0 and rows["colon-a"]["domain"] == "unknown"
+    assert t["overall"]["dice"] == 0.5
+
+    r = cli("evaluate", nothing, stores)  # the rich tables
+    assert r.exit_code == 0 and "per domain" in r.stdout and "overall" in r.stdout and "s2-empty" in r.stdout
+
+
+def test_evaluate_stores_reports_bad_inputs_and_goes_on(cli, stores, tmp_path):
+    everything = constant_checkpoint(tmp_path / "all.pt", 10.0)
+    no_masks = make_store(tmp_path / "nomask.zarr", n=2, masks=False)
+    other_mpp = make_store(tmp_path / "coarse.zarr", n=2, mpp=2.0)
+    r = cli("evaluate", everything, stores / "colon-a.zarr", no_masks, other_mpp, tmp_path / "missing.zarr", "--json")
+    assert r.exit_code == 1
+    assert [x["name"] for x in json.loads(r.stdout)["images"]] == ["colon-a"]
+    assert "no masks" in r.stderr and "um/px" in r.stderr and "missing.zarr" in r.stderr
+
+
+# -- predictions against annotations ------------------------------------------------------------------
+class DarkModel(torch.nn.Module):
+    def forward(self, x):
+        return (20 * (0.5 - x.mean(1, keepdim=True))).float()
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory):
+    """Two predicted images: 'rect' predicts x 64-192, y 64-128 (8192 px); 'blank' predicts nothing."""
+    root = tmp_path_factory.mktemp("pred")
+    rect = np.full((256, 256, 3), (235, 190, 215), np.uint8)
+    rect[64:128, 64:192] = (70, 20, 110)
+    Image.fromarray(rect).save(root / "rect.png")
+    Image.fromarray(np.full((256, 256, 3), (235, 190, 215), np.uint8)).save(root / "blank.png")
+    pred = Predictor(DarkModel(), {"classes": 1, "mpp": 1.0, "tile_size": 64,
+                                   "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}, PredictOptions())
+    for name in ("rect", "blank"):
+        r = predict_slide(pred, SlideJob(root / f"{name}.png", name, mpp=1.0, organ="colon"), root / "out")
+        assert r.status == "done", r.error
+    return root
+
+
+def _rectangle(x0, y0, x1, y1, cls="Tumor"):
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "annotation", "classification": {"name": cls}}}
+
+
+def test_cli_evaluate_predictions_against_geojson(cli, predictions, tmp_path):
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    # truth: x 64-192, y 64-160 (12288 px) and a 'Stroma' region to leave out; blank: nothing
+    fc = {"type": "FeatureCollection", "features": [_rectangle(64, 64, 192, 160), _rectangle(0, 200, 50, 250, "Stroma")]}
+    (truth / "rect.geojson").write_text(json.dumps(fc))
+    (truth / "blank.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    r = cli("evaluate", predictions / "out", "--truth", truth, "--label", "tumor=1", "--json")
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)
+    rows = {x["name"]: x for x in t["images"]}
+    assert rows["rect"]["intersection"] == 8192 and rows["rect"]["predicted_px"] == 8192 and rows["rect"]["true_px"] == 12288
+    assert rows["rect"]["dice"] == pytest.approx(2 * 8192 / (8192 + 12288)) == pytest.approx(0.8)
+    assert rows["rect"]["iou"] == pytest.approx(8192 / 12288)
+    assert rows["blank"]["dice"] == 1.0  # nothing predicted, nothing there
+    assert t["domains"]["colon"]["images"] == 2  # the organ recorded by predict
+    assert t["overall"]["dice"] == pytest.approx(0.9) and t["overall"]["iou"] == pytest.approx((2 / 3 + 1) / 2)
+    # without the label map every polygon is tumour: the Stroma box now counts as missed truth
+    r = cli("evaluate", predictions / "out" / "rect", "--truth", truth, "--json")
+    row = json.loads(r.stdout)["images"][0]
+    assert row["true_px"] == 12288 + 2500 and row["dice"] == pytest.approx(2 * 8192 / (8192 + 14788))
+
+
+def test_evaluate_predictions_with_a_manifest_and_mask_images(predictions, tmp_path):
+    mask = np.zeros((256, 256), np.uint8)
+    mask[64:128, 64:128] = 255  # half of the predicted rectangle
+    Image.fromarray(mask).save(tmp_path / "rect_mask.png")
+    Image.fromarray(np.zeros((256, 256), np.uint8)).save(tmp_path / "blank_mask.png")
+    (tmp_path / "truth.csv").write_text("path,annotation,organ,scanner\n"
+                                        f"{predictions / 'rect.png'},rect_mask.png,unknown,s1\n"
+                                        f"{predictions / 'blank.png'},blank_mask.png,unknown,s2\n")
+    ev = evaluate_predictions([predictions / "out"], tmp_path / "truth.csv")
+    t = ev.table()
+    rows = {x["name"]: x for x in t["images"]}
+    assert rows["rect"]["dice"] == pytest.approx(2 * 4096 / (8192 + 4096)) and rows["rect"]["domain"] == "colon"
+    ev = evaluate_predictions([predictions / "out"], tmp_path / "truth.csv", domain_axis="scanner")
+    assert set(ev.table()["domains"]) == {"s1", "s2"}
+    # a stricter threshold than the prediction's own changes nothing for a confident model
+    assert evaluate_predictions([predictions / "out" / "rect"], tmp_path / "rect_mask.png", threshold=0.9).images[0].dice == \
+        pytest.approx(2 / 3)
+
+
+def test_evaluate_predictions_errors(cli, predictions, tmp_path):
+    unfinished = tmp_path / "preds" / "half"
+    (unfinished / "prob.zarr").mkdir(parents=True)
+    r = cli("evaluate", tmp_path / "preds", predictions / "out" / "rect", "--truth", tmp_path / "nothing-here")
+    assert r.exit_code == 1 and "not found" in r.output
+    (tmp_path / "truth").mkdir()
+    r = cli("evaluate", tmp_path / "preds", predictions / "out" / "rect", "--truth", tmp_path / "truth", "--json")
+    assert r.exit_code == 1
+    assert "unfinished prediction" in r.stderr and "no ground truth named after rect" in r.stderr
+    r = cli("evaluate", predictions / "out")
+    assert r.exit_code == 2 and "--truth" in r.output
