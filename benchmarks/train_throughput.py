@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Training throughput: the full loop reading from stores vs the same model on in-memory tensors.
+
+    .venv/bin/python benchmarks/train_throughput.py                        # CPU: FPN-MiT-b0, 128 px
+    .venv/bin/python benchmarks/train_throughput.py --encoder mit_b2 --tile-size 512 --device cuda --batch-size 8
+
+Both measurements run in one invocation, each in a fresh process (so peak RSS is its own), with
+the same model, batch (`--batch-size` patches from each of 3 domains per step), AMP and
+channels_last settings:
+- loop: `histodg.train.Trainer` on real patch stores (zarr reads in `--workers` DataLoader
+  processes, flips/rot90, colour jitter, normalisation, ERM step), images/s over the steps after
+  the warm-up (from the loop's own per-step callback);
+- memory: the same step (colour jitter, normalisation, ERM loss, backward, AdamW) on uint8
+  tensors already on the device.
+Target: the loop reaches at least 90% of the in-memory rate. Stores are built from
+`histodg synth` data when missing (bench_out/train_tp/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench_out" / "train_tp"
+
+
+def stores(tile: int) -> Path:
+    synth, out = OUT / "synth", OUT / f"stores_{tile}"
+    exe = REPO / ".venv" / "bin" / "histodg"
+    if not (synth / "manifest.csv").exists():
+        subprocess.run([exe, "synth", synth, "--cases", "2"], check=True, capture_output=True)
+    mpp = 1.0 if tile <= 128 else 0.5
+    subprocess.run([exe, "tile", synth / "manifest.csv", "-o", out, "--mpp", str(mpp), "--tile-size", str(tile),
+                    "--min-tissue", "0.5"], check=True, capture_output=True)
+    return out
+
+
+def child_loop(a) -> dict:
+    import torch
+
+    from histodg.config import TrainConfig
+    from histodg.train import Callbacks, Trainer
+
+    torch.set_num_threads(a.threads) if a.threads else None
+    stamps = []
+    cfg = TrainConfig(stores=(a.stores,), out_dir=str(OUT / "run"), arch=a.arch, encoder=a.encoder, encoder_weights="none",
+                      domains="scanner", steps=a.steps, steps_per_epoch=a.steps, batch_size=a.batch_size,
+                      workers=a.workers, val_fraction=0, device=a.device, val_max_patches=1)
+    Trainer(cfg, overwrite=True, callbacks=Callbacks(on_step=lambda info: stamps.append((time.perf_counter(), info["images"])))).run()
+    warm = a.warmup
+    dt = stamps[-1][0] - stamps[warm - 1][0]
+    imgs = sum(n for _, n in stamps[warm:])
+    return {"images_per_s": imgs / dt, "steps": len(stamps) - warm}
+
+
+def child_memory(a) -> dict:
+    import torch
+
+    from histodg.data import Normalizer, color_jitter
+    from histodg.methods import METHODS, SegTask
+    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+    torch.set_num_threads(a.threads) if a.threads else None
+    dev = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    on_gpu = dev.type == "cuda"
+    model = build_model(a.arch, a.encoder, "none", 1).to(dev)
+    if on_gpu:
+        model.to(memory_format=torch.channels_last)
+    norm = Normalizer(IMAGENET_MEAN, IMAGENET_STD, dev, channels_last=on_gpu)
+    method = METHODS["erm"](model, 3, task=SegTask(), normalizer=norm).to(dev)
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-4)
+    n, s = 3 * a.batch_size, a.tile_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, s, s), generator=g, dtype=torch.uint8).to(dev)
+    masks = (torch.rand(n, s, s, generator=g) > 0.5).to(torch.uint8).to(dev)
+    jg = torch.Generator()
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    method.train()
+    stamps = []
+    for step in range(a.steps):
+        jg.manual_seed(step)
+        x = norm(color_jitter(images.float(), jg, 0.1))
+        batches = [(x[i * a.batch_size:(i + 1) * a.batch_size], masks[i * a.batch_size:(i + 1) * a.batch_size]) for i in range(3)]
+        with amp:
+            loss, _ = method.loss(batches)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    dt = stamps[-1] - stamps[a.warmup - 1]
+    out = {"images_per_s": n * (len(stamps) - a.warmup) / dt}
+    if on_gpu:
+        out["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="fpn")
+    ap.add_argument("--encoder", default="mit_b0")
+    ap.add_argument("--tile-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8, help="patches per domain per step (3 domains)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--child", choices=["loop", "memory"])
+    ap.add_argument("--stores")
+    a = ap.parse_args()
+    if a.child:
+        res = child_loop(a) if a.child == "loop" else child_memory(a)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    st = stores(a.tile_size)
+    res = {}
+    for kind in ("memory", "loop"):
+        cmd = [sys.executable, __file__, "--child", kind, "--stores", str(st)] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "stores")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        res[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+    ratio = res["loop"]["images_per_s"] / res["memory"]["images_per_s"]
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"{a.arch}-{a.encoder}, {a.tile_size} px, 3 domains x {a.batch_size} patches per step, {a.workers} data worker(s)\n")
+    print("| loop images/s | in-memory images/s | loop / in-memory | loop peak RSS MB | in-memory peak RSS MB |")
+    print("|---|---|---|---|---|")
+    print(f"| {res['loop']['images_per_s']:.1f} | {res['memory']['images_per_s']:.1f} | {ratio:.1%} | "
+          f"{res['loop']['peak_rss_mb']:.0f} | {res['memory']['peak_rss_mb']:.0f} |")
+    if "gpu_peak_mem_gb" in res["memory"]:
+        print(f"\nGPU peak memory (in-memory step): {res['memory']['gpu_peak_mem_gb']:.2f} GiB")
+    (OUT / "result.json").write_text(json.dumps({"args": vars(a), **res, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
