@@ -1,19 +1,51 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on built-in data, on a CPU, in a few minutes.
-# Everything it writes goes under demo_out/ (ignored by git).
+#   synth -> tile -> train (organ pretraining, scanner fine-tuning) -> predict on held-out slides -> evaluate
+# Everything it writes goes under demo_out/ (ignored by git); a rerun reuses what is finished.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo_out}
+STEPS=${DEMO_STEPS:-60}
 SHARED_SLIDE="$(cd "$(dirname "$0")/.." && pwd)/../shared/data/cmu_small_region.svs"
 mkdir -p "$OUT"
 
-echo "== 1. tile a real whole-slide image"
+echo "== 1. a real whole-slide image: what is in it, and its tissue tiled into a patch store"
 if [ -f "$SHARED_SLIDE" ]; then
-  SLIDE="$SHARED_SLIDE"
+  histodg info "$SHARED_SLIDE"
+  histodg tile "$SHARED_SLIDE" -o "$OUT/stores_real" --tile-size 256 --mpp 0.5 --organ skin --scanner aperio
 else
-  echo "(../shared/data not found: using a synthetic slide instead)"
-  histodg synth "$OUT/synth_slide" --cases 1 --overwrite >/dev/null
-  SLIDE=$(ls "$OUT"/synth_slide/wsi/organ/*/*.tiff | head -n 1)
+  echo "(../shared/data not found: skipping the real slide)"
 fi
-histodg info "$SLIDE"
-histodg tile "$SLIDE" -o "$OUT/stores_real" --tile-size 256 --mpp 0.5 --organ skin --scanner aperio
-histodg info "$OUT"/stores_real/*.zarr
+
+echo "== 2. a built-in COSAS-shaped data set: 4 organs from one scanner, 4 scanners of one organ"
+[ -f "$OUT/synth/manifest.csv" ] || histodg synth "$OUT/synth" --seed 0
+# The held-out cases (unseen organ lung, unseen scanner scanner-d) get their own manifest.
+awk -F, 'NR == 1 || $5 == "heldout"' "$OUT/synth/manifest.csv" > "$OUT/synth/heldout.csv"
+
+echo "== 3. tile every case at 1 um/px into 128 px patches, tissue only, organ and scanner recorded"
+histodg tile "$OUT/synth/manifest.csv" -o "$OUT/stores" --mpp 1.0 --tile-size 128 --min-tissue 0.5
+
+echo "== 4. train: pretrain on the organ task, fine-tune on the scanner task, SDS alignment"
+echo "   (lung and scanner-d are held out; a tiny untrained-encoder model and $STEPS steps per stage)"
+if [ -f "$OUT/run/result.json" ]; then
+  echo "   (finished earlier: $OUT/run)"
+elif [ -f "$OUT/run/last.pt" ]; then
+  histodg train -o "$OUT/run" --resume          # an interrupted demo continues where it stopped
+else
+  histodg train "$OUT/stores" -o "$OUT/run" --pretrain organ --finetune scanner \
+    --val-domain lung --val-domain scanner-d --method sds \
+    --arch fpn --encoder resnet18 --encoder-weights none \
+    --steps "$STEPS" --batch-size 4 --lr 1e-3 --val-fraction 0 --val-max-patches 64 --workers 1
+fi
+
+echo "== 5. predict whole-slide masks on the held-out slides"
+histodg predict "$OUT/run/best.pt" "$OUT/synth/heldout.csv" -o "$OUT/predictions" --batch-size 16
+
+echo "== 6. evaluate the predictions against the pathologist-style GeoJSON annotations"
+histodg evaluate "$OUT/predictions" --truth "$OUT/synth/heldout.csv"
+
+echo
+echo "Outputs:"
+echo "  training run          $OUT/run (metrics.jsonl, curves.png, best.pt)"
+for d in "$OUT"/predictions/*/; do
+  echo "  $(basename "$d")  overlay: ${d}overlay.png  QuPath: ${d}mask.ome.tiff, ${d}tumor.geojson"
+done
