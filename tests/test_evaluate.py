@@ -18,15 +18,7 @@ from histodg.predict import PredictOptions, Predictor, predict_slide
 from histodg.store import StoreWriter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    threads that spin while another process holds the cores make them 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def constant_checkpoint(path: Path, logit: float, mpp: float = 1.0, tile: int = 64) -> Path:
     """A Unet whose every weight is 0 and whose head bias is `logit`: it predicts the same

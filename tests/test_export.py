@@ -37,15 +37,7 @@ class DarkModel:
 PLAIN = {"classes": 1, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "tile_size": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    threads that spin while another process holds the cores make them 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def shapes_mask(h: int, w: int) -> np.ndarray:
     """A disc with a hole holding an island, a bar, a blob touching the corner, some noise blobs."""

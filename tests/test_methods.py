@@ -197,6 +197,23 @@ def test_hed_jitter_round_trip_and_range():
     assert (part - rgb).abs().max() < 0.05  # p = 0 changes nothing
 
 
+def test_hed_jitter_shifts_optical_density_by_at_most_bias():
+    """The bias is in optical-density units (Tellez et al.): with no scale jitter every pixel's OD
+    moves by the same b @ stain-vectors, |b| <= bias, so a 0.05 shift is a light change."""
+    from histodg.methods.ops import RGB_FROM_HED
+
+    rgb = torch.tensor(np.random.default_rng(1).uniform(60, 230, (4, 3, 32, 32)), dtype=torch.float32)
+    bias = 0.05
+    out = hed_jitter(rgb, 0.0, bias)
+    d_od = -torch.log(out / 255) + torch.log(rgb / 255)  # (N, 3, H, W)
+    per_image = d_od.flatten(2)
+    assert per_image.std(dim=2).max() < 1e-3  # a pure shift: the same for every pixel of an image
+    bound = bias * RGB_FROM_HED.abs().sum(0)  # |sum_s b_s m_sc| <= bias * sum_s |m_sc|
+    assert (per_image.mean(2).abs() <= bound + 1e-4).all()
+    assert per_image.mean(2).abs().max() > 0.1 * bias  # and it does move
+    assert (out - rgb).abs().mean() < 15  # a light change of an H&E-range image (was ~40 in the wrong units)
+
+
 def test_methods_command_lists_every_method_and_its_settings(cli):
     rows = {m["name"]: m for m in json.loads(cli("methods", "--json").stdout)}
     assert set(rows) == set(METHODS)

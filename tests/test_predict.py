@@ -20,15 +20,7 @@ BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.sv
 PLAIN = {"classes": 1, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}  # the model sees RGB / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    threads that spin while another process holds the cores make them 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_checkpoint(path: Path, mpp: float = 4.0, tile: int = 64, seed: int = 0) -> Path:
     """An untrained Unet-resnet18 checkpoint (no download)."""

@@ -11,28 +11,30 @@ import torch.nn.functional as F
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-LOG_ADJUST = torch.log(torch.tensor(1e-6))
 
 
 def hed_jitter(rgb255: torch.Tensor, sigma: float, bias: float, p: float = 1.0) -> torch.Tensor:
     """Tellez et al. (2018) HED augmentation on a batch of RGB images in 0-255 (N, 3, H, W).
 
     Per image and stain channel: c' = c * a + b, a ~ U(1 - sigma, 1 + sigma), b ~ U(-bias, bias),
-    in scikit-image's optical-density units (rgb2hed / hed2rgb); applied to a fraction `p` of the images.
+    where c are the stain concentrations in optical density (OD = -ln(I / 255) projected on the
+    Ruifrok-Johnston stain vectors), as in the paper; applied to a fraction `p` of the images.
+    (scikit-image >= 0.19's rgb2hed divides OD by -ln(1e-6) = 13.8, so the same sigma and bias
+    there would be 13.8x stronger; these are the original, physical units.)
     """
     if sigma <= 0 and bias <= 0:
         return rgb255
     n, dev = rgb255.shape[0], rgb255.device
     rgb = (rgb255.float() / 255.0).clamp(min=1e-6)
     m, inv = RGB_FROM_HED.to(dev), HED_FROM_RGB.to(dev)
-    stains = torch.einsum("nchw,cd->ndhw", torch.log(rgb) / LOG_ADJUST.to(dev), inv)
+    stains = torch.einsum("nchw,cd->ndhw", -torch.log(rgb), inv)
     a = 1 + (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * sigma
     b = (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * bias
     if p < 1:
         keep = (torch.rand(n, 1, 1, 1, device=dev) >= p).float()
         a, b = a * (1 - keep) + keep, b * (1 - keep)
     stains = stains * a + b
-    out = torch.exp(torch.einsum("ndhw,dc->nchw", stains, m) * LOG_ADJUST.to(dev))
+    out = torch.exp(-torch.einsum("ndhw,dc->nchw", stains, m))
     return (out * 255).clamp(0, 255)
 
 
