@@ -4,7 +4,7 @@
 # Everything it writes goes under demo_out/ (ignored by git); a rerun reuses what is finished.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo_out}
-STEPS=${DEMO_STEPS:-60}
+STEPS=${DEMO_STEPS:-100}
 SHARED_SLIDE="$(cd "$(dirname "$0")/.." && pwd)/../shared/data/cmu_small_region.svs"
 mkdir -p "$OUT"
 
