@@ -35,6 +35,7 @@ from .tiling import Grid, TileSettings, plan_grid
 
 
 WINDOWS_PER_TASK = 4
+COMMIT_SECONDS = 2.0  # how often the progress journal advances: an interruption loses at most this much work
 
 
 @dataclass
@@ -238,6 +239,7 @@ def _pump(pool, work, grid, writer, progress, start, n, step, workers) -> None:
     depth = writer.shard // step + 4 * workers  # keep readers busy while a shard is written
     pending: deque = deque()
     nxt = start
+    last_commit = time.monotonic()
     while nxt < n or pending:
         while nxt < n and len(pending) < depth:
             pending.append(pool.submit(work, nxt, min(nxt + step, n)))
@@ -249,7 +251,9 @@ def _pump(pool, work, grid, writer, progress, start, n, step, workers) -> None:
                 writer.append(encoded, grid.coords[i], grid.tissue[i])
             if writer.buffered >= writer.shard:
                 writer.flush()
-                writer.commit(i + 1)
+                if time.monotonic() - last_commit >= COMMIT_SECONDS:
+                    writer.commit(i + 1)
+                    last_commit = time.monotonic()
             if progress:
                 progress(advance=1)
     writer.flush()

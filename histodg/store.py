@@ -167,6 +167,10 @@ class StoreWriter:
         self._buf_mask: list[bytes] = []
         self._buf_xy: list[tuple[int, int]] = []
         self._buf_tissue: list[float] = []
+        # coords/tissue of flushed shards not yet written: zarr costs ~8 ms of GIL-holding Python
+        # per write, so they go out at commits, not at every shard
+        self._pending_xy: list[tuple[int, int]] = []
+        self._pending_tissue: list[float] = []
         self._group = None
         self._attrs = attrs
         self._codec = _numcodecs_compressor(compression)
@@ -240,14 +244,23 @@ class StoreWriter:
         self._enc_img.write(a // self.shard, self._buf_img)
         if self.with_masks:
             self._enc_mask.write(a // self.shard, self._buf_mask)
-        g = self._group
-        g["coords"][a:b] = np.asarray(self._buf_xy, np.int64)
-        g["tissue"][a:b] = np.asarray(self._buf_tissue, np.float32)
+        self._pending_xy += self._buf_xy
+        self._pending_tissue += self._buf_tissue
         self.count = b
         self._buf_img, self._buf_mask, self._buf_xy, self._buf_tissue = [], [], [], []
 
+    def _write_pending(self) -> None:
+        n = len(self._pending_xy)
+        if n:
+            g, a = self._group, self.count - n
+            g["coords"][a:self.count] = np.asarray(self._pending_xy, np.int64)
+            g["tissue"][a:self.count] = np.asarray(self._pending_tissue, np.float32)
+            self._pending_xy, self._pending_tissue = [], []
+
     def commit(self, plan_done: int) -> None:
-        """Record that patches up to plan position `plan_done` are durably written."""
+        """Record that the flushed patches, up to plan position `plan_done`, are durably written
+        (their coords and tissue too). Only committed patches survive an interruption."""
+        self._write_pending()
         self.plan_done = int(plan_done)
         self._journal()
 
@@ -260,6 +273,7 @@ class StoreWriter:
     def finish(self, extra_attrs: dict | None = None) -> None:
         """Trim arrays to the patches written, then mark complete (the last write)."""
         self.flush()
+        self._write_pending()
         g = self._group
         n = self.count
         for name in ("images", "masks", "coords", "tissue"):
