@@ -123,7 +123,7 @@ def _magnification(ctx, param, value):
 @click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None, help="What the domain folders of a COSAS layout are.")
 @click.option("--max-bad-fraction", type=float, default=0.1, show_default=True, help="Fail a slide when more of its windows than this cannot be decoded.")
 @click.option("--compression", type=click.Choice(["lz4", "none"]), default="lz4", show_default=True,
-              help="Patch compression: lz4 stores are ~2x smaller, none tiles ~1.3x faster (see BENCHMARKS.md).")
+              help="Patch compression: lz4 stores are ~1.5x smaller; none skips the encoding (see BENCHMARKS.md).")
 @click.option("--shard", default=None, metavar="I/N", help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]")
 @click.option("--overwrite", is_flag=True, help="Rewrite stores that exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
