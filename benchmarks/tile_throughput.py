@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,11 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAKE_SLIDE = REPO.parent / "shared" / "tools" / "make_large_slide.py"
-
-
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_slide, maxrss_mb  # noqa: E402
 
 
 def plan(slide_path: Path, mpp: float, tile: int):
@@ -140,17 +136,6 @@ def measure(kind: str, slide: Path, mpp: float, args) -> dict:
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def ensure_slide(size: int, out: Path) -> Path:
-    path = out / f"slide_{size}.tiff"
-    if not path.exists():
-        print(f"building {path} ...", file=sys.stderr)
-        subprocess.run([sys.executable, str(MAKE_SLIDE), str(path), "--size", str(size)], check=True)
-    with open(path, "rb") as f:  # warm the page cache so every contender reads from memory
-        while f.read(1 << 24):
-            pass
-    return path
 
 
 def main() -> None:

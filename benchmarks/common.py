@@ -1,0 +1,26 @@
+"""What the slide benchmarks share: the large test slides and peak-RSS reading."""
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE_SLIDE = REPO.parent / "shared" / "tools" / "make_large_slide.py"
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ensure_slide(size: int, out: Path) -> Path:
+    """bench_out/slide_<size>.tiff from ../shared/tools/make_large_slide.py, built when missing."""
+    path = out / f"slide_{size}.tiff"
+    if not path.exists():
+        print(f"building {path} ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(MAKE_SLIDE), str(path), "--size", str(size)], check=True)
+    with open(path, "rb") as f:  # warm the page cache so every contender reads from memory
+        while f.read(1 << 24):
+            pass
+    return path
