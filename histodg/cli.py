@@ -122,13 +122,16 @@ def _magnification(ctx, param, value):
 @click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is 1.")
 @click.option("--domain-axis", type=click.Choice(["organ", "scanner"]), default=None, help="What the domain folders of a COSAS layout are.")
 @click.option("--max-bad-fraction", type=float, default=0.1, show_default=True, help="Fail a slide when more of its windows than this cannot be decoded.")
-@click.option("--compression", type=click.Choice(["lz4", "none"]), default="lz4", show_default=True,
-              help="Patch compression: lz4 stores are ~1.5x smaller; none skips the encoding (see BENCHMARKS.md).")
+@click.option("--compression", type=click.Choice(["lz4", "none", "jpeg"]), default="lz4", show_default=True,
+              help="Patch compression: lz4 (lossless); none; jpeg (5-10x smaller, fastest: patches that are one "
+                   "JPEG tile of the slide are copied as they are, others encoded at --jpeg-quality). See BENCHMARKS.md.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="Quality of the patches --compression jpeg has to encode.")
 @click.option("--shard", default=None, metavar="I/N", help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]")
 @click.option("--overwrite", is_flag=True, help="Rewrite stores that exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, tissue_method, backend, workers,
-         organ, scanner, mpp_override, annotations, labels, domain_axis, max_bad_fraction, compression, shard, overwrite, as_json):
+         organ, scanner, mpp_override, annotations, labels, domain_axis, max_bad_fraction, compression, jpeg_quality, shard, overwrite, as_json):
     """Cut slides and image data sets into zarr patch stores, keeping tissue.
 
     INPUTS are slides (anything OpenSlide or tiffslide opens), PNG/JPEG/TIFF images, folders of
@@ -165,7 +168,8 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
         resolve_inputs(inputs, organ, scanner, domain_axis, annotations, mpp_override), shard_ij
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = TileOptions(settings, backend, workers or default_workers(), label_map, overwrite, max_bad_fraction, compression)
+    opts = TileOptions(settings, backend, workers or default_workers(), label_map, overwrite, max_bad_fraction, compression,
+                       jpeg_quality)
     results = run_batch(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), "tile", as_json)
     if any(r.status == "failed" for r in results):
         sys.exit(1)

@@ -62,6 +62,7 @@ class TileOptions:
     overwrite: bool = False
     max_bad_fraction: float = 0.1
     compression: str = "lz4"
+    jpeg_quality: int = 90
 
 
 def _source_attrs(path: Path) -> dict:
@@ -81,6 +82,8 @@ def _wanted_attrs(job: SlideJob, opts: TileOptions) -> dict:
         "mpp_tolerance": s.mpp_tolerance,
         "organ": job.organ,
         "scanner": job.scanner,
+        "compression": opts.compression,
+        "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None,
     }
 
 
@@ -166,14 +169,16 @@ def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileRe
         if state == "partial" and not opts.overwrite:
             writer = StoreWriter.resume(out)
             if writer.capacity != len(grid):
-                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression).create()
+                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression,
+                                     opts.jpeg_quality).create()
             else:
                 result.resumed = True
         else:
-            writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression).create()
+            writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression,
+                                     opts.jpeg_quality).create()
         if progress:
             progress(total=len(grid), done=writer.plan_done)
-        _extract(slide, grid, ann, writer, opts, eff_scale, progress)
+        source = _extract(slide, grid, ann, writer, opts, eff_scale, progress)
         n_bad = len(writer.bad)
         if len(grid) and n_bad > opts.max_bad_fraction * len(grid):
             shutil.rmtree(out, ignore_errors=True)
@@ -183,7 +188,10 @@ def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileRe
                 f"{n_bad} of {len(grid)} windows ({n_bad / len(grid):.0%}) cannot be decoded, more than "
                 f"--max-bad-fraction {opts.max_bad_fraction:g}; first: {first}",
             )
-        writer.finish({"tissue_area_mm2": tissue_mm2})
+        extra = {"tissue_area_mm2": tissue_mm2}
+        if source is not None and not source.ok:
+            extra["source_tiles_not_copied"] = source.why
+        writer.finish(extra)
         result.patches, result.bad_windows, result.tissue_area_mm2 = writer.count, n_bad, tissue_mm2
 
 
@@ -193,10 +201,69 @@ def read_window(slide, grid: Grid, xy, tile_size: int) -> np.ndarray:
     return resize(img, (tile_size, tile_size))
 
 
+class SourceTiles:
+    """Windows that are exactly one JPEG tile of the source, for --compression jpeg: their bytes
+    go into the store as they are (no decode, no re-encode, pixel-identical to the slide).
+
+    Applies when the slide is read by our TIFF tile reader, the level's tiles are square JPEG of
+    the patch size and windows are read without resampling; then every window on the tile grid
+    and inside the image qualifies. The first such tile is decoded both ways once per slide: if a
+    plain JPEG decode of the spliced stream differs from the slide's own decode (an unusual
+    colour space), nothing is copied.
+    """
+
+    def __init__(self, slide, grid: Grid, size: int):
+        self.reader = getattr(slide, "reader", None)
+        self.level = grid.level
+        self.ds = slide.level_downsamples[grid.level]
+        self.size = size
+        self.ok = False
+        self.why = "the slide is not read by the TIFF tile reader"
+        if self.reader is None or not hasattr(self.reader, "raw_jpeg"):
+            return
+        tw, th = self.reader.tile_size(self.level)
+        if not self.reader.levels[self.level].is_jpeg:
+            self.why = "the source tiles are not JPEG"
+        elif (tw, th) != (size, size) or grid.read_size != size:
+            self.why = f"patches of {size} px read as {grid.read_size} px do not match {tw}x{th} px source tiles"
+        else:
+            self.ok, self.why = self._verify(grid), "a plain JPEG decode of a source tile differs from the slide's"
+
+    def tile_of(self, xy) -> tuple[int, int] | None:
+        x, y = int(np.floor(xy[0] / self.ds)), int(np.floor(xy[1] / self.ds))
+        if x % self.size or y % self.size:
+            return None
+        return y // self.size, x // self.size
+
+    def raw(self, xy) -> bytes | None:
+        """The window's patch as the source's JPEG stream, or None to read and encode it."""
+        t = self.tile_of(xy) if self.ok else None
+        return self.reader.raw_jpeg(self.level, *t) if t is not None else None
+
+    def _verify(self, grid: Grid) -> bool:
+        from .jpegcodec import decode_patch
+        from .tiffread import TileDecodeError
+
+        for xy in grid.coords[:64]:
+            t = self.tile_of(xy)
+            if t is None:
+                continue
+            try:
+                data = self.reader.raw_jpeg(self.level, *t)
+                if data is None:
+                    continue
+                ref = self.reader.tile(self.level, *t)
+                return bool(np.array_equal(decode_patch(data, ref.shape), ref))
+            except (TileDecodeError, ValueError, RuntimeError):
+                continue  # a damaged tile proves nothing: try the next
+        return False
+
+
 def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff_scale: float, progress) -> None:
     size = opts.settings.tile_size
     start = writer.plan_done
     n = len(grid)
+    source = SourceTiles(slide, grid, size) if opts.compression == "jpeg" else None
 
     def work(i0: int, i1: int):
         """Read, rasterise and compress windows i0..i1-1 (a few per task keeps overhead low)."""
@@ -204,18 +271,20 @@ def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff
         for i in range(i0, i1):
             xy = grid.coords[i]
             try:
-                img = read_window(slide, grid, xy, size)
+                raw = source.raw(xy) if source is not None else None
+                img = read_window(slide, grid, xy, size) if raw is None else None
             except SlideError as exc:
-                out.append((i, None, exc.reason))
+                out.append((i, None, exc.reason, False))
                 continue
             mask = ann.rasterize(float(xy[0]), float(xy[1]), eff_scale, size) if ann is not None else None
-            out.append((i, writer.encode(img, mask), None))
+            out.append((i, writer.encode(img, mask, raw), None, raw is not None))
         return out
 
     workers = max(1, int(opts.workers))
     step = WINDOWS_PER_TASK
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histodg-read") as pool, gc_paused():
         _pump(pool, work, grid, writer, progress, start, n, step, workers)
+    return source
 
 
 @contextmanager
@@ -244,11 +313,11 @@ def _pump(pool, work, grid, writer, progress, start, n, step, workers) -> None:
         while nxt < n and len(pending) < depth:
             pending.append(pool.submit(work, nxt, min(nxt + step, n)))
             nxt += step
-        for i, encoded, err in pending.popleft().result():
+        for i, encoded, err, copied in pending.popleft().result():
             if err is not None:
                 writer.add_bad(grid.coords[i], err)
             else:
-                writer.append(encoded, grid.coords[i], grid.tissue[i])
+                writer.append(encoded, grid.coords[i], grid.tissue[i], copied)
             if writer.buffered >= writer.shard:
                 writer.flush()
                 if time.monotonic() - last_commit >= COMMIT_SECONDS:

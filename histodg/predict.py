@@ -438,7 +438,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         chunk = o.chunk_px
         prob = zarr.create_array(str(out / "prob.zarr"), shape=(h, w), chunks=(min(chunk, h), min(chunk, w)),
                                  dtype="uint8", fill_value=0)
-        prob.attrs.update({"mpp": plan.target_mpp, "level0_per_px": plan.level0_per_px,
+        prob.update_attributes({"mpp": plan.target_mpp, "level0_per_px": plan.level0_per_px,
                            "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
                            "threshold": o.threshold, "threshold_u8": threshold_u8(o.threshold),
                            "meaning": "tumour (foreground) probability x 255; 0 where no window ran"})

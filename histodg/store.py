@@ -33,6 +33,9 @@ class StoreError(HistodgError):
 def _zarr():
     import zarr
 
+    from .jpegcodec import register
+
+    register()  # the entry point does this when histodg is installed; not when run from a checkout
     return zarr
 
 
@@ -42,15 +45,24 @@ def shard_patches(tile_size: int) -> int:
     return int(min(1024, 2 ** int(np.log2(n))))
 
 
-COMPRESSIONS = ("lz4", "none")
+COMPRESSIONS = ("lz4", "none", "jpeg")
 
 
 def _compressor(compression: str = "lz4"):
     """zarr codec of the images/masks arrays: blosc-lz4 (level 1: same ratio as level 5 on H&E,
-    about half the CPU) or none."""
+    about half the CPU) or none (jpeg is a serializer, see `_serializer`)."""
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle") if compression == "lz4" else None
+
+
+def _serializer(compression: str, quality: int):
+    """zarr array->bytes codec of the images array: JPEG for --compression jpeg, else zarr's default."""
+    if compression != "jpeg":
+        return "auto"
+    from .jpegcodec import JpegCodec
+
+    return JpegCodec(quality=quality)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -134,10 +146,14 @@ class _Raw:
         return a.tobytes()
 
 
-def _numcodecs_compressor(compression: str = "lz4"):
-    """The numcodecs twin of `_compressor()` (same parameters, same bytes)."""
+def _numcodecs_compressor(compression: str = "lz4", quality: int = 90):
+    """The numcodecs-style twin of `_compressor()` / `_serializer()` (same parameters, same bytes)."""
     from numcodecs import Blosc
 
+    if compression == "jpeg":
+        from .jpegcodec import JpegEncoder
+
+        return JpegEncoder(quality)
     return Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, blocksize=0) if compression == "lz4" else _Raw()
 
 
@@ -151,10 +167,12 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path, attrs: dict, capacity: int, tile_size: int, with_masks: bool,
-                 compression: str = "lz4"):
+                 compression: str = "lz4", jpeg_quality: int = 90):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
         self.compression = compression
+        self.jpeg_quality = int(jpeg_quality)
+        self.copied = 0  # patches stored as the source's own JPEG tile (--compression jpeg)
         self.path = Path(path)
         self.tile_size = tile_size
         self.with_masks = with_masks
@@ -173,7 +191,7 @@ class StoreWriter:
         self._pending_tissue: list[float] = []
         self._group = None
         self._attrs = attrs
-        self._codec = _numcodecs_compressor(compression)
+        self._codec = _numcodecs_compressor(compression, self.jpeg_quality)
 
     # -- create / resume --------------------------------------------------------------------
     def create(self) -> StoreWriter:
@@ -183,14 +201,17 @@ class StoreWriter:
         g = zarr.open_group(str(self.path), mode="w")
         s, n, k = self.tile_size, self.capacity, self.shard
         g.create_array("images", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
-                       compressors=_compressor(self.compression))
+                       compressors=_compressor(self.compression),
+                       serializer=_serializer(self.compression, self.jpeg_quality))
         if self.with_masks:
             g.create_array("masks", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype="uint8",
                            compressors=_compressor())  # masks always compress ~100x
         g.create_array("coords", shape=(n, 2), chunks=(min(n, 65536), 2), dtype="int64")
         g.create_array("tissue", shape=(n,), chunks=(min(n, 65536),), dtype="float32")
-        g.attrs.update({**self._attrs, "format_version": FORMAT_VERSION, "histodg_version": __version__,
-                        "compression": self.compression, "complete": False})
+        # update_attributes writes zarr.json once; attrs.update would rewrite it for every key
+        g.update_attributes({**self._attrs, "format_version": FORMAT_VERSION, "histodg_version": __version__,
+                        "compression": self.compression, "complete": False,
+                        **({"jpeg_quality": self.jpeg_quality} if self.compression == "jpeg" else {})})
         self._group = g
         self._open_encoders()
         self._journal()
@@ -208,19 +229,23 @@ class StoreWriter:
         progress = json.loads((Path(path) / PROGRESS_FILE).read_text())
         attrs = dict(g.attrs)
         w = cls(path, attrs, g["images"].shape[0], int(attrs["tile_size"]), "masks" in g,
-                attrs.get("compression", "lz4"))
+                attrs.get("compression", "lz4"), int(attrs.get("jpeg_quality") or 90))
         w._group = g
         w.count, w.plan_done, w.bad = progress["count"], progress["plan_done"], progress["bad"]
+        w.copied = int(progress.get("copied", 0))
         w._open_encoders()
         return w
 
     # -- write ----------------------------------------------------------------------------------
-    def encode(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[bytes, bytes | None]:
-        """Compress one patch (and mask); safe to call from many threads."""
-        img = self._enc_img.encode(image)
+    def encode(self, image: np.ndarray | None, mask: np.ndarray | None, image_bytes: bytes | None = None
+               ) -> tuple[bytes, bytes | None]:
+        """Compress one patch (and mask); safe to call from many threads. `image_bytes` is a patch
+        already in the store's image encoding (a source JPEG tile for --compression jpeg)."""
+        img = image_bytes if image_bytes is not None else self._enc_img.encode(image)
         return img, (self._enc_mask.encode(mask) if self.with_masks else None)
 
-    def append(self, encoded: tuple[bytes, bytes | None], xy, tissue: float) -> None:
+    def append(self, encoded: tuple[bytes, bytes | None], xy, tissue: float, copied: bool = False) -> None:
+        self.copied += bool(copied)
         self._buf_img.append(encoded[0])
         if self.with_masks:
             self._buf_mask.append(encoded[1])
@@ -268,7 +293,8 @@ class StoreWriter:
         self.bad.append({"x": int(xy[0]), "y": int(xy[1]), "reason": reason})
 
     def _journal(self) -> None:
-        _write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad})
+        _write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad,
+                                                  "copied": self.copied})
 
     def finish(self, extra_attrs: dict | None = None) -> None:
         """Trim arrays to the patches written, then mark complete (the last write)."""
@@ -280,8 +306,11 @@ class StoreWriter:
             if name in g:
                 arr = g[name]
                 arr.resize((n,) + arr.shape[1:])
-        g.attrs.update({**(extra_attrs or {}), "bad_windows": self.bad, "n_patches": n})
-        g.attrs["complete"] = True
+        extra = {**(extra_attrs or {}), "bad_windows": self.bad, "n_patches": n}
+        if self.compression == "jpeg":
+            extra["source_tiles_copied"] = self.copied
+        g.update_attributes(extra)
+        g.update_attributes({"complete": True})  # a write of its own, the last one
         (self.path / PROGRESS_FILE).unlink(missing_ok=True)
 
 
@@ -383,10 +412,14 @@ def describe_store(path) -> dict:
         "labels": s.attrs.get("labels"),
         "has_masks": s.masks is not None,
         "bad_windows": len(s.attrs.get("bad_windows") or []),
+        "compression": s.attrs.get("compression", "lz4"),
         "source": s.attrs.get("source"),
         "format_version": s.attrs.get("format_version"),
         "histodg_version": s.attrs.get("histodg_version"),
     }
+    if out["compression"] == "jpeg":
+        out["jpeg_quality"] = s.attrs.get("jpeg_quality")
+        out["source_tiles_copied"] = s.attrs.get("source_tiles_copied")
     return out
 
 

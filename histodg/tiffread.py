@@ -37,6 +37,24 @@ class _Level:
         self.bytecounts = page.databytecounts
         self.jpegtables = getattr(page, "jpegtables", None)
         self.is_jpeg = int(page.compression) == 7
+        self.jpeg_prefix = _jpeg_prefix(page) if self.is_jpeg and self.samples == 3 else None
+
+
+# APP14 "Adobe" segment, transform 0: the three components are R, G, B (no YCbCr conversion)
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def _jpeg_prefix(page) -> bytes:
+    """What goes before a tile's stream (minus its SOI) to make it a self-contained JPEG file:
+    SOI, an Adobe marker when the TIFF says the components are RGB (Aperio writes such tiles;
+    without it decoders would assume YCbCr), and the page's shared JPEGTables (DQT/DHT)."""
+    prefix = b"\xff\xd8"
+    if int(page.photometric) == 2:
+        prefix += _ADOBE_RGB
+    tables = getattr(page, "jpegtables", None)
+    if tables is not None and len(tables) > 4:
+        prefix += bytes(tables)[2:-2]  # without the tables' own SOI and EOI
+    return prefix
 
 
 def check_page(page) -> str | None:
@@ -142,6 +160,25 @@ class TiffTileReader:
                 with self._lock:
                     self._inflight.pop(key, None)
                 event.set()
+
+    def raw_jpeg(self, level: int, ty: int, tx: int) -> bytes | None:
+        """Tile (ty, tx) of `level` as a self-contained JPEG stream, without decoding it; None when
+        the level is not 3-sample JPEG, or the tile is sparse or runs past the image's edge.
+        A damaged stream raises `TileDecodeError`, as a decode would."""
+        lv = self.levels[level]
+        if lv.jpeg_prefix is None or (tx + 1) * lv.tile_w > lv.width or (ty + 1) * lv.tile_h > lv.height:
+            return None
+        index = ty * lv.nx + tx
+        nbytes = int(lv.bytecounts[index])
+        if nbytes == 0:
+            return None
+        data = os.pread(self._fd, nbytes, int(lv.offsets[index]))
+        if data[:2] != b"\xff\xd8":
+            return None  # not a stream we can splice: let the decoder judge it
+        why = jpeg_scan_error(data)
+        if why:
+            raise TileDecodeError(self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: corrupt JPEG data ({why})")
+        return lv.jpeg_prefix + data[2:]
 
     # -- regions ---------------------------------------------------------------------------
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:

@@ -145,3 +145,16 @@ def test_box_reduce_handles_blocks_thinner_than_the_factor():
     np.testing.assert_array_equal(box_reduce(a, 2)[..., 0], [[4, 6, 8], [16, 18, 20], [28, 30, 32]])  # means rounded
     edge = box_reduce(np.arange(5, dtype=np.uint8).reshape(1, 5, 1).repeat(3, 2), 2)[0, :, 0]
     np.testing.assert_array_equal(edge, [1, 3, 4])  # (0+1)/2, (2+3)/2, 4 alone
+
+
+@pytest.mark.parametrize("f", [2, 3, 4, 8])
+def test_box_reduce_is_the_cell_mean_within_rounding(f):
+    from histodg.slide import _box_reduce_exact, box_reduce
+
+    img = np.random.default_rng(f).integers(0, 256, (37, 50, 3), dtype=np.uint8)  # partial cells both ways
+    fast, exact = box_reduce(img, f), _box_reduce_exact(img, f)
+    assert fast.shape == exact.shape == (-(-37 // f), -(-50 // f), 3)
+    assert np.abs(fast.astype(int) - exact).max() <= 1
+    h, w = 37 // f, 50 // f  # the partial strips are exact
+    np.testing.assert_array_equal(fast[h:], exact[h:])
+    np.testing.assert_array_equal(fast[:, w:], exact[:, w:])
