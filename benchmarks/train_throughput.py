@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench_out" / "train_tp"
 
 
-def stores(tile: int) -> Path:
-    synth, out = OUT / "synth", OUT / f"stores_{tile}"
+def stores(tile: int, compression: str = "lz4") -> Path:
+    synth, out = OUT / "synth", OUT / (f"stores_{tile}" + ("" if compression == "lz4" else f"_{compression}"))
     exe = REPO / ".venv" / "bin" / "histodg"
     if not (synth / "manifest.csv").exists():
         subprocess.run([exe, "synth", synth, "--cases", "2"], check=True, capture_output=True)
     mpp = 1.0 if tile <= 128 else 0.5
     subprocess.run([exe, "tile", synth / "manifest.csv", "-o", out, "--mpp", str(mpp), "--tile-size", str(tile),
-                    "--min-tissue", "0.5"], check=True, capture_output=True)
+                    "--min-tissue", "0.5", "--compression", compression], check=True, capture_output=True)
     return out
 
 
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compression", default="lz4", choices=["lz4", "none", "jpeg"], help="how the stores are tiled")
     ap.add_argument("--child", choices=["loop", "memory"])
     ap.add_argument("--stores")
     a = ap.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    st = stores(a.tile_size)
+    st = stores(a.tile_size, a.compression)
     res = {}
     for kind in ("memory", "loop"):
         cmd = [sys.executable, __file__, "--child", kind, "--stores", str(st)] + [
@@ -134,7 +135,8 @@ def main() -> None:
         res[kind] = json.loads(r.stdout.strip().splitlines()[-1])
     ratio = res["loop"]["images_per_s"] / res["memory"]["images_per_s"]
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{a.arch}-{a.encoder}, {a.tile_size} px, 3 domains x {a.batch_size} patches per step, {a.workers} data worker(s)\n")
+          f"{a.arch}-{a.encoder}, {a.tile_size} px, 3 domains x {a.batch_size} patches per step, {a.workers} data worker(s), "
+          f"{a.compression} stores\n")
     print("| loop images/s | in-memory images/s | loop / in-memory | loop peak RSS MB | in-memory peak RSS MB |")
     print("|---|---|---|---|---|")
     print(f"| {res['loop']['images_per_s']:.1f} | {res['memory']['images_per_s']:.1f} | {ratio:.1%} | "

@@ -252,6 +252,8 @@ def test_rerun_skips_complete_and_refuses_other_settings(cli, cmu, tmp_path):
     assert (tmp_path / "cmu_small_region.zarr" / "zarr.json").stat().st_mtime_ns == before
     r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "128")
     assert r.exit_code == 1 and "other settings" in r.stderr and "tile_size 256 -> 128" in r.stderr
+    r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "256", "--compression", "jpeg")
+    assert r.exit_code == 1 and "compression 'lz4' -> 'jpeg'" in r.stderr
     r = cli("tile", cmu, "-o", tmp_path, "--tile-size", "128", "--overwrite", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "done"
     assert _store(tmp_path / "cmu_small_region.zarr")[1]["tile_size"] == 128
