@@ -26,19 +26,22 @@ histodg tile "$OUT/synth/manifest.csv" -o "$OUT/stores" --mpp 1.0 --tile-size 12
 
 echo "== 4. train: pretrain on the organ task, fine-tune on the scanner task, SDS alignment"
 echo "   (lung and scanner-d are held out; a tiny untrained-encoder model and $STEPS steps per stage)"
+REPREDICT=""
 if [ -f "$OUT/run/result.json" ]; then
   echo "   (finished earlier: $OUT/run)"
 elif [ -f "$OUT/run/last.pt" ]; then
   histodg train -o "$OUT/run" --resume          # an interrupted demo continues where it stopped
+  REPREDICT="--overwrite"
 else
   histodg train "$OUT/stores" -o "$OUT/run" --pretrain organ --finetune scanner \
     --val-domain lung --val-domain scanner-d --method sds \
     --arch fpn --encoder resnet18 --encoder-weights none \
     --steps "$STEPS" --batch-size 4 --lr 1e-3 --val-fraction 0 --val-max-patches 64 --workers 1
+  REPREDICT="--overwrite"                       # a new model: predictions of an older one are redone
 fi
 
 echo "== 5. predict whole-slide masks on the held-out slides"
-histodg predict "$OUT/run/best.pt" "$OUT/synth/heldout.csv" -o "$OUT/predictions" --batch-size 16
+histodg predict "$OUT/run/best.pt" "$OUT/synth/heldout.csv" -o "$OUT/predictions" --batch-size 16 $REPREDICT
 
 echo "== 6. evaluate the predictions against the pathologist-style GeoJSON annotations"
 histodg evaluate "$OUT/predictions" --truth "$OUT/synth/heldout.csv"

@@ -151,7 +151,7 @@ class Predictor:
     """
 
     def __init__(self, model, model_config: dict, options: PredictOptions = PredictOptions(),
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, checkpoint_sha256: str | None = None):
         import torch
 
         from .data import Normalizer
@@ -159,6 +159,7 @@ class Predictor:
 
         self.options = options
         self.checkpoint = checkpoint
+        self.checkpoint_sha256 = checkpoint_sha256  # what the weights are, whatever the path
         self.model_config = dict(model_config)
         mc = self.model_config
         want = options.device
@@ -204,7 +205,7 @@ class Predictor:
             model = model_from_checkpoint(ckpt)
         except (KeyError, RuntimeError) as exc:
             raise CheckpointError(path, f"cannot rebuild the model ({str(exc).splitlines()[0][:160]})") from None
-        return cls(model, mc, options, checkpoint=str(Path(path).resolve()))
+        return cls(model, mc, options, checkpoint=str(Path(path).resolve()), checkpoint_sha256=file_sha256(path))
 
     def _check_shapes(self) -> None:
         """One forward on a blank window: a tile size the network cannot take fails here, clearly."""
@@ -275,7 +276,7 @@ class Predictor:
 
     def describe(self) -> dict:
         mc = self.model_config
-        return {"checkpoint": self.checkpoint, "arch": mc.get("arch"), "encoder": mc.get("encoder"),
+        return {"checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "arch": mc.get("arch"), "encoder": mc.get("encoder"),
                 "classes": self.classes, "labels": mc.get("labels"), "method": mc.get("method"),
                 "trained_mpp": mc.get("mpp"), "trained_tile_size": mc.get("tile_size")}
 
@@ -352,6 +353,17 @@ def default_cache_chunks(tile: int, stride: int, chunk: int, strip: int = STRIP_
     return wide * tall
 
 
+def file_sha256(path, block: int = 2**22) -> str:
+    """Hex sha256 of a file, read in blocks (a retrained best.pt keeps its path, not its hash)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # -- one slide --------------------------------------------------------------------------------------
 def _source(path: Path) -> dict:
     st = path.stat()
@@ -360,14 +372,16 @@ def _source(path: Path) -> dict:
 
 def _wanted(predictor: Predictor, job: SlideJob) -> dict:
     o = predictor.options
-    return {"checkpoint": predictor.checkpoint, "mpp": predictor.mpp, "tile_size": predictor.tile,
+    return {"checkpoint": predictor.checkpoint, "checkpoint_sha256": predictor.checkpoint_sha256,
+            "mpp": predictor.mpp, "tile_size": predictor.tile,
             "overlap_px": predictor.overlap, "tta": o.tta, "threshold": o.threshold, "tissue_method": o.tissue_method,
             "window_fraction": o.window_fraction}
 
 
 def _mismatch(done: dict, predictor: Predictor, job: SlideJob) -> str | None:
     have = done.get("settings") or {}
-    diffs = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in _wanted(predictor, job).items() if have.get(k) != v]
+    diffs = [f"{k} {have.get(k)!r} -> {v!r}" if k != "checkpoint_sha256" else "the checkpoint file's contents differ"
+             for k, v in _wanted(predictor, job).items() if have.get(k) != v]
     src, now = done.get("source") or {}, _source(job.path)
     if src.get("size") != now["size"] or abs(float(src.get("mtime", 0)) - now["mtime"]) > 1e-3:
         diffs.append("the source file changed")

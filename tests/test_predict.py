@@ -282,6 +282,23 @@ def test_cli_batch_goes_on_past_every_bad_file(cli, ckpt, cmu, bad_dir, tmp_path
     assert r3.exit_code == 0 and json.loads(r3.stdout)[0]["status"] == "done"
 
 
+def test_cli_retrained_checkpoint_at_the_same_path_is_not_skipped(cli, cmu, tmp_path):
+    """A batch rerun after retraining into the same run folder must not keep the old masks."""
+    ck = tiny_checkpoint(tmp_path / "best.pt", seed=0)
+    r = cli("predict", ck, cmu, "-o", tmp_path / "p", "--json")
+    assert r.exit_code == 0, r.output
+    done = json.loads((tmp_path / "p" / "cmu_small_region" / "done.json").read_text())
+    assert len(done["settings"]["checkpoint_sha256"]) == 64
+    assert json.loads(cli("predict", ck, cmu, "-o", tmp_path / "p", "--json").stdout)[0]["status"] == "skipped"
+    tiny_checkpoint(ck, seed=1)  # retrained: same path, other weights
+    r = cli("predict", ck, cmu, "-o", tmp_path / "p")
+    assert r.exit_code == 1 and "checkpoint file's contents differ" in r.stderr and "--overwrite" in r.stderr
+    r = cli("predict", ck, cmu, "-o", tmp_path / "p", "--overwrite", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "done"
+    again = json.loads((tmp_path / "p" / "cmu_small_region" / "done.json").read_text())
+    assert again["settings"]["checkpoint_sha256"] != done["settings"]["checkpoint_sha256"]
+
+
 def test_cli_plain_image_gives_a_same_size_mask_png(cli, ckpt, data_dir, tmp_path):
     png = data_dir / "he_carcinoma_1000.png"
     r = cli("predict", ckpt, png, "-o", tmp_path)
