@@ -27,6 +27,7 @@ import numpy as np
 from . import HistodgError, SlideError
 from .annotations import LabelMap, load_annotations
 from .inputs import SlideJob
+from .results import BatchResult
 from .slide import open_slide, resize
 from .store import StoreError, StoreWriter, store_state
 from .tiling import Grid, TileSettings, plan_grid
@@ -39,17 +40,10 @@ COMMIT_SECONDS = 2.0  # how often the progress journal advances: an interruption
 
 
 @dataclass
-class TileResult:
-    name: str
-    source: str
-    status: str  # "done" | "skipped" | "failed"
+class TileResult(BatchResult):
     store: str | None = None
     patches: int = 0
     tissue_area_mm2: float | None = None
-    bad_windows: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    resumed: bool = False
     extra: dict = field(default_factory=dict)
 
 

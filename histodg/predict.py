@@ -44,6 +44,7 @@ import numpy as np
 
 from . import HistodgError, SlideError, __version__
 from .inputs import SlideJob
+from .results import BatchResult
 from .slide import ImageSlide, open_slide, resize
 from .tissue import METHODS as TISSUE_METHODS
 from .tissue import tissue_mask, window_fractions
@@ -124,17 +125,10 @@ class PredictOptions:
 
 
 @dataclass
-class PredictResult:
-    name: str
-    source: str
-    status: str  # "done" | "skipped" | "failed"
+class PredictResult(BatchResult):
     out_dir: str | None = None
     windows: int = 0
     tumor_area_mm2: float | None = None
-    bad_windows: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    resumed: bool = False  # an unfinished output was found and redone
     timings: dict = field(default_factory=dict)
 
     # how report.print_summary labels the columns of a predict batch

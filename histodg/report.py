@@ -44,7 +44,7 @@ def run_batch(jobs, run_one, verb: str, as_json: bool = False):
     """Run `run_one(job, progress_cb)` for each job with a bar per batch and one per item.
 
     `progress_cb(total=..., done=...)` sets the item bar, `progress_cb(advance=n)` moves it.
-    Each result has `.name`, `.status` and `.error`; failures print one line and the batch goes on.
+    Each result is a `results.BatchResult`; failures print one line and the batch goes on.
     """
     results = []
     with _progress() as bar:
