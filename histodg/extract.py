@@ -258,6 +258,9 @@ def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff
     start = writer.plan_done
     n = len(grid)
     source = SourceTiles(slide, grid, size) if opts.compression == "jpeg" else None
+    reader = getattr(slide, "reader", None)
+    if reader is not None and opts.settings.overlap == 0 and hasattr(reader, "cache_whole_tiles"):
+        reader.cache_whole_tiles = False  # windows never share a tile: caching one only costs memory
 
     def work(i0: int, i1: int):
         """Read, rasterise and compress windows i0..i1-1 (a few per task keeps overhead low)."""

@@ -92,6 +92,9 @@ class TiffTileReader:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int, int], threading.Event] = {}
         self.decoded_tiles = 0  # counter, for benchmarks and tests
+        # A caller whose windows are whole tiles that no other window touches (no overlap) sets
+        # this False: such reads then skip the cache, which would only hold tiles never read again.
+        self.cache_whole_tiles = True
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -180,6 +183,17 @@ class TiffTileReader:
             raise TileDecodeError(self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: corrupt JPEG data ({why})")
         return lv.jpeg_prefix + data[2:]
 
+    def _uncached(self, level: int, ty: int, tx: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get((level, ty, tx))
+        if hit is not None:
+            return hit
+        arr = self._decode(level, ty, tx)
+        arr.setflags(write=False)
+        with self._lock:
+            self.decoded_tiles += 1
+        return arr
+
     # -- regions ---------------------------------------------------------------------------
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of level pixels [x, x+w) x [y, y+h); outside the image is white.
@@ -192,7 +206,9 @@ class TiffTileReader:
         if x0 >= x1 or y0 >= y1:
             return np.full((h, w, 3), 255, np.uint8)
         if (w, h) == (lv.tile_w, lv.tile_h) and x % lv.tile_w == 0 and y % lv.tile_h == 0 and (x1 - x, y1 - y) == (w, h):
-            return self.tile(level, y // lv.tile_h, x // lv.tile_w)
+            if self.cache_whole_tiles:
+                return self.tile(level, y // lv.tile_h, x // lv.tile_w)
+            return self._uncached(level, y // lv.tile_h, x // lv.tile_w)
         out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out.fill(255)

@@ -38,6 +38,21 @@ def test_tile_cache_decodes_each_tile_once(cmu):
     assert s.reader.decoded_tiles == 4
 
 
+def test_whole_tile_reads_can_bypass_the_cache(cmu):
+    """Windows that are whole tiles, read once each (tiling without overlap), need no cache."""
+    s = open_slide(cmu)
+    cached = s.read_region((240, 480), 0, (240, 240)).copy()
+    assert s.reader.decoded_tiles == 1 and len(s.reader._cache) == 1
+    s2 = open_slide(cmu)
+    s2.reader.cache_whole_tiles = False
+    np.testing.assert_array_equal(s2.read_region((240, 480), 0, (240, 240)), cached)
+    assert s2.reader.decoded_tiles == 1 and len(s2.reader._cache) == 0  # decoded, not kept
+    s2.read_region((240, 480), 0, (240, 240))
+    assert s2.reader.decoded_tiles == 2
+    s2.read_region((0, 0), 0, (480, 480))  # not whole tiles: cached as before
+    assert len(s2.reader._cache) == 4
+
+
 def test_thumbnail_is_an_exact_box_filter_of_the_slide(cmu):
     s = open_slide(cmu)
     thumb = s.thumbnail_checked(512)
