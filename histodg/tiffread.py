@@ -106,21 +106,32 @@ class TiffTileReader:
         return lv.tile_w, lv.tile_h
 
     # -- tiles -----------------------------------------------------------------------------
-    def _decode(self, level: int, ty: int, tx: int) -> np.ndarray:
+    def _stored(self, level: int, ty: int, tx: int) -> bytes | None:
+        """The stored bytes of a tile (None for a sparse one: nothing scanned there). A JPEG tile
+        whose scan is damaged raises `TileDecodeError` here, before anything decodes it."""
         lv = self.levels[level]
         index = ty * lv.nx + tx
         nbytes = int(lv.bytecounts[index])
-        h = min(lv.tile_h, lv.height - ty * lv.tile_h)
-        w = min(lv.tile_w, lv.width - tx * lv.tile_w)
-        if nbytes == 0:  # sparse tile: nothing scanned there
-            return np.full((h, w, 3), 255, np.uint8)
+        if nbytes == 0:
+            return None
         try:
             data = os.pread(self._fd, nbytes, int(lv.offsets[index]))
-            if lv.is_jpeg:
-                why = jpeg_scan_error(data)
-                if why:
-                    raise ValueError(f"corrupt JPEG data ({why})")
-            arr = lv.page.decode(data, index, jpegtables=lv.jpegtables)[0]
+        except OSError as exc:
+            raise TileDecodeError(self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: {exc}") from None
+        why = jpeg_scan_error(data) if lv.is_jpeg else None
+        if why:
+            raise TileDecodeError(self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: corrupt JPEG data ({why})")
+        return data
+
+    def _decode(self, level: int, ty: int, tx: int) -> np.ndarray:
+        lv = self.levels[level]
+        h = min(lv.tile_h, lv.height - ty * lv.tile_h)
+        w = min(lv.tile_w, lv.width - tx * lv.tile_w)
+        data = self._stored(level, ty, tx)
+        if data is None:
+            return np.full((h, w, 3), 255, np.uint8)
+        try:
+            arr = lv.page.decode(data, ty * lv.nx + tx, jpegtables=lv.jpegtables)[0]
         except Exception as exc:
             raise TileDecodeError(
                 self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: {exc}"
@@ -130,8 +141,8 @@ class TiffTileReader:
             raise TileDecodeError(self.path, f"tile ({tx}, {ty}) of level {level} is truncated")
         return to_rgb(arr)
 
-    def tile(self, level: int, ty: int, tx: int) -> np.ndarray:
-        """The decoded tile (read-only view from the cache)."""
+    def tile(self, level: int, ty: int, tx: int, keep: bool = True) -> np.ndarray:
+        """The decoded tile (read-only; from the cache, and kept there unless `keep` is False)."""
         key = (level, ty, tx)
         while True:
             with self._lock:
@@ -153,8 +164,9 @@ class TiffTileReader:
                 arr.setflags(write=False)
                 with self._lock:
                     self.decoded_tiles += 1
-                    self._cache[key] = arr
-                    self._cache_bytes += arr.nbytes
+                    if keep:
+                        self._cache[key] = arr
+                        self._cache_bytes += arr.nbytes
                     while self._cache_bytes > self.cache_limit and len(self._cache) > 1:
                         _, old = self._cache.popitem(last=False)
                         self._cache_bytes -= old.nbytes
@@ -171,28 +183,10 @@ class TiffTileReader:
         lv = self.levels[level]
         if lv.jpeg_prefix is None or (tx + 1) * lv.tile_w > lv.width or (ty + 1) * lv.tile_h > lv.height:
             return None
-        index = ty * lv.nx + tx
-        nbytes = int(lv.bytecounts[index])
-        if nbytes == 0:
-            return None
-        data = os.pread(self._fd, nbytes, int(lv.offsets[index]))
-        if data[:2] != b"\xff\xd8":
-            return None  # not a stream we can splice: let the decoder judge it
-        why = jpeg_scan_error(data)
-        if why:
-            raise TileDecodeError(self.path, f"cannot decode tile ({tx}, {ty}) of level {level}: corrupt JPEG data ({why})")
+        data = self._stored(level, ty, tx)
+        if data is None or data[:2] != b"\xff\xd8":
+            return None  # sparse, or not a stream we can splice: let the decoder judge it
         return lv.jpeg_prefix + data[2:]
-
-    def _uncached(self, level: int, ty: int, tx: int) -> np.ndarray:
-        with self._lock:
-            hit = self._cache.get((level, ty, tx))
-        if hit is not None:
-            return hit
-        arr = self._decode(level, ty, tx)
-        arr.setflags(write=False)
-        with self._lock:
-            self.decoded_tiles += 1
-        return arr
 
     # -- regions ---------------------------------------------------------------------------
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -206,9 +200,7 @@ class TiffTileReader:
         if x0 >= x1 or y0 >= y1:
             return np.full((h, w, 3), 255, np.uint8)
         if (w, h) == (lv.tile_w, lv.tile_h) and x % lv.tile_w == 0 and y % lv.tile_h == 0 and (x1 - x, y1 - y) == (w, h):
-            if self.cache_whole_tiles:
-                return self.tile(level, y // lv.tile_h, x // lv.tile_w)
-            return self._uncached(level, y // lv.tile_h, x // lv.tile_w)
+            return self.tile(level, y // lv.tile_h, x // lv.tile_w, keep=self.cache_whole_tiles)
         out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out.fill(255)
