@@ -30,6 +30,7 @@ from .inputs import SlideJob
 from .results import BatchResult
 from .slide import open_slide, resize
 from .store import StoreError, StoreWriter, store_state
+from .tiffread import TiffTileReader, TileDecodeError
 from .tiling import Grid, TileSettings, plan_grid
 
 # settings that must match for a rerun to skip or resume an existing store
@@ -160,16 +161,12 @@ def _run(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileRe
         }
         if ann is not None and hasattr(ann, "skipped") and ann.skipped:
             attrs["annotations_skipped"] = dict(ann.skipped)
-        if state == "partial" and not opts.overwrite:
-            writer = StoreWriter.resume(out)
-            if writer.capacity != len(grid):
-                writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression,
-                                     opts.jpeg_quality).create()
-            else:
-                result.resumed = True
+        writer = StoreWriter.resume(out) if state == "partial" and not opts.overwrite else None
+        if writer is not None and writer.capacity == len(grid):
+            result.resumed = True
         else:
             writer = StoreWriter(out, attrs, len(grid), s.tile_size, ann is not None, opts.compression,
-                                     opts.jpeg_quality).create()
+                                 opts.jpeg_quality).create()
         if progress:
             progress(total=len(grid), done=writer.plan_done)
         source = _extract(slide, grid, ann, writer, opts, eff_scale, progress)
@@ -195,6 +192,12 @@ def read_window(slide, grid: Grid, xy, tile_size: int) -> np.ndarray:
     return resize(img, (tile_size, tile_size))
 
 
+def tiff_reader(slide) -> TiffTileReader | None:
+    """The slide's TIFF tile reader, when it is read by one (not by OpenSlide or as an image)."""
+    reader = getattr(slide, "reader", None)
+    return reader if isinstance(reader, TiffTileReader) else None
+
+
 class SourceTiles:
     """Windows that are exactly one JPEG tile of the source, for --compression jpeg: their bytes
     go into the store as they are (no decode, no re-encode, pixel-identical to the slide).
@@ -207,13 +210,13 @@ class SourceTiles:
     """
 
     def __init__(self, slide, grid: Grid, size: int):
-        self.reader = getattr(slide, "reader", None)
+        self.reader = tiff_reader(slide)
         self.level = grid.level
         self.ds = slide.level_downsamples[grid.level]
         self.size = size
         self.ok = False
         self.why = "the slide is not read by the TIFF tile reader"
-        if self.reader is None or not hasattr(self.reader, "raw_jpeg"):
+        if self.reader is None:
             return
         tw, th = self.reader.tile_size(self.level)
         if not self.reader.levels[self.level].is_jpeg:
@@ -236,7 +239,6 @@ class SourceTiles:
 
     def _verify(self, grid: Grid) -> bool:
         from .jpegcodec import decode_patch
-        from .tiffread import TileDecodeError
 
         for xy in grid.coords[:64]:
             t = self.tile_of(xy)
@@ -258,8 +260,8 @@ def _extract(slide, grid: Grid, ann, writer: StoreWriter, opts: TileOptions, eff
     start = writer.plan_done
     n = len(grid)
     source = SourceTiles(slide, grid, size) if opts.compression == "jpeg" else None
-    reader = getattr(slide, "reader", None)
-    if reader is not None and opts.settings.overlap == 0 and hasattr(reader, "cache_whole_tiles"):
+    reader = tiff_reader(slide)
+    if reader is not None and opts.settings.overlap == 0:
         reader.cache_whole_tiles = False  # windows never share a tile: caching one only costs memory
 
     def work(i0: int, i1: int):
