@@ -61,3 +61,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def interrupt_after():
+    """interrupt_after(n): a progress callback that raises KeyboardInterrupt (a Ctrl-C mid-slide)
+    once n windows are done."""
+
+    def make(n: int):
+        seen = {"n": 0}
+
+        def progress(total=None, done=None, advance=None):
+            seen["n"] += advance or 0
+            if seen["n"] >= n:
+                raise KeyboardInterrupt
+
+        return progress
+
+    return make

@@ -141,21 +141,14 @@ def test_corrupt_source_tiles_are_recorded_not_copied(cli, bad_dir, cmu, tmp_pat
         assert np.abs(j.images[i].astype(int) - ref).mean() < 4
 
 
-def test_resumed_jpeg_store_counts_copies_across_the_interruption(cmu, tmp_path, monkeypatch):
+def test_resumed_jpeg_store_counts_copies_across_the_interruption(cmu, tmp_path, monkeypatch, interrupt_after):
     monkeypatch.setattr("histodg.store.SHARD_BYTES", 4 * TILE * TILE * 3)  # 4 patches per shard
     monkeypatch.setattr("histodg.extract.COMMIT_SECONDS", 0.0)
     opts = TileOptions(TileSettings(tile_size=TILE, mpp=0.499, min_tissue=0.1), compression="jpeg")
     ref = tile_slide(SlideJob(cmu, "ref"), tmp_path, opts)
     assert ref.status == "done"
-    seen = {"n": 0}
-
-    def stop(total=None, done=None, advance=None):
-        seen["n"] += advance or 0
-        if seen["n"] >= 21:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        tile_slide(SlideJob(cmu, "cut"), tmp_path, opts, progress=stop)
+        tile_slide(SlideJob(cmu, "cut"), tmp_path, opts, progress=interrupt_after(21))
     assert store_state(tmp_path / "cut.zarr") == "partial"
     assert json.loads((tmp_path / "cut.zarr" / PROGRESS_FILE).read_text())["copied"] > 0
     again = tile_slide(SlideJob(cmu, "cut"), tmp_path, opts)

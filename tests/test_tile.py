@@ -260,7 +260,8 @@ def test_rerun_skips_complete_and_refuses_other_settings(cli, cmu, tmp_path):
 
 
 @pytest.mark.parametrize("commit_seconds", [0.0, 1e9])
-def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_path, monkeypatch, commit_seconds):
+def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_path, monkeypatch, commit_seconds,
+                                                                     interrupt_after):
     """Committed every shard (0) or never before the end (1e9): the journal counts only patches
     whose shards, coords and tissue are all on disk, and the resumed store equals the reference."""
     monkeypatch.setattr("histodg.store.SHARD_BYTES", 16 * 64 * 64 * 3)  # 16 patches per shard
@@ -270,15 +271,8 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_pa
     ref = tile_slide(job, tmp_path / "ref", opts)
     assert ref.status == "done" and ref.patches > 100
 
-    seen = {"n": 0}
-
-    def stop_after_70(total=None, done=None, advance=None):
-        seen["n"] += advance or 0
-        if seen["n"] >= 70:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        tile_slide(job, tmp_path / "cut", opts, progress=stop_after_70)
+        tile_slide(job, tmp_path / "cut", opts, progress=interrupt_after(70))
     partial = tmp_path / "cut" / "cmu.zarr"
     assert store_state(partial) == "partial"
     committed = json.loads((partial / PROGRESS_FILE).read_text())["count"]
