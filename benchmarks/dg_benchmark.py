@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -45,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import maxrss_mb  # noqa: E402
 OUT = REPO / "bench_out" / "dg"
 SEEN = ["colon", "stomach", "pancreas", "scanner-a", "scanner-b", "scanner-c"]
 UNSEEN = ["lung", "scanner-d"]
@@ -183,7 +184,7 @@ def cost_child(method: str, hp: list[str], steps: int) -> None:
         opt.step()
         m.end_of_step()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"step_s": float(np.median(times[2:])), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"step_s": float(np.median(times[2:])), "peak_rss_mb": maxrss_mb()}))
 
 
 def cost_table(steps: int) -> list[dict]:

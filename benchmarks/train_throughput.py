@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import maxrss_mb  # noqa: E402
 OUT = REPO / "bench_out" / "train_tp"
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         res = child_loop(a) if a.child == "loop" else child_memory(a)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = maxrss_mb()
         print(json.dumps(res))
         return
     OUT.mkdir(parents=True, exist_ok=True)
