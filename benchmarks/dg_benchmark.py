@@ -111,19 +111,19 @@ def evaluate(run_dir: Path, test_stores: Path) -> dict:
     """Per-slide Dice on the test stores, averaged per domain."""
     import torch
 
-    from histodg.checkpoint import load_checkpoint, model_from_checkpoint
-    from histodg.data import Normalizer
-    from histodg.metrics import batch_counts, dice_from
+    from histodg.evaluation.metrics import batch_counts, dice_from
+    from histodg.model.checkpoint import load_checkpoint, model_from_checkpoint
+    from histodg.model.normalize import Normalizer
     from histodg.store import find_stores, open_store
 
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    model = model_from_checkpoint(ckpt).eval()
-    norm = Normalizer(ckpt["model_config"]["normalization"]["mean"], ckpt["model_config"]["normalization"]["std"], "cpu")
+    model, config = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
+    model.eval()
+    norm = Normalizer(config.normalization.mean, config.normalization.std, "cpu")
     per_domain: dict[str, list[float]] = {}
     with torch.inference_mode():
         for path in find_stores([test_stores]):
             s = open_store(path)
-            domain = s.organ if s.organ != "unknown" else s.scanner
+            domain = s.attrs.organ if s.attrs.organ != "unknown" else s.attrs.scanner
             tot = np.zeros(3)
             for i in range(0, len(s), 64):
                 x = torch.from_numpy(np.asarray(s.images[i:i + 64])).permute(0, 3, 1, 2)
@@ -161,10 +161,11 @@ def run_all(args) -> dict:
 def cost_child(method: str, hp: list[str], steps: int) -> None:
     import torch
 
-    from histodg.data import Normalizer
-    from histodg.methods import METHODS as REG
-    from histodg.methods import SegTask, parse_hparams
-    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from histodg.model.build import build_model
+    from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
+    from histodg.model.normalize import Normalizer
+    from histodg.training.methods import METHODS as REG
+    from histodg.training.methods import SegTask, parse_hparams
 
     torch.manual_seed(0)
     model = build_model("fpn", "resnet18", "none", 1)

@@ -47,26 +47,26 @@ def rss_now_mb() -> float:
 def build(args):
     import torch
 
-    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-    from histodg.predict import PredictOptions, Predictor
+    from histodg.inference import PredictOptions, Predictor
+    from histodg.model.build import build_model
+    from histodg.model.config import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(args.arch, args.encoder, "none", 1)
-    mc = {"arch": args.arch, "encoder": args.encoder, "classes": 1, "mpp": args.mpp, "tile_size": args.tile_size,
-          "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+    mc = ModelConfig(arch=args.arch, encoder=args.encoder, mpp=args.mpp, tile_size=args.tile_size)
     opts = PredictOptions(batch_size=args.batch_size, device=args.device, workers=args.workers, overwrite=True,
                           window_fraction=args.fraction)
     return Predictor(model, mc, opts)
 
 
 def plan(args) -> dict:
-    from histodg.predict import plan_slide
-    from histodg.slide import open_slide
+    from histodg.inference import plan_prediction
+    from histodg.slides.opening import open_slide
 
-    stride = args.tile_size - args.tile_size // 2
+    pred = build(args)
     with open_slide(args.slide) as s:
-        p = plan_slide(s, args.mpp, args.tile_size, stride)
-        return {"tissue_windows": len(p.windows), "grid_windows": p.grid_windows, "out_shape": list(p.out_shape)}
+        p = plan_prediction(s, pred)
+        return {"tissue_windows": len(p.windows), "grid_windows": p.total_windows, "out_shape": list(p.out_shape)}
 
 
 def run_predict(args) -> dict:
@@ -74,8 +74,8 @@ def run_predict(args) -> dict:
     import tiffslide  # noqa: F401
     import zarr  # noqa: F401
 
-    from histodg.inputs import SlideJob
-    from histodg.predict import predict_slide
+    from histodg.inference import predict_slide
+    from histodg.slides.inputs import SlideJob
 
     pred = build(args)
     rss_ready = rss_now_mb()
@@ -100,12 +100,12 @@ def run_forward(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (b, t, t, 3), dtype=torch.uint8, generator=gen)
     batch = pred.normalizer(x.to(pred.device).permute(0, 3, 1, 2))
-    if not pred.channels_last:
+    if not pred.placement.channels_last:
         batch = batch.contiguous()
     inputs = {k: batch[:k] for k in set(sizes)}
-    from contextlib import nullcontext
+    from histodg.device import autocast
 
-    amp = torch.autocast(pred.device.type, dtype=pred.amp_dtype) if pred.amp_dtype else nullcontext()
+    amp = autocast(pred.placement)
 
     def sync():
         if pred.cuda:

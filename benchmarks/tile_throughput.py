@@ -36,11 +36,11 @@ from common import ensure_slide, maxrss_mb  # noqa: E402
 
 
 def plan(slide_path: Path, mpp: float, tile: int):
-    from histodg.slide import open_slide
-    from histodg.tiling import TileSettings, plan_grid
+    from histodg.slides.opening import open_slide
+    from histodg.tiling import TileSettings, plan_tiles
 
     s = open_slide(slide_path)
-    return s, plan_grid(s, TileSettings(tile_size=tile, mpp=mpp))
+    return s, plan_tiles(s, TileSettings(tile_size=tile, mpp=mpp))
 
 
 def run_histodg(slide_path: Path, mpp: float, tile: int, workers: int, out: Path, compression="lz4", tolerance=0.02) -> dict:
@@ -49,9 +49,8 @@ def run_histodg(slide_path: Path, mpp: float, tile: int, workers: int, out: Path
     import tiffslide  # noqa: F401
     import zarr  # noqa: F401
 
-    from histodg.extract import TileOptions, tile_slide
-    from histodg.inputs import SlideJob
-    from histodg.tiling import TileSettings
+    from histodg.slides.inputs import SlideJob
+    from histodg.tiling import TileOptions, TileSettings, tile_slide
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -75,8 +74,9 @@ def run_naive(slide_path: Path, mpp: float, tile: int, workers: int, out: Path) 
     arr = zarr.open_array(str(out), mode="w", shape=(len(grid), tile, tile, 3), chunks=(1, tile, tile, 3), dtype="uint8")
     osr = openslide.OpenSlide(str(slide_path))
     t0 = time.perf_counter()
-    for i, (x, y) in enumerate(grid.coords):
-        region = osr.read_region((int(x), int(y)), grid.level, (grid.read_size, grid.read_size)).convert("RGB")
+    res = grid.resolution
+    for i, (x, y) in enumerate(grid.level0_xy):
+        region = osr.read_region((int(x), int(y)), res.level, (res.read_size, res.read_size)).convert("RGB")
         arr[i] = np.asarray(region.resize((tile, tile), Image.BILINEAR))
     dt = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
@@ -89,13 +89,14 @@ def run_floor(slide_path: Path, mpp: float, tile: int, workers: int, out: Path) 
 
     s, grid = plan(slide_path, mpp, tile)
     reader = s.reader
-    ds = s.level_downsamples[grid.level]
+    res = grid.resolution
+    ds = res.level_downsample
     keys = set()
-    for x, y in grid.coords:
-        keys.update(reader.tiles_for(grid.level, int(np.floor(x / ds)), int(np.floor(y / ds)), grid.read_size, grid.read_size))
+    for x, y in grid.level0_xy:
+        keys.update(reader.tiles_for(res.level, int(np.floor(x / ds)), int(np.floor(y / ds)), res.read_size, res.read_size))
     keys = sorted(keys)
     tf = tifffile.TiffFile(slide_path)
-    page = tf.series[0].levels[grid.level].keyframe
+    page = tf.series[0].levels[res.level].keyframe
     nx = -(-page.imagewidth // page.tilewidth)
     fd = os.open(str(slide_path), os.O_RDONLY)
 

@@ -7,7 +7,7 @@
 Both measurements run in one invocation, each in a fresh process (so peak RSS is its own), with
 the same model, batch (`--batch-size` patches from each of 3 domains per step), AMP and
 channels_last settings:
-- loop: `histodg.train.Trainer` on real patch stores (zarr reads in `--workers` DataLoader
+- loop: `histodg.training.trainer.Trainer` on real patch stores (zarr reads in `--workers` DataLoader
   processes, flips/rot90, colour jitter, normalisation, ERM step), images/s over the steps after
   the warm-up (from the loop's own per-step callback);
 - memory: the same step (colour jitter, normalisation, ERM loss, backward, AdamW) on uint8
@@ -46,8 +46,8 @@ def stores(tile: int, compression: str = "lz4") -> Path:
 def child_loop(a) -> dict:
     import torch
 
-    from histodg.config import TrainConfig
-    from histodg.train import Callbacks, Trainer
+    from histodg.training.config import TrainConfig
+    from histodg.training.trainer import Callbacks, Trainer
 
     torch.set_num_threads(a.threads) if a.threads else None
     stamps = []
@@ -64,9 +64,11 @@ def child_loop(a) -> dict:
 def child_memory(a) -> dict:
     import torch
 
-    from histodg.data import Normalizer, color_jitter
-    from histodg.methods import METHODS, SegTask
-    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from histodg.model.build import build_model
+    from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
+    from histodg.model.normalize import Normalizer
+    from histodg.training.augment import color_jitter
+    from histodg.training.methods import METHODS, SegTask
 
     torch.set_num_threads(a.threads) if a.threads else None
     dev = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")

@@ -1,23 +1,29 @@
-"""Small synthetic patch stores for training tests: a learnable toy task with domain shifts.
+"""What many tests build: small synthetic stores, fake models, tiny checkpoints, fake slides.
 
-Each patch shows a disc of a textured 'tumour' on a 'stroma' background; the mask is the disc.
-Each domain tints the whole patch (its 'scanner') so domains differ while the task stays the same.
+Stores: each patch shows a disc of a textured 'tumour' on a 'stroma' background; the mask is
+the disc. Each domain tints the whole patch (its 'scanner') so domains differ while the task
+stays the same.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from histodg.store import StoreWriter
+from histodg.model.config import ModelConfig, Normalization
+from histodg.store import StoreAttrs, StoreWriter
+
+RAW_RGB = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # the model sees RGB / 255
 
 
+# -- stores ------------------------------------------------------------------------------------------
 def make_store(path: Path, n: int = 24, size: int = 64, organ: str = "unknown", scanner: str = "unknown",
                seed: int = 0, tint=(0, 0, 0), masks: bool = True, mpp: float = 1.0) -> Path:
     rng = np.random.default_rng(seed)
-    attrs = {"tile_size": size, "mpp": mpp, "organ": organ, "scanner": scanner,
-             "labels": {"0": "background", "1": "tumor"} if masks else None}
-    w = StoreWriter(Path(path), attrs, n, size, masks).create()
+    attrs = StoreAttrs(tile_size=size, mpp=mpp, organ=organ, scanner=scanner,
+                       labels={"0": "background", "1": "tumor"} if masks else None)
+    w = StoreWriter(Path(path), attrs, n, masks).create()
     yy, xx = np.mgrid[:size, :size]
     for i in range(n):
         cx, cy = rng.uniform(0.25, 0.75, 2) * size
@@ -31,12 +37,19 @@ def make_store(path: Path, n: int = 24, size: int = 64, organ: str = "unknown", 
         stripes = 25 * (np.sin(xx / 2.0 + yy / 3.0) > 0)[..., None]  # tumour texture
         img = np.where(disc[..., None], np.array((120, 60, 150)) + stripes, img) + noise + np.asarray(tint)
         img = np.clip(img, 0, 255).astype(np.uint8)
-        w.append(w.encode(img, disc.astype(np.uint8) if masks else None), (i * size, 0), 1.0)
-        if w.buffered == w.shard:
-            w.flush()
-            w.commit(i + 1)
+        w.append(w.encode(img, disc.astype(np.uint8) if masks else None), (i * size, 0), 1.0, plan_done=i + 1)
     w.finish()
     return Path(path)
+
+
+def uniform_store(path: Path, n: int = 4, size: int = 64, organ: str = "unknown", scanner: str = "unknown") -> Path:
+    """A store of plain grey patches without any tumour."""
+    attrs = StoreAttrs(tile_size=size, mpp=1.0, organ=organ, scanner=scanner, labels={"0": "background", "1": "tumor"})
+    w = StoreWriter(path, attrs, n, True).create()
+    for i in range(n):
+        w.append(w.encode(np.full((size, size, 3), 200, np.uint8), np.zeros((size, size), np.uint8)), (i * size, 0), 1.0)
+    w.finish()
+    return path
 
 
 def make_domains(root: Path, organs=("colon", "stomach", "lung"), scanners=("s1", "s2", "s3"), stores_per_domain: int = 2,
@@ -52,3 +65,48 @@ def make_domains(root: Path, organs=("colon", "stomach", "lung"), scanners=("s1"
             make_store(root / f"scanner-{sc}-{s}.zarr", n, size, scanner=sc, seed=k, tint=(15 * j, -10 * j, 5 * j))
             k += 1
     return root
+
+
+# -- fake models ---------------------------------------------------------------------------------------
+class DarkModel(torch.nn.Module):
+    """Tumour where the pixel is dark: a pointwise model, so stitching cannot change its mask."""
+
+    def forward(self, x):
+        return (20 * (0.5 - x.mean(1, keepdim=True))).float()
+
+
+def raw_config(mpp: float = 1.0, tile: int = 64, classes: int = 1) -> ModelConfig:
+    """The ModelConfig of a fake model that sees RGB / 255."""
+    return ModelConfig(arch="fake", encoder="fake", mpp=mpp, tile_size=tile, classes=classes, normalization=RAW_RGB)
+
+
+def tiny_checkpoint(path: Path, mpp: float = 4.0, tile: int = 64, seed: int = 0, head_logit: float | None = None) -> Path:
+    """A Unet-resnet18 checkpoint (no download): untrained from `seed`, or, with `head_logit`, every
+    weight 0 and the head's bias `head_logit`, so it predicts one probability everywhere."""
+    from histodg.model.build import build_model
+    from histodg.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model("unet", "resnet18", "none", 1)
+    if head_logit is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+            model.segmentation_head[0].bias.fill_(head_logit)
+    mc = ModelConfig(arch="unet", encoder="resnet18", mpp=mpp, tile_size=tile)
+    save_checkpoint(path, {"model_state": model.state_dict(), "model_config": mc})
+    return path
+
+
+# -- fake slides ---------------------------------------------------------------------------------------
+def tissue_field(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An RGB field on white glass: a pink, textured blob of 'tissue' in the middle, dark spots in it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((xx - 0.45 * w) / (0.35 * w)) ** 2 + ((yy - 0.5 * h) / (0.3 * h)) ** 2 < 1
+    rgb = np.full((h, w, 3), 245, np.float32)
+    tissue = np.array((215, 140, 185), np.float32) + rng.normal(0, 10, (h, w, 1))
+    spots = (np.sin(xx / 7.0) * np.sin(yy / 5.0)) > 0.7
+    tissue[spots] = (90, 40, 130)
+    rgb[inside] = tissue[inside]
+    return np.clip(rgb, 0, 255).astype(np.uint8)

@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histodg.annotations import (
-    AnnotationError,
-    LabelMap,
-    MaskAnnotations,
-    PolygonAnnotations,
-    fill_rings,
-    load_annotations,
-    normalise_mask,
-)
+from histodg.slides.annotation_files import load_annotations, normalise_mask
+from histodg.slides.annotations import AnnotationError, LabelMap, MaskAnnotations, PolygonAnnotations, fill_rings
 
 SQUARE_WITH_HOLE = {
     "type": "Feature",
@@ -107,7 +100,7 @@ def test_feature_collection_multipolygon_and_labels(tmp_path):
 
 def test_erasers_and_ignore_are_painted_last():
     sq = lambda a, b: [np.array([[a, a], [b, a], [b, b], [a, b]], float)]  # noqa: E731
-    from histodg.annotations import Polygon
+    from histodg.slides.annotations import Polygon
 
     ann = PolygonAnnotations([Polygon(sq(4, 8), 255), Polygon(sq(2, 6), 0), Polygon(sq(0, 10), 1)], "x")
     r = ann.rasterize(0, 0, 1.0, 12)

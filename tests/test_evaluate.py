@@ -6,45 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from PIL import Image
 
-from helpers import make_store
-from histodg.checkpoint import save_checkpoint
-from histodg.evaluate import Evaluation, binarise_truth, domain_of, evaluate_predictions
-from histodg.inputs import SlideJob
-from histodg.predict import PredictOptions, Predictor, predict_slide
-from histodg.store import StoreWriter
+from helpers import DarkModel, make_store, raw_config, tiny_checkpoint, uniform_store
+from histodg.evaluation.predictions import evaluate_predictions
+from histodg.evaluation.scoring import Evaluation, binarise_truth, domain_of
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.slides.inputs import SlideJob
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-def constant_checkpoint(path: Path, logit: float, mpp: float = 1.0, tile: int = 64) -> Path:
-    """A Unet whose every weight is 0 and whose head bias is `logit`: it predicts the same
-    probability everywhere (+10: all tumour, -10: none)."""
-    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-
-    model = build_model("unet", "resnet18", "none", 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.segmentation_head[0].bias.fill_(logit)
-    mc = {"arch": "unet", "encoder": "resnet18", "classes": 1, "labels": {"0": "background", "1": "tumor"}, "mpp": mpp,
-          "tile_size": tile, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, "method": "erm",
-          "hparams": {}, "loss": "bce"}
-    save_checkpoint(path, {"model_state": model.state_dict(), "model_config": mc})
-    return path
-
-
-def empty_store(path: Path, n: int = 4, size: int = 64, organ: str = "unknown", scanner: str = "unknown") -> Path:
-    attrs = {"tile_size": size, "mpp": 1.0, "organ": organ, "scanner": scanner, "labels": {"0": "background", "1": "tumor"}}
-    w = StoreWriter(path, attrs, n, size, True).create()
-    for i in range(n):
-        w.append(w.encode(np.full((size, size, 3), 200, np.uint8), np.zeros((size, size), np.uint8)), (i * size, 0), 1.0)
-    w.finish()
-    return path
-
 
 # -- the numbers ----------------------------------------------------------------------------------------
 def test_dice_and_iou_against_hand_computed_cases():
@@ -78,7 +50,7 @@ def stores(tmp_path_factory):
     make_store(root / "colon-a.zarr", n=6, organ="colon", seed=1)
     make_store(root / "colon-b.zarr", n=6, organ="colon", seed=2)
     make_store(root / "s2-a.zarr", n=6, scanner="s2", seed=3)
-    empty_store(root / "s2-empty.zarr", scanner="s2")
+    uniform_store(root / "s2-empty.zarr", scanner="s2")
     return root
 
 
@@ -88,8 +60,8 @@ def _true_px(path: Path) -> tuple[int, int]:
 
 
 def test_cli_evaluate_stores_with_models_of_known_output(cli, stores, tmp_path):
-    everything = constant_checkpoint(tmp_path / "all.pt", 10.0)
-    nothing = constant_checkpoint(tmp_path / "none.pt", -10.0)
+    everything = tiny_checkpoint(tmp_path / "all.pt", mpp=1.0, head_logit=10.0)
+    nothing = tiny_checkpoint(tmp_path / "none.pt", mpp=1.0, head_logit=-10.0)
     r = cli("evaluate", everything, stores, "--json")
     assert r.exit_code == 0, r.output
     t = json.loads(r.stdout)
@@ -120,7 +92,7 @@ def test_cli_evaluate_stores_with_models_of_known_output(cli, stores, tmp_path):
 
 
 def test_evaluate_stores_reports_bad_inputs_and_goes_on(cli, stores, tmp_path):
-    everything = constant_checkpoint(tmp_path / "all.pt", 10.0)
+    everything = tiny_checkpoint(tmp_path / "all.pt", mpp=1.0, head_logit=10.0)
     no_masks = make_store(tmp_path / "nomask.zarr", n=2, masks=False)
     other_mpp = make_store(tmp_path / "coarse.zarr", n=2, mpp=2.0)
     r = cli("evaluate", everything, stores / "colon-a.zarr", no_masks, other_mpp, tmp_path / "missing.zarr", "--json")
@@ -130,11 +102,6 @@ def test_evaluate_stores_reports_bad_inputs_and_goes_on(cli, stores, tmp_path):
 
 
 # -- predictions against annotations ------------------------------------------------------------------
-class DarkModel(torch.nn.Module):
-    def forward(self, x):
-        return (20 * (0.5 - x.mean(1, keepdim=True))).float()
-
-
 @pytest.fixture(scope="module")
 def predictions(tmp_path_factory):
     """Two predicted images: 'rect' predicts x 64-192, y 64-128 (8192 px); 'blank' predicts nothing."""
@@ -143,8 +110,7 @@ def predictions(tmp_path_factory):
     rect[64:128, 64:192] = (70, 20, 110)
     Image.fromarray(rect).save(root / "rect.png")
     Image.fromarray(np.full((256, 256, 3), (235, 190, 215), np.uint8)).save(root / "blank.png")
-    pred = Predictor(DarkModel(), {"classes": 1, "mpp": 1.0, "tile_size": 64,
-                                   "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}, PredictOptions())
+    pred = Predictor(DarkModel(), raw_config(mpp=1.0), PredictOptions())
     for name in ("rect", "blank"):
         r = predict_slide(pred, SlideJob(root / f"{name}.png", name, mpp=1.0, organ="colon"), root / "out")
         assert r.status == "done", r.error

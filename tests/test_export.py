@@ -7,34 +7,21 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 from PIL import Image
 
-from histodg.annotations import load_annotations
-from histodg.export import (contour_factor, inside_only, mask_polygons, polygons_to_geojson, pyramid_shapes, reduce_prob,
-                            threshold_u8, well_composed, write_geojson, write_ome_tiff, write_overlay)
-from histodg.inputs import SlideJob
-from histodg.predict import PredictOptions, Predictor, predict_slide
+from helpers import DarkModel, raw_config
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference.mask_tiff import pyramid_shapes
+from histodg.inference.outputs import MapGeometry, write_outputs
+from histodg.inference.polygons import inside_only, mask_polygons, polygons_to_geojson, well_composed, write_geojson
+from histodg.inference.rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_overlay
+from histodg.slides.annotation_files import load_annotations
+from histodg.slides.annotations import Polygon, PolygonAnnotations
+from histodg.slides.inputs import SlideJob
 
 shapely = pytest.importorskip("shapely")
 from shapely.geometry import shape  # noqa: E402
-
-
-class DarkModel:
-    """Tumour where the pixel is dark (pointwise); a plain callable module stand-in."""
-
-    def __new__(cls):
-        import torch
-
-        class _Dark(torch.nn.Module):
-            def forward(self, x):
-                return (20 * (0.5 - x.mean(1, keepdim=True))).float()
-
-        return _Dark()
-
-
-PLAIN = {"classes": 1, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "tile_size": 64}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,8 +62,10 @@ def test_ome_tiff_reads_back_with_the_slide_geometry_and_pixel_size(tmp_path):
     prob = (shapes_mask(500, 760) * 200).astype(np.uint8)
     dims = (3037, 1999)  # level 0, not a multiple of the output grid (4 level-0 px per output px)
     path = tmp_path / "mask.ome.tiff"
-    shapes = write_ome_tiff(path, prob, 4.0, dims, 0.25, 0.5)
-    assert shapes == pyramid_shapes(*dims) == [(3037, 1999), (1519, 1000), (760, 500)]
+    written = write_outputs(tmp_path, prob, None, MapGeometry(4.0, dims, 0.25), 0.5, "mask", np.full((100, 152, 3), 255, np.uint8),
+                            20.0, mask_png=False)
+    assert written["files"] == ["prob.zarr", "mask.ome.tiff", "tumor.geojson", "overlay.png"]
+    assert pyramid_shapes(*dims) == [(3037, 1999), (1519, 1000), (760, 500)]
     with tifffile.TiffFile(path) as tf:
         assert tf.is_ome
         series = tf.series[0]
@@ -108,7 +97,7 @@ def test_ome_tiff_reads_back_with_the_slide_geometry_and_pixel_size(tmp_path):
 def test_ome_tiff_of_a_predicted_slide(cmu, tmp_path):
     import tiffslide
 
-    pred = Predictor(DarkModel(), {**PLAIN, "mpp": 4.0}, PredictOptions())
+    pred = Predictor(DarkModel(), raw_config(4.0), PredictOptions())
     assert predict_slide(pred, SlideJob(cmu, "cmu"), tmp_path).status == "done"
     ts = tiffslide.TiffSlide(tmp_path / "cmu" / "mask.ome.tiff")
     assert ts.dimensions == (2220, 2967) and float(ts.properties["tiffslide.mpp-x"]) == pytest.approx(0.499)
@@ -126,8 +115,6 @@ def test_polygons_trace_pixel_edges_exactly_with_holes():
         g = shape(f["geometry"])
         assert g.is_valid and g.geom_type == "Polygon"
         assert all(r[0] == r[-1] for r in f["geometry"]["coordinates"])  # closed rings
-    from histodg.annotations import PolygonAnnotations, Polygon
-
     polygons = [Polygon([np.array(r)[:-1] for r in f["geometry"]["coordinates"]], 1) for f in gj["features"]]
     back = PolygonAnnotations(polygons, "mem").rasterize(0, 0, 1.0, 400)[:300].astype(bool)
     np.testing.assert_array_equal(back, well_composed(m))  # exactly the mask's pixels (pinches filled)
@@ -163,7 +150,7 @@ def test_predicted_geojson_rasterises_back_to_the_mask(tmp_path):
     m = shapes_mask(420, 640)
     rgb[m] = (70, 20, 110)
     Image.fromarray(rgb).save(tmp_path / "img.png")
-    pred = Predictor(DarkModel(), {**PLAIN, "mpp": 1.0}, PredictOptions())
+    pred = Predictor(DarkModel(), raw_config(1.0), PredictOptions())
     r = predict_slide(pred, SlideJob(tmp_path / "img.png", "img", mpp=0.5), tmp_path)  # 2 level-0 px per output px
     assert r.status == "done", r.error
     out = tmp_path / "img"
@@ -188,15 +175,16 @@ def test_big_masks_are_traced_on_a_reduced_grid():
     prob = (m * 255).astype(np.uint8)
     f = contour_factor(prob.shape, budget_px=34_000)
     assert f == 4
-    low = reduce_prob(prob, f)
+    reducer = BlockReducer(prob.shape, f)
+    for _, band in iter_bands(prob):
+        reducer.feed(band)
+    low = reducer.finish()
     ref = cv2.resize(prob, (225, 150), interpolation=cv2.INTER_AREA)  # exact 4x block means
     np.testing.assert_array_equal(low, ref)
     polys = mask_polygons(low >= 128, 0.35)
     gj = polygons_to_geojson(polys, float(f), (900, 600))
     assert all(shape(x["geometry"]).is_valid for x in gj["features"])
     back = np.zeros((600, 900), bool)
-    from histodg.annotations import PolygonAnnotations, Polygon
-
     ann = PolygonAnnotations([Polygon([np.array(r)[:-1] for r in x["geometry"]["coordinates"]], 1) for x in gj["features"]], "mem")
     back = ann.rasterize(0, 0, 1.0, 900)[:600].astype(bool)
     assert iou(back, m) > 0.9  # coarser, still faithful

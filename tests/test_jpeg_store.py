@@ -10,12 +10,11 @@ import openslide
 import pytest
 import zarr
 
-from histodg.extract import TileOptions, tile_slide
-from histodg.inputs import SlideJob
-from histodg.jpegcodec import NAME, JpegCodec, decode_patch, encode_patch
-from histodg.slide import open_slide
+from histodg.tiling import TileOptions, TileSettings, tile_slide
+from histodg.slides.inputs import SlideJob
+from histodg.store.jpegcodec import NAME, JpegCodec, decode_patch, encode_patch
+from histodg.slides.opening import open_slide
 from histodg.store import PROGRESS_FILE, open_store, store_state
-from histodg.tiling import TileSettings
 
 TILE = 240  # cmu_small_region.svs stores JPEG tiles of 240 px
 W, H = 2220, 2967
@@ -69,7 +68,7 @@ def test_store_opens_with_plain_zarr_in_a_fresh_process(cli, cmu, tmp_path):
             "print(a.shape, a.dtype, type(g['images'].metadata.codecs[0].codecs[0]).__module__)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cmu_small_region.zarr")],
                          capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["(240,", "240,", "3)", "uint8", "histodg.jpegcodec"]
+    assert out.split() == ["(240,", "240,", "3)", "uint8", "histodg.store.jpegcodec"]
     info = json.loads(cli("info", tmp_path / "cmu_small_region.zarr", "--json").stdout)[0]
     assert info["compression"] == "jpeg" and info["jpeg_quality"] == 90 and info["source_tiles_copied"] > 40
 
@@ -80,11 +79,12 @@ def test_source_tiles_are_copied_pixel_exact_and_the_rest_encoded(cli, cmu, tmp_
     assert r.exit_code == 0, r.output
     st = open_store(tmp_path / "j" / "cmu_small_region.zarr")
     a = st.attrs
-    assert a["compression"] == "jpeg" and a["jpeg_quality"] == 90 and "source_tiles_not_copied" not in a
+    assert a.compression == "jpeg" and a.jpeg_quality == 90 and a.source_tiles_not_copied is None
+    assert "source_tiles_not_copied" not in zarr.open_group(str(st.path), mode="r").attrs
     coords = st.coords
     inside = (coords[:, 0] + TILE <= W) & (coords[:, 1] + TILE <= H)
     assert 0 < inside.sum() < len(coords)  # both kinds present
-    assert a["source_tiles_copied"] == int(inside.sum())
+    assert a.source_tiles_copied == int(inside.sum())
     osr = openslide.OpenSlide(str(cmu))
     for i, (x, y) in enumerate(coords):
         rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (TILE, TILE))).astype(np.float64)
@@ -112,11 +112,11 @@ def test_resampled_windows_are_encoded_and_say_why_nothing_was_copied(cmu, tmp_p
     res = tile_slide(SlideJob(cmu, "cmu"), tmp_path, opts)
     assert res.status == "done", res.error
     st = open_store(tmp_path / "cmu.zarr")
-    assert st.attrs["source_tiles_copied"] == 0 and "do not match" in st.attrs["source_tiles_not_copied"]
-    assert st.attrs["jpeg_quality"] == 95
+    assert st.attrs.source_tiles_copied == 0 and "do not match" in st.attrs.source_tiles_not_copied
+    assert st.attrs.jpeg_quality == 95
     meta = json.loads((tmp_path / "cmu.zarr" / "images" / "zarr.json").read_text())
     assert meta["codecs"][0]["configuration"]["codecs"][0]["configuration"] == {"quality": 95}
-    ref = tile_slide(SlideJob(cmu, "ref"), tmp_path, TileOptions(TileSettings(tile_size=128, mpp=1.0)))
+    assert tile_slide(SlideJob(cmu, "ref"), tmp_path, TileOptions(TileSettings(tile_size=128, mpp=1.0))).status == "done"
     lossless = open_store(tmp_path / "ref.zarr")
     assert 0 < np.abs(st.images[:].astype(int) - lossless.images[:]).mean() < 4
 
@@ -129,11 +129,11 @@ def test_corrupt_source_tiles_are_recorded_not_copied(cli, bad_dir, cmu, tmp_pat
     r = cli("tile", src, "-o", tmp_path / "l", *args)
     assert r.exit_code == 0, r.output
     j, lz = open_store(tmp_path / "j" / "corrupt_tiles.zarr"), open_store(tmp_path / "l" / "corrupt_tiles.zarr")
-    bad = {(b["x"], b["y"]) for b in j.attrs["bad_windows"]}
-    assert len(bad) >= 10 and bad == {(b["x"], b["y"]) for b in lz.attrs["bad_windows"]}
-    assert all("corrupt JPEG data" in b["reason"] for b in j.attrs["bad_windows"])
+    bad = {(b["x"], b["y"]) for b in j.attrs.bad_windows}
+    assert len(bad) >= 10 and bad == {(b["x"], b["y"]) for b in lz.attrs.bad_windows}
+    assert all("corrupt JPEG data" in b["reason"] for b in j.attrs.bad_windows)
     np.testing.assert_array_equal(j.coords, lz.coords)
-    assert j.attrs["source_tiles_copied"] > 10
+    assert j.attrs.source_tiles_copied > 10
     good = open_slide(cmu)
     for i in range(len(j)):  # what was stored is the intact slide, copied or encoded
         x, y = (int(v) for v in j.coords[i])
@@ -142,8 +142,8 @@ def test_corrupt_source_tiles_are_recorded_not_copied(cli, bad_dir, cmu, tmp_pat
 
 
 def test_resumed_jpeg_store_counts_copies_across_the_interruption(cmu, tmp_path, monkeypatch, interrupt_after):
-    monkeypatch.setattr("histodg.store.SHARD_BYTES", 4 * TILE * TILE * 3)  # 4 patches per shard
-    monkeypatch.setattr("histodg.extract.COMMIT_SECONDS", 0.0)
+    monkeypatch.setattr("histodg.store.writer.SHARD_BYTES", 4 * TILE * TILE * 3)  # 4 patches per shard
+    monkeypatch.setattr("histodg.store.writer.COMMIT_SECONDS", 0.0)
     opts = TileOptions(TileSettings(tile_size=TILE, mpp=0.499, min_tissue=0.1), compression="jpeg")
     ref = tile_slide(SlideJob(cmu, "ref"), tmp_path, opts)
     assert ref.status == "done"
@@ -154,5 +154,5 @@ def test_resumed_jpeg_store_counts_copies_across_the_interruption(cmu, tmp_path,
     again = tile_slide(SlideJob(cmu, "cut"), tmp_path, opts)
     assert again.resumed
     a, b = open_store(tmp_path / "ref.zarr"), open_store(tmp_path / "cut.zarr")
-    assert a.attrs["source_tiles_copied"] == b.attrs["source_tiles_copied"] > 0
+    assert a.attrs.source_tiles_copied == b.attrs.source_tiles_copied > 0
     np.testing.assert_array_equal(a.images[:], b.images[:])

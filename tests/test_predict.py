@@ -10,30 +10,17 @@ import torch
 import zarr
 from PIL import Image
 
-from histodg.checkpoint import save_checkpoint
-from histodg.export import threshold_u8
-from histodg.inputs import SlideJob
-from histodg.predict import PredictOptions, Predictor, predict_slide
-from histodg.window import ChunkAccumulator, gaussian_map, window_starts
+from helpers import DarkModel, raw_config, tiny_checkpoint
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference.rasters import threshold_u8
+from histodg.inference.stitching import ChunkAccumulator, gaussian_map
+from histodg.slides.inputs import SlideJob
+from histodg.slides.plan import window_starts
 
 BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.svs", "unopenable.tiff", "unreadable.svs"]
-PLAIN = {"classes": 1, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}  # the model sees RGB / 255
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-def tiny_checkpoint(path: Path, mpp: float = 4.0, tile: int = 64, seed: int = 0) -> Path:
-    """An untrained Unet-resnet18 checkpoint (no download)."""
-    from histodg.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-
-    torch.manual_seed(seed)
-    model = build_model("unet", "resnet18", "none", 1)
-    mc = {"arch": "unet", "encoder": "resnet18", "classes": 1, "labels": {"0": "background", "1": "tumor"},
-          "mpp": mpp, "tile_size": tile, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-          "method": "erm", "hparams": {}, "loss": "bce"}
-    save_checkpoint(path, {"model_state": model.state_dict(), "model_config": mc})
-    return path
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
@@ -68,15 +55,8 @@ class PositionModel(torch.nn.Module):
         return torch.log(p / (1 - p)).float()[:, None]
 
 
-class DarkModel(torch.nn.Module):
-    """Tumour where the pixel is dark: a pointwise model, so stitching cannot change its mask."""
-
-    def forward(self, x):
-        return (20 * (0.5 - x.mean(1, keepdim=True))).float()
-
-
 def predictor(model, mpp=1.0, tile=64, **opts) -> Predictor:
-    return Predictor(model, {**PLAIN, "mpp": mpp, "tile_size": tile}, PredictOptions(**opts))
+    return Predictor(model, raw_config(mpp, tile), PredictOptions(**opts))
 
 
 # -- the pure sliding window -------------------------------------------------------------------------
@@ -122,8 +102,8 @@ def _stitch(shape, windows, values, chunk, cache, scratch=None):
     t = values[0].shape[0]
     acc.expect(windows, (t, t))
     g = gaussian_map(t)
-    for (y, x), v in zip(windows, values):
-        acc.add(int(y), int(x), v * g, g)
+    for (x, y), v in zip(windows, values):
+        acc.add(int(x), int(y), v * g, g)
     acc.close()
     out[out == -1] = 0  # chunks no window touched
     return out, acc
@@ -133,14 +113,14 @@ def test_stitching_equals_the_gaussian_weighted_mean_and_chunks_equal_memory(tmp
     rng = np.random.default_rng(0)
     H, W, T, S = 150, 230, 64, 24
     ys, xs = window_starts(H, T, S), window_starts(W, T, S)
-    windows = [(y, x) for y in ys for x in xs]
+    windows = [(x, y) for y in ys for x in xs]
     rng.shuffle(windows)
     windows = windows[: len(windows) * 3 // 4]  # some windows missing, as off tissue
     values = [rng.random((T, T), dtype=np.float32) for _ in windows]
     # the reference: full-size arrays, straight from the definition
     num, den = np.zeros((H, W)), np.zeros((H, W))
     g = gaussian_map(T).astype(np.float64)
-    for (y, x), v in zip(windows, values):
+    for (x, y), v in zip(windows, values):
         num[y : y + T, x : x + T] += v * g
         den[y : y + T, x : x + T] += g
     ref = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
@@ -172,8 +152,8 @@ def test_stitching_a_slide_in_chunks_equals_stitching_it_in_memory(cmu, tmp_path
     conv = torch.nn.Conv2d(3, 1, 7, padding=3)  # output depends on context: overlapping windows disagree
     results = {}
     for name, chunk, cache in (("memory", 4096, 1), ("chunks", 32, 4)):
-        pred = Predictor(conv, {**PLAIN, "mpp": 4.0, "tile_size": 64},
-                         PredictOptions(overlap=0.5, batch_size=5, chunk_px=chunk, cache_chunks=cache))
+        pred = Predictor(conv, raw_config(4.0, 64), PredictOptions(overlap=0.5, batch_size=5, chunk_px=chunk,
+                                                                   cache_chunks=cache))
         r = predict_slide(pred, SlideJob(cmu, name), tmp_path)
         assert r.status == "done", r.error
         results[name] = zarr.open_array(str(tmp_path / name / "prob.zarr"), mode="r")[:]

@@ -1,7 +1,6 @@
 """Slide backends on the real slides: geometry, pixels, metadata, errors."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import openslide
@@ -9,8 +8,8 @@ import pytest
 from PIL import Image
 
 from histodg import SlideError
-from histodg.slide import open_slide
-from histodg.tiffread import jpeg_scan_error
+from histodg.slides.opening import open_slide
+from histodg.slides.tiffread import jpeg_scan_error
 
 
 def test_fast_reader_matches_openslide_pixel_for_pixel(cmu):
@@ -42,15 +41,15 @@ def test_whole_tile_reads_can_bypass_the_cache(cmu):
     """Windows that are whole tiles, read once each (tiling without overlap), need no cache."""
     s = open_slide(cmu)
     cached = s.read_region((240, 480), 0, (240, 240)).copy()
-    assert s.reader.decoded_tiles == 1 and len(s.reader._cache) == 1
+    assert s.reader.decoded_tiles == 1 and s.reader.cached_tiles == 1
     s2 = open_slide(cmu)
     s2.reader.cache_whole_tiles = False
     np.testing.assert_array_equal(s2.read_region((240, 480), 0, (240, 240)), cached)
-    assert s2.reader.decoded_tiles == 1 and len(s2.reader._cache) == 0  # decoded, not kept
+    assert s2.reader.decoded_tiles == 1 and s2.reader.cached_tiles == 0  # decoded, not kept
     s2.read_region((240, 480), 0, (240, 240))
     assert s2.reader.decoded_tiles == 2
     s2.read_region((0, 0), 0, (480, 480))  # not whole tiles: cached as before
-    assert len(s2.reader._cache) == 4
+    assert s2.reader.cached_tiles == 4
 
 
 def test_thumbnail_is_an_exact_box_filter_of_the_slide(cmu):
@@ -69,10 +68,8 @@ def test_jpeg_check_finds_exactly_the_tiles_openslide_rejects(data_dir):
     bad = open_slide(data_dir / "bad" / "corrupt_tiles.svs")
     good = open_slide(data_dir / "cmu_small_region.svs")
     lv_bad, lv_good = bad.reader.levels[0], good.reader.levels[0]
-    flagged_bad = [i for i in range(len(lv_bad.offsets))
-                   if jpeg_scan_error(os.pread(bad.reader._fd, int(lv_bad.bytecounts[i]), int(lv_bad.offsets[i])))]
-    flagged_good = [i for i in range(len(lv_good.offsets))
-                    if jpeg_scan_error(os.pread(good.reader._fd, int(lv_good.bytecounts[i]), int(lv_good.offsets[i])))]
+    flagged_bad = [i for i in range(len(lv_bad.offsets)) if jpeg_scan_error(bad.reader.stored_bytes(0, i))]
+    flagged_good = [i for i in range(len(lv_good.offsets)) if jpeg_scan_error(good.reader.stored_bytes(0, i))]
     assert flagged_good == []
     osr = openslide.OpenSlide(str(data_dir / "bad" / "corrupt_tiles.svs"))
     rejected = []
@@ -153,7 +150,7 @@ def test_plain_image_metadata_and_alpha(tmp_path):
 
 
 def test_box_reduce_handles_blocks_thinner_than_the_factor():
-    from histodg.slide import box_reduce
+    from histodg.slides.base import box_reduce
 
     assert box_reduce(np.zeros((1, 10, 3), np.uint8), 2).shape == (1, 5, 3)
     a = np.arange(36, dtype=np.uint8).reshape(6, 6, 1).repeat(3, 2)
@@ -164,7 +161,7 @@ def test_box_reduce_handles_blocks_thinner_than_the_factor():
 
 @pytest.mark.parametrize("f", [2, 3, 4, 8])
 def test_box_reduce_is_the_cell_mean_within_rounding(f):
-    from histodg.slide import _box_reduce_exact, box_reduce
+    from histodg.slides.base import _box_reduce_exact, box_reduce
 
     img = np.random.default_rng(f).integers(0, 256, (37, 50, 3), dtype=np.uint8)  # partial cells both ways
     fast, exact = box_reduce(img, f), _box_reduce_exact(img, f)

@@ -10,16 +10,16 @@ import zarr
 from histodg.store import (
     FORMAT_VERSION,
     PROGRESS_FILE,
+    StoreAttrs,
     StoreError,
     StoreWriter,
-    _compressor,
-    _serializer,
     describe_store,
     find_stores,
     open_store,
-    shard_patches,
     store_state,
 )
+from histodg.store.codecs import zarr_compressor, zarr_serializer
+from histodg.store.writer import shard_patches
 
 
 def _patches(n, s, seed=0):
@@ -34,7 +34,8 @@ def _patches(n, s, seed=0):
 def test_shards_are_byte_identical_to_zarr(tmp_path, compression):
     s, n = 32, 40
     img, mask = _patches(n, s)
-    w = StoreWriter(tmp_path / "ours.zarr", {"tile_size": s}, n, s, True, compression).create()
+    w = StoreWriter(tmp_path / "ours.zarr", StoreAttrs(tile_size=s, mpp=1.0, compression=compression,
+                                                       jpeg_quality=90 if compression == "jpeg" else None), n, True).create()
     k = w.shard
     assert k == shard_patches(s) and n < k  # one partial shard
     for i in range(n):
@@ -42,8 +43,8 @@ def test_shards_are_byte_identical_to_zarr(tmp_path, compression):
     w.finish()
     ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
     ref.create_array("images", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
-                     compressors=_compressor(compression), serializer=_serializer(compression, 90))
-    ref.create_array("masks", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype="uint8", compressors=_compressor())
+                     compressors=zarr_compressor(compression), serializer=zarr_serializer(compression, 90))
+    ref.create_array("masks", shape=(n, s, s), chunks=(1, s, s), shards=(k, s, s), dtype="uint8", compressors=zarr_compressor())
     ref["images"][:] = img
     ref["masks"][:] = mask
     for name in ("images", "masks"):
@@ -63,14 +64,15 @@ def test_shards_are_byte_identical_to_zarr(tmp_path, compression):
 
 
 def test_many_shards_and_random_access(tmp_path, monkeypatch):
-    monkeypatch.setattr("histodg.store.SHARD_BYTES", 8 * 16 * 16 * 3)  # 8 patches per shard
+    monkeypatch.setattr("histodg.store.writer.SHARD_BYTES", 8 * 16 * 16 * 3)  # 8 patches per shard
+    monkeypatch.setattr("histodg.store.writer.COMMIT_SECONDS", 0.0)  # journal every shard
     img, _ = _patches(30, 16, seed=1)
-    w = StoreWriter(tmp_path / "s.zarr", {"tile_size": 16}, 35, 16, False).create()
+    w = StoreWriter(tmp_path / "s.zarr", StoreAttrs(tile_size=16, mpp=1.0), 35, False).create()
+    committed = []
     for i in range(30):
-        w.append(w.encode(img[i], None), (0, 0), 1.0)
-        if w.buffered == w.shard:
-            w.flush()
-            w.commit(i + 1)
+        w.append(w.encode(img[i], None), (0, 0), 1.0, plan_done=i + 1)
+        committed.append(json.loads((w.path / PROGRESS_FILE).read_text())["count"])
+    assert committed[6] == 0 and committed[7] == 8 and committed[29] == 24  # the writer flushes whole shards itself
     w.finish()
     st = open_store(tmp_path / "s.zarr")
     assert len(st) == 30 and st.masks is None  # trimmed from the planned 35
@@ -80,7 +82,7 @@ def test_many_shards_and_random_access(tmp_path, monkeypatch):
 
 def _complete_store(path, **attrs):
     img, mask = _patches(3, 16)
-    w = StoreWriter(path, {"tile_size": 16, "mpp": 0.5, "organ": "colon", "scanner": "unknown", **attrs}, 3, 16, True).create()
+    w = StoreWriter(path, StoreAttrs(tile_size=16, mpp=0.5, organ="colon", **attrs), 3, True).create()
     for i in range(3):
         w.append(w.encode(img[i], mask[i]), (0, 0), 1.0)
     w.finish()
@@ -113,7 +115,7 @@ def test_state_describe_and_find(tmp_path):
     assert store_state(p) == "complete" and store_state(tmp_path / "nope.zarr") == "missing"
     d = describe_store(p)
     assert d["patches"] == 3 and d["complete"] and d["organ"] == "colon" and d["has_masks"]
-    w = StoreWriter(tmp_path / "b" / "y.zarr", {"tile_size": 16}, 5, 16, False).create()
+    w = StoreWriter(tmp_path / "b" / "y.zarr", StoreAttrs(tile_size=16, mpp=1.0), 5, False).create()
     assert store_state(w.path) == "partial" and json.loads((w.path / PROGRESS_FILE).read_text())["count"] == 0
     assert describe_store(w.path)["complete"] is False
     assert find_stores([tmp_path]) == [p, w.path]

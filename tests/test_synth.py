@@ -18,8 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 from histodg.cli import main
-from histodg.synth import DOMAINS, SCANNERS, make_dataset, make_gallery, plan, read_manifest, render_job
-from histodg.synth_tissue import EPITHELIUM, TUMOUR
+from histodg.synth import DOMAINS, make_dataset, make_gallery
+from histodg.synth.dataset import plan, render_job
+from histodg.synth.gallery import read_manifest
+from histodg.synth.profiles import SCANNERS
+from histodg.synth.tissue import EPITHELIUM, TUMOUR
 
 SIZE_UM = 600.0
 CASES = 2
@@ -87,7 +90,7 @@ def test_manifest_layout_and_domain_columns(dataset, rows):
         assert r["path"] == f"wsi/{r['task']}/{domain}/{Path(r['path']).stem}.tiff"
         assert r["annotation"] == r["path"][: -len(".tiff")] + ".geojson"
         assert (dataset / r["path"]).is_file() and (dataset / r["annotation"]).is_file()
-    assert not list(dataset.rglob("*.tmp")), "temporary files left behind"
+    assert not list(dataset.rglob("*.tmp*")), "temporary files left behind"
 
 
 def test_slides_open_with_openslide_and_tiffslide_with_their_mpp(dataset, rows):
@@ -349,7 +352,7 @@ def test_bad_arguments_raise_value_error(tmp_path):
 
 
 def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
-    import histodg.synth as synth
+    import histodg.synth.dataset as synth
 
     real, made = synth.make_case, []
 
@@ -364,7 +367,7 @@ def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
         make_dataset(tmp_path / "cut", cases=1, size_um=400, workers=1)
     assert not (tmp_path / "cut" / "manifest.csv").exists()
     assert len(list((tmp_path / "cut").rglob("*.tiff"))) == 3
-    assert not list((tmp_path / "cut").rglob("*.tmp"))
+    assert not list((tmp_path / "cut").rglob("*.tmp*"))  # no temporary file left behind
 
 
 def test_cli_synth_wsi_and_errors(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,10 @@ import pytest
 import zarr
 from PIL import Image
 
-from histodg.extract import TileOptions, tile_slide
-from histodg.inputs import SlideJob, parse_shard, resolve_inputs, take_shard
-from histodg.slide import resize
+from histodg.tiling import TileOptions, TileSettings, tile_slide
+from histodg.slides.inputs import SlideJob, parse_shard, resolve_inputs, take_shard
+from histodg.slides.base import resize
 from histodg.store import PROGRESS_FILE, StoreError, open_store, store_state
-from histodg.tiling import TileSettings
 
 BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.svs", "unopenable.tiff", "unreadable.svs"]
 
@@ -264,8 +262,8 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_pa
                                                                      interrupt_after):
     """Committed every shard (0) or never before the end (1e9): the journal counts only patches
     whose shards, coords and tissue are all on disk, and the resumed store equals the reference."""
-    monkeypatch.setattr("histodg.store.SHARD_BYTES", 16 * 64 * 64 * 3)  # 16 patches per shard
-    monkeypatch.setattr("histodg.extract.COMMIT_SECONDS", commit_seconds)
+    monkeypatch.setattr("histodg.store.writer.SHARD_BYTES", 16 * 64 * 64 * 3)  # 16 patches per shard
+    monkeypatch.setattr("histodg.store.writer.COMMIT_SECONDS", commit_seconds)
     opts = TileOptions(TileSettings(tile_size=64, mpp=0.499, min_tissue=0.25), workers=2)
     job = SlideJob(cmu, "cmu")
     ref = tile_slide(job, tmp_path / "ref", opts)

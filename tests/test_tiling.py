@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from histodg import SlideError
-from histodg.slide import open_slide
-from histodg.tiling import TileSettings, axis_starts, plan_grid
-from histodg.tissue import otsu_threshold, tissue_mask, window_fractions
+from histodg.slides.opening import open_slide
+from histodg.slides.plan import axis_starts, strip_order
+from histodg.slides.tissue import otsu_threshold, tissue_mask, window_fractions
+from histodg.tiling import TileSettings, plan_tiles
 
 
 def test_axis_starts_cover_the_axis_exactly():
@@ -33,24 +34,26 @@ def test_settings_validate_in_post_init():
 
 def test_grid_on_the_real_slide(cmu):
     s = open_slide(cmu)
-    g = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25, mpp_tolerance=0))
+    g = plan_tiles(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25, mpp_tolerance=0))
+    res = g.resolution
     w0, h0 = s.dimensions
-    assert g.scale == pytest.approx(0.5 / 0.499)
-    assert g.read_size == round(256 * 0.5 / 0.499) == 257  # resampled 257 -> 256
+    assert res.scale == pytest.approx(0.5 / 0.499)
+    assert res.read_size == round(256 * 0.5 / 0.499) == 257  # resampled 257 -> 256
     # within the default 2% tolerance 0.499 um/px is read as is
-    g_tol = plan_grid(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25))
-    assert g_tol.read_size == 256 and g_tol.eff_scale == 1.0 and g_tol.scale == pytest.approx(0.5 / 0.499)
-    # every kept window starts inside the slide and on the stride grid
-    assert ((g.coords >= 0) & (g.coords < [w0, h0])).all()
-    stride0 = 256 * g.eff_scale
-    assert np.allclose(g.coords / stride0, np.round(g.coords / stride0), atol=0.01)
+    g_tol = plan_tiles(s, TileSettings(tile_size=256, mpp=0.5, min_tissue=0.25))
+    assert g_tol.resolution.read_size == 256 and g_tol.resolution.level0_per_px == 1.0
+    assert g_tol.resolution.scale == pytest.approx(0.5 / 0.499)
+    # every kept window starts inside the slide and on the stride grid, in patch px and level-0 px alike
+    assert ((g.level0_xy >= 0) & (g.level0_xy < [w0, h0])).all()
+    assert (g.windows % 256 == 0).all()
+    np.testing.assert_array_equal(g.level0_xy, np.ceil(np.round(g.windows * 257 / 256) - 1e-6).astype(np.int64))
     assert 0 < len(g) < g.total_windows == 9 * 12
     assert (g.tissue >= 0.25).all()
     # magnification 20x on a 20x slide is the native resolution
-    g20 = plan_grid(s, TileSettings(tile_size=256, mpp=None, magnification=20))
-    assert g20.scale == 1.0 and g20.target_mpp == pytest.approx(0.499)
-    g10 = plan_grid(s, TileSettings(tile_size=256, mpp=None, magnification=10))
-    assert g10.scale == 2.0 and g10.read_size == 512
+    g20 = plan_tiles(s, TileSettings(tile_size=256, mpp=None, magnification=20))
+    assert g20.resolution.scale == 1.0 and g20.resolution.target_mpp == pytest.approx(0.499)
+    g10 = plan_tiles(s, TileSettings(tile_size=256, mpp=None, magnification=10))
+    assert g10.resolution.scale == 2.0 and g10.resolution.read_size == 512
 
 
 def test_tissue_mask_covers_tissue_not_glass(cmu):
@@ -95,8 +98,6 @@ def test_window_fractions_integral_image():
 
 
 def test_windows_are_visited_in_strips():
-    from histodg.tiling import strip_order
-
     order = strip_order(3, 5, width=2)
     rows, cols = np.divmod(order, 5)
     assert sorted(order.tolist()) == list(range(15))  # a permutation
@@ -106,6 +107,6 @@ def test_windows_are_visited_in_strips():
 
 def test_small_slide_and_upsampling_are_refused(data_dir):
     with pytest.raises(SlideError, match="smaller than one window"):
-        plan_grid(open_slide(data_dir / "bad" / "tiny_valid.svs"), TileSettings(tile_size=256))
+        plan_tiles(open_slide(data_dir / "bad" / "tiny_valid.svs"), TileSettings(tile_size=256))
     with pytest.raises(SlideError, match="upsampling"):
-        plan_grid(open_slide(data_dir / "cmu_small_region.svs"), TileSettings(tile_size=64, mpp=0.1))
+        plan_tiles(open_slide(data_dir / "cmu_small_region.svs"), TileSettings(tile_size=64, mpp=0.1))

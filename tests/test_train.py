@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ import torch
 import zarr
 
 from helpers import make_domains, make_store
-from histodg.checkpoint import load_checkpoint, model_from_checkpoint
-from histodg.config import TrainConfig
-from histodg.train import Callbacks, Trainer, TrainError
+from histodg.model.checkpoint import load_checkpoint, model_from_checkpoint
+from histodg.training.config import TrainConfig
+from histodg.training.trainer import Callbacks, Trainer, TrainError
 
 TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3)
 
@@ -59,7 +58,8 @@ def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path)
     mc = best["model_config"]
     assert mc["tile_size"] == 64 and mc["mpp"] == 1.0 and mc["classes"] == 1 and mc["arch"] == "unet"
     assert best["metrics"]["stage"] == 2  # best.pt is a fine-tuned (final stage) model
-    model = model_from_checkpoint(best)
+    model, config = model_from_checkpoint(best)
+    assert config.tile_size == 64 and config.arch == "unet"
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
@@ -107,7 +107,7 @@ def test_loss_goes_down_on_a_learnable_task(tmp_path):
 
 
 def test_cross_validation_gives_one_result_per_domain(stores, tmp_path):
-    from histodg.crossval import run_cv
+    from histodg.training.crossval import run_cv
 
     summary = run_cv(cfg(stores, tmp_path / "cv", domains="scanner", epochs=1, cv=True))
     assert set(summary["folds"]) == {"s1", "s2", "s3"} and summary["axis"] == "scanner"
@@ -122,7 +122,7 @@ def test_cross_validation_gives_one_result_per_domain(stores, tmp_path):
 
 
 def test_cross_validation_after_pretraining(stores, tmp_path):
-    from histodg.crossval import run_cv
+    from histodg.training.crossval import run_cv
 
     summary = run_cv(cfg(stores, tmp_path / "cv", pretrain="organ", finetune="scanner", steps=2, cv=True))
     assert set(summary["folds"]) == {"s1", "s2", "s3"}
@@ -193,8 +193,8 @@ def test_missing_weights_file_and_offline_imagenet(tmp_path, cli, monkeypatch):
 
 
 def test_nan_loss_stops_with_step_and_domain_and_keeps_last_pt(tmp_path, cli, monkeypatch):
-    from histodg.methods import METHODS
-    from histodg.methods.erm import ERM
+    from histodg.training.methods import METHODS
+    from histodg.training.methods.erm import ERM
 
     class Explodes(ERM):
         """ERM whose 'stomach' loss turns NaN at the 4th step."""

@@ -1,0 +1,58 @@
+"""histodg command line: thin Click commands over the library (parse, call, print with rich).
+
+- `options`: the option blocks `tile` and `predict` share, small parsers;
+- `tiling` (`info`, `tile`), `training` (`train`, `methods`), `inference` (`predict`,
+  `evaluate`), `synthetic` (`synth`): the commands;
+- `views`: every rich table, progress bar and live view.
+
+Heavy modules (torch, smp, zarr, openslide) are imported inside command bodies so that
+`histodg --help` stays instant. Library errors (`HistodgError`) become one line on stderr and
+exit status 1; usage errors exit 2; never a traceback for bad input.
+
+May import: everything.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import HistodgError, __version__
+from .options import CONTEXT, fail_line
+
+
+class Group(click.Group):
+    """Turn library errors into one line and exit 1; never a traceback for bad input."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HistodgError as exc:
+            fail_line(str(exc))
+            sys.exit(1)
+        except KeyboardInterrupt:
+            fail_line("interrupted; rerun the same command to resume")
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="histodg")
+def main():
+    """histodg: cross-organ, cross-scanner adenocarcinoma segmentation on whole-slide images.
+
+    \b
+      histodg tile slides/*.svs -o stores/ --organ colon --scanner kfbio
+      histodg train stores/ --pretrain organ --finetune scanner -o runs/a
+      histodg predict runs/a/best.pt slides/*.svs -o preds/
+    """
+
+
+from .inference import evaluate, predict  # noqa: E402
+from .synthetic import synth  # noqa: E402
+from .tiling import info, tile  # noqa: E402
+from .training import methods, train  # noqa: E402
+
+for command in (info, tile, train, methods, synth, predict, evaluate):
+    main.add_command(command)
+
+__all__ = ["main"]

@@ -1,0 +1,129 @@
+"""`histodg predict` and `histodg evaluate`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..constants import AXES
+from .options import CONTEXT, fail_line, resolve_jobs, slide_batch_options
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for one <name>/ folder per input.")
+@click.option("--mpp", type=float, default=None, help="Model resolution, um/px  [default: the checkpoint's]")
+@click.option("--tile-size", type=int, default=None, help="Window side in model pixels  [default: the checkpoint's]")
+@click.option("--overlap", type=float, default=0.5, show_default=True,
+              help="Overlap of neighbouring windows: a fraction of the tile (< 1) or pixels (>= 1).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: mean of the 4 flipped predictions (4x the model time).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
+                     tissue_help="Run windows that touch tissue (none: every window).")
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, threshold, device, inputs, tissue_method,
+            backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
+    """Segment tumour on whole slides and images with a trained model.
+
+    INPUTS are as for `histodg tile`: slides, PNG/JPEG/TIFF images, folders, CSV manifests,
+    COSAS layouts. Windows cover the tissue at the model's resolution with Gaussian-weighted
+    overlaps. Per input, OUT/<name>/ gets prob.zarr (uint8 probability at the model's resolution),
+    mask.ome.tiff (pyramidal 0/255 mask at the slide's size and pixel size: open it in QuPath),
+    tumor.geojson (polygons with holes in level-0 pixels: QuPath > File > Import objects),
+    overlay.png, mask.png (plain images: same size as the input) and done.json (settings,
+    timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
+    redone; a bad input fails alone and the batch goes on.
+    """
+    from ..batch import run_jobs
+    from ..device import reader_threads
+    from ..inference import PredictOptions, Predictor, predict_slide
+    from .views import PREDICT_SUMMARY, BatchView
+
+    try:
+        opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
+                              threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
+                              tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)
+    predictor = Predictor.from_checkpoint(checkpoint, opts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with BatchView("predict", PREDICT_SUMMARY, as_json) as view:
+        results = run_jobs(jobs, lambda job, progress: predict_slide(predictor, job, out_dir, progress), view)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--truth", type=click.Path(path_type=Path), default=None,
+              help="Ground truth for predictions: a folder of GeoJSON / XML / mask images named after the slides, one file, or a CSV manifest (path, annotation, organ, scanner).")
+@click.option("--domain-axis", type=click.Choice(AXES), default=None,
+              help="Domains are organs or scanners  [default: per image, whichever it knows]")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is tumour.")
+@click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True, help="With a checkpoint: flip test-time augmentation.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="With a checkpoint: patches per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="With a checkpoint: auto, cpu, cuda, ...")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(sources, truth, domain_axis, labels, threshold, tta, batch_size, device, as_json):
+    """Dice and IoU per image, per domain and overall (the mean over images).
+
+    \b
+      histodg evaluate CHECKPOINT STORES...          # run the model on stores with masks, score
+      histodg evaluate PREDICTIONS... --truth TRUTH  # score `histodg predict` outputs
+
+    With a checkpoint, STORES are patch stores with masks (or folders / CSV lists of them); each
+    store is one image, its counts summed over its patches (the image's Dice when tiled without
+    overlap, as COSAS images are). PREDICTIONS are `histodg predict` output folders (with
+    done.json) or the folders holding them; the truth is rasterised at the prediction's
+    resolution. An image where both prediction and truth are empty scores 1. Label 255 is ignored.
+    """
+    from ..evaluation.predictions import evaluate_predictions
+    from ..evaluation.scoring import to_json
+    from ..evaluation.stores import evaluate_stores
+    from ..slides.annotations import LabelMap
+    from .views import err, print_evaluation
+
+    first = sources[0]
+    with_checkpoint = first.is_file() and first.suffix.lower() != ".csv"
+    try:
+        label_map = LabelMap.parse(labels)
+        if threshold is not None and not 0 < threshold < 1:
+            raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
+        if with_checkpoint and truth is not None:
+            raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
+        if with_checkpoint and len(sources) < 2:
+            raise ValueError("give the stores to score after the checkpoint")
+        if not with_checkpoint and truth is None:
+            raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if with_checkpoint:
+        from ..inference import PredictOptions, Predictor
+
+        try:
+            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device,
+                                  **({"threshold": threshold} if threshold is not None else {}))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        predictor = Predictor.from_checkpoint(first, opts)
+        with err.status("scoring stores"):
+            ev = evaluate_stores(predictor, sources[1:], domain_axis)
+    else:
+        with err.status("scoring predictions"):
+            ev = evaluate_predictions(sources, truth, domain_axis, threshold, label_map)
+    for e in ev.errors:
+        fail_line(e)
+    table = ev.table()
+    if as_json:
+        click.echo(to_json(table))
+    elif ev.images:
+        print_evaluation(table)
+    if ev.errors or not ev.images:
+        if not ev.images:
+            fail_line("nothing could be scored")
+        sys.exit(1)

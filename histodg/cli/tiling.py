@@ -1,0 +1,100 @@
+"""`histodg info` and `histodg tile`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import HistodgError
+from .options import BACKEND_CHOICE, CONTEXT, fail_line, magnification, resolve_jobs, slide_batch_options
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of tables.")
+def info(paths, backend, as_json):
+    """What is in slides, images and patch stores.
+
+    For a slide: reader backend, vendor, dimensions, levels and downsamples, mpp, objective
+    power, associated images. For a store: patch count, tile size, mpp, organ, scanner, labels,
+    complete or not.
+    """
+    from ..slides.opening import open_slide
+    from ..store import describe_store
+    from .views import print_info
+
+    out, failed = [], 0
+    for p in paths:
+        try:
+            if (p / "zarr.json").is_file():
+                out.append(describe_store(p))
+            else:
+                with open_slide(p, backend) as s:
+                    out.append({"kind": "slide", **s.describe()})
+        except HistodgError as exc:
+            fail_line(str(exc))
+            failed += 1
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        print_info(out)
+    if failed:
+        sys.exit(1)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the <name>.zarr stores.")
+@click.option("--mpp", type=float, default=None, help="Target microns per pixel  [default: 0.5 unless --magnification]")
+@click.option("--magnification", callback=magnification, default=None, help="Target magnification instead of --mpp, e.g. 20x.")
+@click.option("--mpp-tolerance", type=float, default=0.02, show_default=True,
+              help="Read a level within this relative distance of the target as is (0.499 for 0.5 um/px), no resampling; 0 always resamples.")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="Patch side in target pixels.")
+@click.option("--overlap", type=int, default=0, show_default=True, help="Overlap of neighbouring patches, target pixels.")
+@click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Keep windows with at least this tissue fraction (0 keeps all).")
+@click.option("--annotations", type=click.Path(path_type=Path), default=None, help="GeoJSON / ASAP XML / mask image, or a folder of them named after the slides.")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is 1.")
+@click.option("--compression", type=click.Choice(["lz4", "none", "jpeg"]), default="lz4", show_default=True,
+              help="Patch compression: lz4 (lossless); none; jpeg (5-10x smaller, fastest: patches that are one "
+                   "JPEG tile of the slide are copied as they are, others encoded at --jpeg-quality). See BENCHMARKS.md.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="Quality of the patches --compression jpeg has to encode.")
+@slide_batch_options(recorded="(a manifest column or COSAS folder wins)", overwrite_help="Rewrite stores that exist.")
+def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, annotations, labels,
+         compression, jpeg_quality, tissue_method, backend, workers, organ, scanner, mpp_override, domain_axis,
+         max_bad_fraction, shard, overwrite, as_json):
+    """Cut slides and image data sets into zarr patch stores, keeping tissue.
+
+    INPUTS are slides (anything OpenSlide or tiffslide opens), PNG/JPEG/TIFF images, folders of
+    them, CSV manifests (path, annotation, organ, scanner, mpp) or COSAS-layout folders
+    (<task>/<domain>/image/*.png with mask/ beside). One store per input; complete stores are
+    skipped, interrupted ones resumed. Windows that cannot be decoded are skipped and listed in
+    the store's bad_windows attribute and in the summary.
+    """
+    from ..batch import run_jobs
+    from ..device import reader_threads
+    from ..slides.annotations import LabelMap
+    from ..tiling import TileOptions, TileSettings, tile_slide
+    from .views import TILE_SUMMARY, BatchView
+
+    try:
+        if magnification is not None and mpp is not None:
+            raise ValueError("give --mpp or --magnification, not both")
+        settings = TileSettings(tile_size=tile_size, mpp=None if magnification is not None else (mpp if mpp is not None else 0.5),
+                                magnification=magnification, overlap=overlap, min_tissue=min_tissue,
+                                tissue_method=tissue_method, mpp_tolerance=mpp_tolerance)
+        label_map = LabelMap.parse(labels)
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError("--max-bad-fraction must be between 0 and 1")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    jobs = resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = TileOptions(settings, backend, workers or reader_threads(), label_map, overwrite, max_bad_fraction, compression,
+                       jpeg_quality)
+    with BatchView("tile", TILE_SUMMARY, as_json) as view:
+        results = run_jobs(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), view)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)

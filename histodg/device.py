@@ -1,0 +1,77 @@
+"""Where and how models run: device, bf16 autocast and channels_last, resolved once.
+
+`--device auto` means CUDA when there is a GPU, else the CPU; `--amp auto` and
+`--channels-last auto` mean on for CUDA, off elsewhere. Both training and prediction resolve
+their settings here, so they always agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: object  # torch.device
+    amp_dtype: object | None  # torch.bfloat16 or None
+    channels_last: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_device(want: str, where, error, local_rank: int | None = None):
+    """torch.device for `want` ("auto", "cpu", "cuda", "cuda:1", ...); `error(where, reason)` is
+    the exception to raise. Under DDP, `local_rank` picks this process's GPU for plain "cuda"."""
+    import torch
+
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise error(where, "--device cuda asked for, but no CUDA GPU is available")
+    if want == "cuda" and local_rank is not None:
+        want = f"cuda:{local_rank}"
+    try:
+        return torch.device(want)
+    except RuntimeError as exc:
+        raise error(where, f"--device {want!r}: {exc}") from None
+
+
+def resolve_placement(device, amp: str = "auto", channels_last: str = "auto") -> Placement:
+    """bf16 autocast and channels_last for a device: "on", "off", or "auto" (on for CUDA)."""
+    import torch
+
+    for name, value in (("amp", amp), ("channels_last", channels_last)):
+        if value not in MODES:
+            raise ValueError(f"{name} {value!r}: choose from {', '.join(MODES)}")
+    cuda = device.type == "cuda"
+    use_amp = amp == "on" or (amp == "auto" and cuda)
+    use_cl = channels_last == "on" or (channels_last == "auto" and cuda)
+    return Placement(device, torch.bfloat16 if use_amp else None, use_cl)
+
+
+def autocast(placement: Placement):
+    """The autocast context for a placement (a no-op without AMP)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    if placement.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(placement.device.type, dtype=placement.amp_dtype)
+
+
+def reader_threads() -> int:
+    """Threads that read slide regions (decoding releases the GIL): the CPUs, at most 8."""
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def loader_processes() -> int:
+    """DataLoader worker processes for training: the CPUs but one, at most 4."""
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -1,0 +1,129 @@
+"""Scoring finished `histodg predict` outputs against annotations (`histodg evaluate PREDICTIONS --truth`).
+
+The truth (GeoJSON / ASAP XML / mask images) is rasterised at the prediction's resolution,
+pixel centres (see `slides.annotations`). `truth` is a folder of files named after the slides,
+one file, or a CSV manifest with `path` (or `name`) and `annotation` columns (`organ`,
+`scanner` too).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import HistodgError
+from ..constants import UNKNOWN
+from ..inference.done import DONE, read_done
+from ..inference.rasters import threshold_u8
+from ..slides.annotation_files import load_annotations
+from ..slides.inputs import ANNOTATION_SUFFIXES, SlideJob, attach_annotations, manifest_jobs
+from .metrics import counts
+from .scoring import EvaluateError, Evaluation, binarise_truth, domain_of
+
+
+def find_predictions(paths) -> tuple[list[Path], list[str]]:
+    """Prediction folders (with done.json) among `paths` and their sub-folders; errors for the rest."""
+    found, errors = [], []
+    for p in map(Path, paths):
+        if (p / DONE).is_file():
+            found.append(p)
+        elif p.is_dir():
+            subs = sorted(q for q in p.iterdir() if q.is_dir())
+            done = [q for q in subs if (q / DONE).is_file()]
+            unfinished = [q for q in subs if not (q / DONE).is_file() and (q / "prob.zarr").exists()]
+            errors.extend(f"{q}: unfinished prediction (no done.json): rerun `histodg predict`" for q in unfinished)
+            if (p / "prob.zarr").exists():
+                errors.append(f"{p}: unfinished prediction (no done.json): rerun `histodg predict`")
+            elif not done and not unfinished:
+                errors.append(f"{p}: no histodg predictions here (folders with done.json)")
+            found.extend(done)
+        else:
+            errors.append(f"{p}: not a prediction folder")
+    return found, errors
+
+
+class TruthIndex:
+    """Ground truth for slides: a folder of files named after them, one file, or a CSV manifest."""
+
+    def __init__(self, truth: Path, count: int):
+        self.path = Path(truth)
+        self.rows = None
+        if not self.path.exists():
+            raise EvaluateError(self.path, "ground truth file or folder not found")
+        if self.path.is_file() and self.path.suffix.lower() == ".csv":
+            self.rows = manifest_jobs(self.path, UNKNOWN, UNKNOWN)
+        elif self.path.is_file() and count > 1:
+            raise EvaluateError(self.path, f"one ground truth file for {count} predictions: pass a folder named after the slides or a manifest")
+
+    def lookup(self, name: str, source: Path) -> tuple[Path, str, str]:
+        """(annotation path, organ, scanner) for a slide; organ/scanner 'unknown' unless a manifest says."""
+        if self.rows is not None:
+            for j in self.rows:
+                if j.name == name or j.path.resolve() == source.resolve() or j.path.stem == source.stem:
+                    if j.annotation is None:
+                        raise EvaluateError(self.path, f"no annotation for {name} in the manifest")
+                    return j.annotation, j.organ, j.scanner
+            raise EvaluateError(self.path, f"{name} is not in the manifest")
+        if self.path.is_file():
+            return self.path, UNKNOWN, UNKNOWN
+        job = attach_annotations([SlideJob(source, name)], self.path)[0]
+        if job.annotation is None:
+            for suffix in ANNOTATION_SUFFIXES:
+                cand = self.path / f"{name}{suffix}"
+                if cand.is_file():
+                    return cand, UNKNOWN, UNKNOWN
+            raise EvaluateError(self.path, f"no ground truth named after {source.stem} (or {name}) here")
+        return job.annotation, UNKNOWN, UNKNOWN
+
+
+def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: float | None = None,
+                     chunk: int = 1024) -> tuple[int, int, int]:
+    """(|P & T|, |P|, |T|) of one finished prediction against an annotation file, at the
+    prediction's output resolution, a chunk at a time."""
+    import zarr
+
+    done = read_done(pred_dir)
+    if done is None:
+        raise EvaluateError(pred_dir, "unfinished prediction (no done.json)")
+    try:
+        prob = zarr.open_array(str(Path(pred_dir) / "prob.zarr"), mode="r")
+        scale = float(done["output"]["level0_per_px"])
+        dims = tuple(done["slide"]["dimensions"])
+        cut = threshold_u8(threshold if threshold is not None else done["settings"]["threshold"])
+    except Exception as exc:
+        raise EvaluateError(pred_dir, f"not a readable prediction ({str(exc).splitlines()[0][:160]})") from None
+    ann = load_annotations(annotation, dims, labels)
+    h, w = prob.shape
+    total = np.zeros(3, np.int64)
+    for y in range(0, h, chunk):
+        for x in range(0, w, chunk):
+            p = np.asarray(prob[y : y + chunk, x : x + chunk]) >= cut
+            t = ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]
+            total += counts(p, binarise_truth(t))
+    return int(total[0]), int(total[1]), int(total[2])
+
+
+def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, threshold: float | None = None,
+                         labels=None, progress=None) -> Evaluation:
+    """Score finished predictions (folders with done.json, or folders of them) against `truth`."""
+
+    found, errors = find_predictions(paths)
+    ev = Evaluation(errors=errors)
+    index = TruthIndex(truth, len(found))
+    if progress:
+        progress(total=len(found), done=0)
+    for d in found:
+        try:
+            done = read_done(d) or {}
+            name = done.get("name") or d.name
+            source = Path((done.get("source") or {}).get("path") or name)
+            annotation, organ, scanner = index.lookup(name, source)
+            organ = organ if organ != UNKNOWN else done.get("organ")
+            scanner = scanner if scanner != UNKNOWN else done.get("scanner")
+            counts = score_prediction(d, annotation, labels, threshold)
+            ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d))
+        except HistodgError as exc:
+            ev.errors.append(str(exc))
+        if progress:
+            progress(advance=1)
+    return ev

@@ -1,0 +1,67 @@
+"""File helpers shared by every writer: atomic replacement, source fingerprints, hashes.
+
+Nothing histodg writes under its final name is ever half-written: `atomic_write` writes to a
+temporary name beside the target and renames it over the target in one step (the temporary
+keeps the target's extension, so writers that pick a format from it still work), and removes
+the temporary if writing fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `atomic_write` writes before renaming: `.NAME.tmp.EXT` beside `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+def atomic_write(path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` then rename tmp over `path`; on failure nothing is left under either name."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path, data, indent: int | None = 2) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
+
+
+def source_fingerprint(path) -> dict:
+    """What identifies an input file between runs: resolved path, size and mtime."""
+    path = Path(path)
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime": round(st.st_mtime, 3)}
+
+
+def source_changed(recorded: dict | None, path) -> bool:
+    """Whether the file at `path` differs (size or mtime) from a recorded `source_fingerprint`."""
+    recorded, now = recorded or {}, source_fingerprint(path)
+    return recorded.get("size") != now["size"] or abs(float(recorded.get("mtime", 0)) - now["mtime"]) > 1e-3
+
+
+def file_sha256(path, block: int = 2**22) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

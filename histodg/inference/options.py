@@ -1,0 +1,69 @@
+"""What `histodg predict` is asked to do: `PredictOptions`, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..device import MODES
+from ..slides.tissue import METHODS as TISSUE_METHODS
+
+TTA_MODES = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict; None means "the checkpoint's" for mpp and tile size."""
+
+    mpp: float | None = None
+    tile_size: int | None = None
+    overlap: float = 0.5  # < 1: fraction of the tile; >= 1: pixels
+    batch_size: int = 8
+    tta: str = "none"
+    threshold: float = 0.5
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 2
+    backend: str = "auto"
+    tissue_method: str = "otsu"
+    mpp_tolerance: float = 0.02
+    max_bad_fraction: float = 0.1
+    overwrite: bool = False
+    chunk_px: int = 512  # stitching chunk and prob.zarr chunk side
+    cache_chunks: int | None = None  # stitching chunks held in memory; None: enough for a strip
+    window_fraction: float = 1.0  # benchmarks: run only the first part of the windows (strip order)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        if self.mpp is not None and not 0.05 <= self.mpp <= 100:
+            bad(f"--mpp {self.mpp} is outside 0.05-100 um/px")
+        if self.tile_size is not None and not 16 <= self.tile_size <= 8192:
+            bad(f"--tile-size {self.tile_size} is outside 16-8192 px")
+        if self.overlap < 0:
+            bad(f"--overlap {self.overlap} must not be negative")
+        if self.batch_size < 1:
+            bad("--batch-size must be at least 1")
+        if self.tta not in TTA_MODES:
+            bad(f"--tta {self.tta!r}: choose {' or '.join(TTA_MODES)}")
+        if not 0 < self.threshold < 1:
+            bad(f"--threshold {self.threshold} must be between 0 and 1 (exclusive)")
+        if self.amp not in MODES:
+            bad(f"amp {self.amp!r}: choose from {', '.join(MODES)}")
+        if self.workers < 1:
+            bad("--workers must be at least 1")
+        if self.tissue_method not in TISSUE_METHODS:
+            bad(f"--tissue-method {self.tissue_method!r} is not one of {', '.join(TISSUE_METHODS)}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            bad("--max-bad-fraction must be between 0 and 1")
+        if self.chunk_px < 16:
+            bad("chunk_px must be at least 16")
+        if self.cache_chunks is not None and self.cache_chunks < 1:
+            bad("cache_chunks must be at least 1")
+        if not 0 < self.window_fraction <= 1:
+            bad("window_fraction must be in (0, 1]")
+
+    def overlap_px(self, tile: int) -> int:
+        px = round(self.overlap * tile) if self.overlap < 1 else int(round(self.overlap))
+        if px >= tile:
+            raise ValueError(f"--overlap {self.overlap} leaves no stride for a {tile} px tile")
+        return px

@@ -1,0 +1,53 @@
+"""Everything made from a finished `prob.zarr`: mask.ome.tiff, tumor.geojson, overlay.png, mask.png.
+
+One pass over the probability map's non-empty chunks builds the OME-TIFF pyramid and the
+reduced map (`BlockReducer`) that the GeoJSON and the overlay are made from; plain images also
+get a 0/255 `mask.png` of their own size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .mask_tiff import OmeTiffMask
+from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, write_geojson
+from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    """Where the probability map lies on the slide."""
+
+    level0_per_px: float  # level-0 px per map px
+    level0_size: tuple[int, int]  # the slide's (width, height)
+    mpp: float | None  # the slide's level-0 um/px
+
+
+def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float, name: str, thumbnail,
+                  thumbnail_downsample: float, mask_png: bool) -> dict:
+    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}."""
+    h, w = prob.shape
+    cut = threshold_u8(threshold)
+    f = contour_factor((h, w))
+    ome = OmeTiffMask(out / "mask.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, threshold)
+    reducer = BlockReducer((h, w), f)
+    try:
+        for r0, band in iter_bands(prob, nonempty):
+            ome.feed(r0, band)
+            reducer.feed(band)
+    except BaseException:
+        ome.close()
+        raise
+    ome.finish(name=name)
+    low = reducer.finish()
+    files = ["prob.zarr", "mask.ome.tiff"]
+    if mask_png:
+        write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
+        files.append("mask.png")
+    scale = f * geo.level0_per_px
+    polygons = mask_polygons(inside_only(low >= cut, scale, geo.level0_size), epsilon_px=GEOJSON_EPSILON)
+    write_geojson(out / "tumor.geojson", polygons_to_geojson(polygons, scale, geo.level0_size))
+    files.append("tumor.geojson")
+    write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
+    files.append("overlay.png")
+    return {"files": files, "geojson_factor": f, "polygons": len(polygons)}

@@ -1,0 +1,162 @@
+"""Whole-slide inference of one slide: plan -> windows -> stitched probability -> outputs -> done.json.
+
+    result = predict_slide(predictor, SlideJob(Path("case.svs"), "case"), Path("preds"))
+
+Geometry (`plan_prediction`): the model sees `tile` px windows at its resolution; windows cover
+the slide flush with its right and bottom edges at most `tile - overlap` px apart, and only
+windows that touch tissue are run (`slides.plan`, the same plan `histodg tile` uses). Stitching:
+`stitching.ChunkAccumulator`, bounded memory, chunks finished in strip order straight into
+``prob.zarr`` (`prob_map`). Then `outputs` writes the mask, GeoJSON and overlay, and `done`
+the record, last. A folder without done.json is unfinished and is redone.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..batch import BatchResult, recorded
+from ..slides.backends import ImageSlide
+from ..slides.inputs import SlideJob
+from ..slides.opening import open_slide
+from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve
+from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
+from .outputs import MapGeometry, write_outputs
+from .predictor import PredictError, Predictor
+from .prob_map import ProbabilityMap
+from .rasters import threshold_u8
+from .stitching import ChunkAccumulator
+from .windows import WindowRunner
+
+SCRATCH = ".scratch"  # spilled stitching chunks, removed when the slide is done
+
+
+@dataclass
+class PredictResult(BatchResult):
+    out_dir: str | None = None
+    windows: int = 0
+    tumor_area_mm2: float | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
+    """The windows `histodg predict` runs on a slide (flush placement, any tissue)."""
+    o = predictor.options
+    scale = predictor.mpp / slide.require_mpp()
+    res = resolve(slide, predictor.mpp, scale, predictor.tile, o.mpp_tolerance, what="model resolution")
+    # the thumbnail is at least 1024 px: the overlay is made from it
+    return plan_windows(slide, res, predictor.stride, "flush", o.tissue_method, None, thumbnail_min_px=1024)
+
+
+def default_cache_chunks(tile: int, stride: int, chunk: int, strip: int = STRIP_WINDOWS) -> int:
+    """Chunks alive while a strip is stitched: a strip's width by two window rows, plus a margin."""
+    wide = math.ceil(((strip - 1) * stride + tile) / chunk) + 1
+    tall = math.ceil((tile + stride) / chunk) + 1
+    return wide * tall
+
+
+def predict_slide(predictor: Predictor, job: SlideJob, out_dir: Path, progress=None) -> PredictResult:
+    """Predict one slide into `out_dir/<name>/`. Never raises for bad input: returns a failed result."""
+    out = Path(out_dir) / job.name
+    result = PredictResult(job.name, str(job.path), "failed", out_dir=str(out))
+    created = False
+    try:
+        with recorded(result, job.path):
+            created = _prepare(predictor, job, out, result)
+            if created:
+                _predict(predictor, job, out, result, progress)
+                result.status = "done"
+    finally:
+        if result.status == "failed" and created:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
+    return result
+
+
+def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResult) -> bool:
+    """Skip a finished output (False) or make an empty folder for the slide (True)."""
+    done = read_done(out)
+    if done is not None and not predictor.options.overwrite:
+        why = reuse_mismatch(done, predictor, job)
+        if why:
+            raise PredictError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
+        result.status, result.windows = "skipped", int(done.get("windows", {}).get("run", 0))
+        result.tumor_area_mm2 = done.get("tumor_area_mm2")
+        result.bad_windows = int(done.get("windows", {}).get("bad", 0))
+        return False
+    if out.exists():
+        result.resumed = done is None
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return True
+
+
+def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path, progress,
+            timings: dict) -> tuple[list[dict], dict]:
+    """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats)."""
+    o = pred.options
+    h, w = plan.out_shape
+    cache = o.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.chunk_px)
+    acc = ChunkAccumulator((h, w), o.chunk_px, prob.on_final, cache_chunks=cache, scratch=out / SCRATCH)
+    acc.expect(plan.windows[:count], (pred.tile, pred.tile))
+    if progress:
+        progress(total=count, done=0)
+    try:
+        runner = WindowRunner(pred, slide, plan, count, acc, progress)
+        bad = runner.run()
+        timings.update(runner.clock)
+        t = time.perf_counter()
+        acc.close()
+        prob.flush()
+        timings["stitching"] += time.perf_counter() - t
+    finally:
+        prob.close()
+    timings["prob_writing"] = prob.write_seconds  # in the writer thread, overlapping the model
+    shutil.rmtree(out / SCRATCH, ignore_errors=True)
+    stats = {"chunk": o.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
+             "reloaded": acc.reloads}
+    return bad, stats
+
+
+def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
+    o, timings = pred.options, {}
+    t_start = time.perf_counter()
+    with open_slide(job.path, o.backend, mpp=job.mpp) as slide:
+        plan = plan_prediction(slide, pred)
+        res = plan.resolution
+        count = math.ceil(o.window_fraction * len(plan)) if o.window_fraction < 1 else len(plan)
+        timings["planning"] = time.perf_counter() - t_start
+        out_mpp = slide.mpp * res.level0_per_px
+        prob = ProbabilityMap(out / "prob.zarr", plan.out_shape, o.chunk_px,
+                              {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
+                               "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
+        bad, stitching = _stitch(pred, slide, plan, count, prob, out, progress, timings)
+        t = time.perf_counter()
+        geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
+        written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
+                                plan.thumbnail.downsample, isinstance(slide, ImageSlide))
+        timings["writing"] = time.perf_counter() - t
+        area = prob.tumor_px * out_mpp**2 / 1e6
+        result.windows, result.bad_windows, result.tumor_area_mm2 = count - len(bad), len(bad), area
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = {k: round(v, 4) for k, v in timings.items()}
+        write_done(out, {
+            **input_record(job),
+            "model": pred.describe(),
+            "settings": {**compared_settings(pred, o), "batch_size": o.batch_size, "device": str(pred.device),
+                         "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
+                         "workers": o.workers, "threshold_u8": threshold_u8(o.threshold),
+                         "mpp_tolerance": o.mpp_tolerance},
+            "slide": {"dimensions": list(slide.dimensions), "mpp": slide.mpp, "backend": slide.backend,
+                      "read_level": res.level, "read_size": res.read_size},
+            "output": {"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
+                       "chunk": o.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
+            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": count - len(bad), "bad": len(bad),
+                        "bad_list": bad[:100]},
+            "stitching": stitching,
+            "tumor_pixels": prob.tumor_px,
+            "tumor_area_mm2": area,
+            "timings": result.timings,
+            "files": written["files"],
+        })

@@ -1,0 +1,141 @@
+"""A model ready for windows: device, precision, normalisation, flips, Gaussian weights.
+
+    predictor = Predictor.from_checkpoint("runs/a/best.pt", PredictOptions(tta="flip"))
+    prob = predictor.probabilities(batch)        # (N, T, T, 3) uint8 -> (N, T, T) float32 on the device
+
+Probability. Binary models (1 output channel): sigmoid. Multi-class models: the foreground
+probability 1 - softmax[background], so ``prob.zarr`` and the mask always mean "tumour / any
+annotated class". `--tta flip`: the mean over the four flips (none, horizontal, vertical, both),
+each flipped back. On CUDA: bf16 autocast, channels_last, pinned host buffers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import HistodgError
+from ..device import autocast, resolve_device, resolve_placement
+from ..files import file_sha256
+from ..model.config import ModelConfig
+from .options import PredictOptions
+from .stitching import gaussian_map
+
+
+class PredictError(HistodgError):
+    """A prediction cannot be made or an existing output cannot be reused."""
+
+
+class Predictor:
+    """`model` is any module mapping (N, 3, T, T) normalised floats to (N, C, T, T) logits,
+    described by `config` (classes, mpp, tile size, normalisation)."""
+
+    def __init__(self, model, config: ModelConfig, options: PredictOptions = PredictOptions(),
+                 checkpoint: str | None = None, checkpoint_sha256: str | None = None):
+        import torch
+
+        from ..model.normalize import Normalizer
+
+        self.options = options
+        self.checkpoint = checkpoint
+        self.checkpoint_sha256 = checkpoint_sha256  # what the weights are, whatever the path
+        self.config = config
+        where = checkpoint or "model"
+        self.placement = resolve_placement(resolve_device(options.device, where, PredictError), options.amp, "auto")
+        self.device, self.cuda = self.placement.device, self.placement.cuda
+        self.classes = config.classes
+        self.mpp = float(options.mpp if options.mpp is not None else (config.mpp or 0)) or None
+        if self.mpp is None:
+            raise PredictError(where, "the checkpoint records no mpp: pass --mpp")
+        self.tile = int(options.tile_size or config.tile_size or 0)
+        if not self.tile:
+            raise PredictError(where, "the checkpoint records no tile size: pass --tile-size")
+        try:
+            self.overlap = options.overlap_px(self.tile)
+        except ValueError as exc:
+            raise PredictError(where, str(exc)) from None
+        self.stride = self.tile - self.overlap
+        norm = config.normalization
+        self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last)
+        self.model = model.eval().to(self.device)
+        if self.placement.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.gaussian = gaussian_map(self.tile)
+        self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
+        self._check_shapes()
+
+    @classmethod
+    def from_checkpoint(cls, path, options: PredictOptions = PredictOptions()) -> Predictor:
+        from ..model.checkpoint import load_checkpoint, model_from_checkpoint
+
+        model, config = model_from_checkpoint(load_checkpoint(path), path)
+        return cls(model, config, options, checkpoint=str(Path(path).resolve()), checkpoint_sha256=file_sha256(path))
+
+    def _check_shapes(self) -> None:
+        """One forward on a blank window: a tile size the network cannot take fails here, clearly."""
+        import torch
+
+        x = torch.full((1, self.tile, self.tile, 3), 255, dtype=torch.uint8)
+        where = self.checkpoint or "model"
+        try:
+            out = self._logits(x.to(self.device))
+        except RuntimeError as exc:
+            raise PredictError(where, f"the model cannot take {self.tile} px windows "
+                                      f"({str(exc).splitlines()[0][:160]}); try a multiple of 32") from None
+        if tuple(out.shape[-2:]) != (self.tile, self.tile) or out.shape[1] != self.classes:
+            raise PredictError(where, f"the model maps a {self.tile} px window to {tuple(out.shape)}, "
+                                      f"expected (1, {self.classes}, {self.tile}, {self.tile})")
+
+    def _logits(self, x_nhwc):
+        import torch
+
+        x = self.normalizer(x_nhwc.permute(0, 3, 1, 2))
+        if not self.placement.channels_last:
+            x = x.contiguous()
+        with torch.inference_mode(), autocast(self.placement):
+            return self.model(x)
+
+    def _prob(self, logits):
+        import torch
+
+        logits = logits.float()
+        if self.classes == 1:
+            return torch.sigmoid(logits[:, 0])
+        return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+
+    def probabilities(self, batch):
+        """(N, T, T, 3) uint8 (any device) -> (N, T, T) float32 foreground probability on the device."""
+        import torch
+
+        x = batch.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self.options.tta == "none":
+                return self._prob(self._logits(x))
+            total = None
+            for dims in ((), (2,), (1,), (1, 2)):  # NHWC: 2 = width, 1 = height
+                xi = x.flip(dims) if dims else x
+                p = self._prob(self._logits(xi))
+                p = p.flip(dims) if dims else p  # (N, H, W): the same dims
+                total = p if total is None else total + p
+            return total / 4
+
+    def weighted(self, batch):
+        """Probabilities times the Gaussian importance map (on the device)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.probabilities(batch) * self._gaussian_dev
+
+    def new_batch(self):
+        import torch
+
+        return torch.empty((self.options.batch_size, self.tile, self.tile, 3), dtype=torch.uint8, pin_memory=self.cuda)
+
+    def new_output(self):
+        import torch
+
+        return torch.empty((self.options.batch_size, self.tile, self.tile), dtype=torch.float32, pin_memory=self.cuda)
+
+    def describe(self) -> dict:
+        mc = self.config
+        return {"checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "arch": mc.arch,
+                "encoder": mc.encoder, "classes": self.classes, "labels": mc.labels, "method": mc.method,
+                "trained_mpp": mc.mpp, "trained_tile_size": mc.tile_size}

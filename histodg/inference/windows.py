@@ -1,0 +1,132 @@
+"""The window pipeline of one slide: reader threads -> model -> stitching, overlapped.
+
+`workers` reader threads fill uint8 batch buffers (pinned on CUDA) ahead of the model; the main
+thread copies a batch to the device (non-blocking), runs the model (normalisation, autocast and
+the Gaussian weights on the device) and stitches the previous batch while the device works on
+this one. A window that cannot be read is skipped and recorded; more than `max_bad_fraction`
+of them fails the slide.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from .. import SlideError
+from ..batch import gc_paused
+from ..slides.plan import WindowPlan
+from .stitching import ChunkAccumulator
+
+
+class WindowRunner:
+    """Runs `windows` (indices into `plan`) through `predictor` into `acc`."""
+
+    def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None):
+        self.pred, self.slide, self.plan, self.acc, self.progress = predictor, slide, plan, acc, progress
+        o = predictor.options
+        self.n, self.batch_size, self.workers = count, o.batch_size, o.workers
+        self.batches = [(i, min(i + o.batch_size, count)) for i in range(0, count, o.batch_size)]
+        self.per_task = max(1, math.ceil(o.batch_size / o.workers))
+        self.limit = o.max_bad_fraction * count
+        self.bad: list[dict] = []
+        self.clock = {"reading": 0.0, "waiting_for_reads": 0.0, "model": 0.0, "stitching": 0.0}
+        n_buffers = 2 + max(2, o.workers)
+        self.free = deque(predictor.new_batch() for _ in range(min(n_buffers, len(self.batches) + 1)))
+        self.outs = [predictor.new_output() for _ in range(2)] if predictor.cuda else None
+        self.inflight: deque = deque()
+        self.next_batch = 0
+
+    # -- reader threads --------------------------------------------------------------------------
+    def _read(self, buf_np, i0: int, i1: int, base: int):
+        t = time.perf_counter()
+        failed = []
+        res = self.plan.resolution
+        for i in range(i0, i1):
+            try:
+                buf_np[i - base] = res.read(self.slide, self.plan.level0_xy[i])
+            except SlideError as exc:
+                buf_np[i - base] = 255
+                failed.append((i, exc.reason))
+        return failed, time.perf_counter() - t
+
+    def _fill(self, pool) -> None:
+        """Hand free buffers to the readers for the next batches."""
+        while self.free and self.next_batch < len(self.batches):
+            buf = self.free.popleft()
+            b0, b1 = self.batches[self.next_batch]
+            arr = buf.numpy()
+            futs = [pool.submit(self._read, arr, s, min(s + self.per_task, b1), b0) for s in range(b0, b1, self.per_task)]
+            self.inflight.append((self.next_batch, buf, futs))
+            self.next_batch += 1
+
+    def _collect_reads(self, futs) -> dict[int, str]:
+        t = time.perf_counter()
+        failed = {}
+        for fut in futs:
+            errs, secs = fut.result()
+            self.clock["reading"] += secs
+            failed.update(errs)
+        self.clock["waiting_for_reads"] += time.perf_counter() - t
+        for i, reason in failed.items():
+            x0, y0 = (int(v) for v in self.plan.level0_xy[i])
+            self.bad.append({"x": x0, "y": y0, "reason": reason})
+        if len(self.bad) > self.limit:
+            raise SlideError(self.slide.path, f"{len(self.bad)} of {self.n} windows cannot be decoded, more than "
+                                              f"--max-bad-fraction {self.pred.options.max_bad_fraction:g}; "
+                                              f"first: {self.bad[0]['reason']}")
+        return failed
+
+    # -- the model and stitching -----------------------------------------------------------------
+    def _launch(self, bno: int, buf):
+        """Start the model on a batch; returns the host tensor that will hold its output and an event."""
+        import torch
+
+        b0, b1 = self.batches[bno]
+        t = time.perf_counter()
+        weighted = self.pred.weighted(buf[: b1 - b0])
+        if self.pred.cuda:
+            host = self.outs[bno % 2][: b1 - b0]
+            host.copy_(weighted, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = weighted, None
+        self.clock["model"] += time.perf_counter() - t
+        return host, event
+
+    def _stitch(self, bno: int, buf, host, event, failed: dict) -> None:
+        t = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        self.clock["model"] += time.perf_counter() - t
+        t = time.perf_counter()
+        b0, b1 = self.batches[bno]
+        res, T, g = host.numpy(), self.pred.tile, self.pred.gaussian
+        for i in range(b0, b1):
+            x, y = (int(v) for v in self.plan.windows[i])
+            if i in failed:
+                self.acc.skip(x, y, (T, T))
+            else:
+                self.acc.add(x, y, res[i - b0], g)
+        self.clock["stitching"] += time.perf_counter() - t
+        self.free.append(buf)
+        if self.progress:
+            self.progress(advance=b1 - b0)
+
+    def run(self) -> list[dict]:
+        """Every window read, predicted and stitched; returns the unreadable ones (level-0 x, y, reason)."""
+        pending = None
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="histodg-predict") as pool, gc_paused():
+            self._fill(pool)
+            while self.inflight:
+                bno, buf, futs = self.inflight.popleft()
+                failed = self._collect_reads(futs)
+                host, event = self._launch(bno, buf)
+                if pending is not None:
+                    self._stitch(*pending)
+                pending = (bno, buf, host, event, failed)
+                self._fill(pool)
+            if pending is not None:
+                self._stitch(*pending)
+        return self.bad

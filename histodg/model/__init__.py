@@ -1,0 +1,14 @@
+"""Models: how they are built, what is known about them, how they are saved.
+
+- `build`: `build_model(arch, encoder, weights, classes)` over segmentation-models-pytorch,
+  with a 1x1 segmentation head; local and ImageNet weights;
+- `config`: `ModelConfig`, the typed, versioned contract between training and prediction;
+- `checkpoint`: save / load self-describing checkpoints, rebuild a model from one;
+- `normalize`: `Normalizer`, the model's input normalisation on the device;
+- `taps`: forward hooks methods use (decoder features, shallow encoder stages, the head).
+
+May import: the top-level helpers. Knows nothing of slides, stores, training or inference.
+"""
+from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, Normalization
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelConfig", "Normalization"]

@@ -1,0 +1,68 @@
+"""Self-describing checkpoints: everything `predict` needs, and everything `--resume` needs.
+
+    ckpt = load_checkpoint("runs/a/best.pt")
+    model, config = model_from_checkpoint(ckpt)     # no download: weights come from the file
+
+A checkpoint is a dict: `format`, `version`, `histodg_version`, `model_state`, `model_config`
+(a `ModelConfig` as plain data) and, in `last.pt`, what the trainer needs to continue exactly
+(optimizer, scheduler, RNG states, stage, epoch, step). Files are written to a temporary name
+and renamed, so a killed run never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import HistodgError, __version__
+from ..files import atomic_write
+from .config import ModelConfig
+
+FORMAT = "histodg-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(HistodgError):
+    """A checkpoint is missing, unreadable or not histodg's."""
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = {"format": FORMAT, "version": VERSION, "histodg_version": __version__, **payload}
+    if isinstance(payload.get("model_config"), ModelConfig):
+        payload["model_config"] = payload["model_config"].to_dict()
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(path, f"not a readable checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(path, "not a histodg checkpoint (train one with `histodg train`)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(path, f"checkpoint version {ckpt.get('version')}, this histodg reads {VERSION}")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path="checkpoint") -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"no usable model description ({exc})") from None
+
+
+def model_from_checkpoint(ckpt: dict, path="checkpoint"):
+    """(model with the checkpoint's weights, its ModelConfig)."""
+    from .build import build_model
+
+    mc = checkpoint_config(ckpt, path)
+    try:
+        model = build_model(mc.arch, mc.encoder, "none", mc.classes)
+        model.load_state_dict(ckpt["model_state"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(path, f"cannot rebuild the model ({str(exc).splitlines()[0][:160]})") from None
+    return model, mc

@@ -1,0 +1,21 @@
+"""The model's input contract: uint8 RGB in, normalised float out, on the device, whole batches."""
+from __future__ import annotations
+
+import torch
+
+
+class Normalizer:
+    """uint8 NCHW on any device -> normalised float (ImageNet statistics by default)."""
+
+    def __init__(self, mean, std, device, channels_last: bool = False):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised -> RGB in 0-255 (float)."""
+        return x.float() * self.std + self.mean

@@ -1,0 +1,221 @@
+"""INPUTS of `tile` and `predict` -> one job per slide or image.
+
+An input is a slide or image file, a folder of them (top level only), a CSV manifest
+(columns `path` and optionally `annotation, organ, scanner, mpp, name`; other columns are kept
+as metadata; relative paths are relative to the manifest), or a COSAS-layout folder:
+``<task_dir>/<domain>/image/*.png`` with ``mask/`` beside ``image/``. In the COSAS layout each
+domain folder names the organ or the scanner of its images (`domain_axis`).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import HistodgError
+
+SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
+    ".png", ".jpg", ".jpeg", ".bmp",
+}
+DOMAIN_AXES = ("organ", "scanner")
+MANIFEST_COLUMNS = ("path", "annotation", "organ", "scanner", "mpp", "name")
+
+
+class InputError(HistodgError):
+    """An input path or manifest cannot be used."""
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    path: Path
+    name: str
+    annotation: Path | None = None
+    organ: str = "unknown"
+    scanner: str = "unknown"
+    mpp: float | None = None
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "slide"
+
+
+def is_cosas_domain(d: Path) -> bool:
+    return (d / "image").is_dir() and (d / "mask").is_dir()
+
+
+def guess_domain_axis(task_dir: Path) -> str | None:
+    name = task_dir.name.lower()
+    if "organ" in name or name in ("task1", "task_1", "task-1"):
+        return "organ"
+    if "scanner" in name or name in ("task2", "task_2", "task-2"):
+        return "scanner"
+    return None
+
+
+def cosas_jobs(task_dir: Path, domain_axis: str | None, organ: str, scanner: str) -> list[SlideJob]:
+    """Jobs for a COSAS task folder (or a single domain folder)."""
+    domains = [task_dir] if is_cosas_domain(task_dir) else sorted(d for d in task_dir.iterdir() if is_cosas_domain(d))
+    axis = domain_axis or guess_domain_axis(task_dir if len(domains) > 1 or domains[0] != task_dir else task_dir.parent)
+    if axis is None:
+        raise InputError(task_dir, "COSAS layout found but its domains could be organs or scanners: pass --domain-axis organ|scanner")
+    jobs = []
+    for d in domains:
+        images = sorted(p for p in (d / "image").iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        masks = {p.stem: p for p in (d / "mask").iterdir() if p.is_file()}
+        for img in images:
+            mask = masks.get(img.stem) or masks.get(f"{img.stem}_mask") or masks.get(f"{img.stem}-mask")
+            values = {"organ": organ, "scanner": scanner, axis: d.name}
+            jobs.append(
+                SlideJob(
+                    path=img,
+                    name=_safe_name(f"{d.name}-{img.stem}"),
+                    annotation=mask,
+                    organ=values["organ"],
+                    scanner=values["scanner"],
+                    meta={"domain": d.name, "domain_axis": axis, **({} if mask else {"missing_mask": True})},
+                )
+            )
+    return jobs
+
+
+def manifest_jobs(path: Path, organ: str, scanner: str) -> list[SlideJob]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(path, f"cannot read the manifest ({exc})") from None
+    if not rows:
+        raise InputError(path, "manifest has no rows")
+    header = [h.strip().lower() for h in rows[0].keys() if h]
+    if "path" not in header:
+        raise InputError(path, f"manifest needs a 'path' column (found: {', '.join(header) or 'none'})")
+    jobs = []
+    base = path.parent
+    for i, raw in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+        if not row.get("path"):
+            raise InputError(path, f"line {i}: empty path")
+        p = Path(row["path"])
+        p = p if p.is_absolute() else base / p
+        ann = row.get("annotation")
+        ann_path = None
+        if ann:
+            ann_path = Path(ann) if Path(ann).is_absolute() else base / ann
+        mpp = None
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                raise InputError(path, f"line {i}: mpp {row['mpp']!r} is not a number") from None
+        meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k}
+        jobs.append(
+            SlideJob(
+                path=p,
+                name=_safe_name(row.get("name") or p.stem),
+                annotation=ann_path,
+                organ=row.get("organ") or organ,
+                scanner=row.get("scanner") or scanner,
+                mpp=mpp,
+                meta=meta,
+            )
+        )
+    return jobs
+
+
+def resolve_inputs(
+    inputs,
+    organ: str = "unknown",
+    scanner: str = "unknown",
+    domain_axis: str | None = None,
+    annotations: Path | None = None,
+    mpp: float | None = None,
+) -> list[SlideJob]:
+    """All jobs, named uniquely, in a stable order."""
+    jobs: list[SlideJob] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            jobs.extend(manifest_jobs(p, organ, scanner))
+        elif p.is_dir() and p.suffix.lower() != ".zarr" and (
+            is_cosas_domain(p) or any(is_cosas_domain(d) for d in p.iterdir() if d.is_dir())
+        ):
+            jobs.extend(cosas_jobs(p, domain_axis, organ, scanner))
+        elif p.is_dir() and not (p.suffix.lower() == ".dcm" or any(p.glob("*.dcm"))):
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            if not files:
+                raise InputError(p, "folder holds no slides or images")
+            jobs.extend(SlideJob(f, _safe_name(f.stem), organ=organ, scanner=scanner) for f in files)
+        else:
+            jobs.append(SlideJob(p, _safe_name(p.stem), organ=organ, scanner=scanner))
+    if annotations is not None:
+        jobs = attach_annotations(jobs, Path(annotations))
+    if mpp is not None:
+        jobs = [replace(j, mpp=j.mpp if j.mpp is not None else mpp) for j in jobs]
+    return uniquify(jobs)
+
+
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".png", ".tif", ".tiff")
+
+
+def attach_annotations(jobs: list[SlideJob], ann: Path) -> list[SlideJob]:
+    """--annotations: one file for one slide, or a folder matched by slide name."""
+    if ann.is_file():
+        if len(jobs) != 1:
+            raise InputError(ann, f"one annotation file for {len(jobs)} slides: pass a folder of annotations named after the slides")
+        return [replace(jobs[0], annotation=ann)]
+    if not ann.is_dir():
+        raise InputError(ann, "annotation file or folder not found")
+    out = []
+    for j in jobs:
+        match = None
+        for stem in (j.path.stem, f"{j.path.stem}_mask", f"{j.path.stem}-mask"):
+            for suffix in ANNOTATION_SUFFIXES:
+                cand = ann / f"{stem}{suffix}"
+                if cand.is_file():
+                    match = cand
+                    break
+            if match:
+                break
+        out.append(replace(j, annotation=match or j.annotation))
+    return out
+
+
+def uniquify(jobs: list[SlideJob]) -> list[SlideJob]:
+    """Give jobs with the same name distinct names (parent folder prefix, then a counter)."""
+    counts = Counter(j.name for j in jobs)
+    out, seen = [], Counter()
+    for j in jobs:
+        name = j.name
+        if counts[name] > 1:
+            name = _safe_name(f"{j.path.parent.name}-{name}")
+        seen[name] += 1
+        if seen[name] > 1:
+            name = f"{name}-{seen[name]}"
+        out.append(replace(j, name=name))
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' (1-based I) -> (i, n) 0-based; None -> from SLURM_ARRAY_TASK_ID / _COUNT, else (0, 1)."""
+    if text is None:
+        tid, cnt = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if tid is not None and cnt is not None:
+            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return int(tid) - first, int(cnt)
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"--shard {text!r}: expected I/N with 1 <= I <= N, such as 2/8")
+    return int(m.group(1)) - 1, int(m.group(2))
+
+
+def take_shard(jobs: list, shard: tuple[int, int]) -> list:
+    i, n = shard
+    return jobs[i::n]

@@ -1,0 +1,88 @@
+"""`open_slide(path, backend="auto")`: pick the reader for a file and open it.
+
+``auto``: PNG/JPEG/BMP (by their magic bytes) are plain images; TIFFs that OpenSlide calls
+Aperio or generic-tiff (or does not know) go to histodg's own tile reader (pixel-identical,
+checked in tests), falling back to OpenSlide, then to a plain image for stripped TIFFs; every
+other format OpenSlide opens goes to OpenSlide.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import SlideError
+from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
+from .base import Slide
+
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+# OpenSlide formats whose pixels our TIFF tile reader decodes identically (checked in tests).
+FAST_FORMATS = {"aperio", "generic-tiff"}
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff") or head.startswith(b"BM"):
+        return "image"
+    return "other"
+
+
+def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
+    """Open a slide or image; `mpp` overrides (or supplies) the microns per pixel."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise SlideError(path, f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if not path.exists():
+        raise SlideError(path, "no such file")
+    if path.is_dir() and path.suffix.lower() != ".dcm" and not any(path.glob("*.dcm")):
+        raise SlideError(path, "is a directory, not a slide")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideError(path, "empty file (0 bytes)")
+    slide = _open(path, backend)
+    slide.set_mpp_override(mpp)
+    return slide
+
+
+def _open(path: Path, backend: str) -> Slide:
+    if backend == "openslide":
+        return OpenSlideSlide(path)
+    if backend == "tiffslide":
+        return TiffSlideSlide(path)
+    if backend == "image":
+        return ImageSlide(path)
+    kind = _sniff(path) if path.is_file() else "other"
+    if kind == "image":
+        return ImageSlide(path)
+    import openslide
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        fmt = None
+    if kind == "tiff":
+        if fmt in FAST_FORMATS or fmt is None:
+            try:
+                return TiffSlideSlide(path)
+            except SlideError as fast_error:
+                if fmt is None:
+                    return _plain_tiff_or(path, fast_error)
+                try:
+                    return OpenSlideSlide(path)
+                except SlideError:
+                    raise fast_error from None
+        return OpenSlideSlide(path)
+    if fmt is not None:
+        return OpenSlideSlide(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageSlide(path)
+    raise SlideError(path, "not a slide or image that OpenSlide, tiffslide or Pillow can open")
+
+
+def _plain_tiff_or(path: Path, error: SlideError) -> Slide:
+    """A TIFF that is not a tiled slide may still be a plain image (stripped RGB TIFF)."""
+    try:
+        return ImageSlide(path)
+    except SlideError:
+        raise error from None

@@ -1,0 +1,17 @@
+"""The zarr patch store: one owner for its format.
+
+- `schema`: the arrays, every attribute with its type (`StoreAttrs`), `FORMAT_VERSION`;
+- `writer`: `StoreWriter` creates or resumes a store, writes whole shards in zarr's own bytes
+  and decides itself when to flush and journal; `finish` marks the store complete, last;
+- `reader`: `open_store`, `store_state`, `find_stores`, `describe_store`: every reader of a
+  store goes through here;
+- `codecs` / `jpegcodec`: the compressions (blosc-lz4, none, and the `histodg.jpeg` zarr codec).
+
+May import: the top-level helpers (`histodg`, `constants`, `files`). Knows nothing of slides.
+"""
+from .reader import PatchStore, StoreError, StoreRef, describe_store, find_stores, open_store, read_attrs, store_state
+from .schema import FORMAT_VERSION, PROGRESS_FILE, StoreAttrs
+from .writer import StoreWriter
+
+__all__ = ["FORMAT_VERSION", "PROGRESS_FILE", "PatchStore", "StoreAttrs", "StoreError", "StoreRef", "StoreWriter",
+           "describe_store", "find_stores", "open_store", "read_attrs", "store_state"]

@@ -1,0 +1,301 @@
+"""The built-in synthetic multi-organ, multi-scanner adenocarcinoma data set (`histodg synth`).
+
+Shaped like COSAS 2024, small enough to make in seconds, with no download:
+
+- task ``organ``: colon, stomach and pancreas for training and lung held out, all from one
+  scanner (``scanner-o``). The organs differ in morphology (gland size, shape and density,
+  nucleus size, stroma texture), not in staining.
+- task ``scanner``: colon from ``scanner-a``, ``-b``, ``-c`` for training and ``scanner-d`` held out.
+  The scanners differ in acquisition (stain vectors, white balance, illumination, blur, noise,
+  JPEG quality, resolution: ``-b`` and ``-d`` image at 0.25 um/px, the others at 0.5).
+
+Layout under OUT_DIR::
+
+    wsi/<task>/<domain>/<case>.tiff       pyramidal tiled JPEG TIFF with resolution tags (mpp)
+    wsi/<task>/<domain>/<case>.geojson    QuPath FeatureCollection of the tumour regions, level-0 px
+    cosas/<task>/<domain>/image/<case>.png   with --format cosas: the case at its native mpp
+    cosas/<task>/<domain>/mask/<case>.png    0/255 tumour mask, same size
+    manifest.csv                          written last: path, annotation, organ, scanner, split,
+                                          task, mpp, true_organ, true_scanner
+
+As in COSAS, rows of task ``organ`` give the organ and scanner ``unknown``, rows of task
+``scanner`` give the scanner and organ ``unknown``; the true values are in ``true_organ`` and
+``true_scanner``. Every case is rendered from its own seed (the data set seed, its domain and
+its number), so the same seed gives the same bytes and more cases never change the first ones.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..constants import TUMOR_CLASS
+from ..files import atomic_write, write_text_atomic
+from .profiles import ORGANS, SCANNERS
+from .tissue import Case, render_case
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain of one task: which organ on which scanner, and whether it is for training."""
+
+    task: str  # "organ" | "scanner"
+    organ: str
+    scanner: str
+    split: str  # "train" | "heldout"
+
+    @property
+    def name(self) -> str:
+        """The domain's folder name: its organ in the organ task, its scanner in the scanner task."""
+        return self.organ if self.task == "organ" else self.scanner
+
+
+DOMAINS = (
+    Domain("organ", "colon", "scanner-o", "train"),
+    Domain("organ", "stomach", "scanner-o", "train"),
+    Domain("organ", "pancreas", "scanner-o", "train"),
+    Domain("organ", "lung", "scanner-o", "heldout"),
+    Domain("scanner", "colon", "scanner-a", "train"),
+    Domain("scanner", "colon", "scanner-b", "train"),
+    Domain("scanner", "colon", "scanner-c", "train"),
+    Domain("scanner", "colon", "scanner-d", "heldout"),
+)
+
+DEFAULT_CASES = 2
+DEFAULT_SIZE_UM = 1500.0
+MIN_SIZE_UM = 400.0  # room for a tumour and normal glands around it
+MAX_SIZE_UM = 20000.0
+FORMATS = ("wsi", "cosas")
+MANIFEST_COLUMNS = ("path", "annotation", "organ", "scanner", "split", "task", "mpp", "true_organ", "true_scanner")
+TILE_PX = 256
+PARALLEL_PIXELS = 40e6  # a data set of more pixels than this is made by two processes
+
+
+def case_size_um(size_um: float, mpp: float, rng) -> tuple[float, float]:
+    """(width, height) of a case in microns.
+
+    Scanners finer than 0.5 um/px image a smaller field (side scaled by sqrt(mpp / 0.5)), so a
+    case costs at most twice the pixels of a 0.5 um/px one; the height is 80-100 % of the width.
+    """
+    side = size_um * min(1.0, np.sqrt(mpp / 0.5))
+    return side, side * rng.uniform(0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """Everything a worker process needs to make one case."""
+
+    out_dir: str
+    domain: Domain
+    index: int  # 1-based case number within the domain
+    seed: int
+    size_um: float
+    formats: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain.name}-{self.index:02d}"
+
+    def seed_sequence(self) -> list[int]:
+        return [self.seed, zlib.crc32(f"{self.domain.task}/{self.domain.name}".encode()), self.index]
+
+
+def render_job(job: CaseJob) -> Case:
+    """Render one case of a data set (no files)."""
+    d = job.domain
+    scanner = SCANNERS[d.scanner]
+    rng = np.random.default_rng(job.seed_sequence() + [1])
+    w_um, h_um = case_size_um(job.size_um, scanner.mpp, rng)
+    return render_case(ORGANS[d.organ], scanner, w_um, h_um, job.seed_sequence())
+
+
+def make_case(job: CaseJob) -> dict:
+    """Render one case and write its files; returns its manifest row (paths relative to out_dir)."""
+    case = render_job(job)
+    d, out = job.domain, Path(job.out_dir)
+    scanner = SCANNERS[d.scanner]
+    row = {
+        "organ": d.organ if d.task == "organ" else "unknown",
+        "scanner": d.scanner if d.task == "scanner" else "unknown",
+        "split": d.split,
+        "task": d.task,
+        "mpp": f"{case.mpp:g}",
+        "true_organ": d.organ,
+        "true_scanner": d.scanner,
+    }
+    if "cosas" in job.formats:
+        folder = Path("cosas") / d.task / d.name
+        image, mask = folder / "image" / f"{job.name}.png", folder / "mask" / f"{job.name}.png"
+        write_png(out / image, jpeg_roundtrip(case.rgb, scanner.jpeg_quality), case.mpp)
+        write_png(out / mask, case.label * np.uint8(255), case.mpp)
+        row.update(path=image.as_posix(), annotation=mask.as_posix())
+    if "wsi" in job.formats:
+        folder = Path("wsi") / d.task / d.name
+        slide, geojson = folder / f"{job.name}.tiff", folder / f"{job.name}.geojson"
+        description = (f"histodg synthetic slide {job.name}: task={d.task} organ={d.organ} scanner={d.scanner} "
+                       f"mpp={case.mpp:g} seed={job.seed}")
+        write_pyramid(out / slide, case.rgb, case.mpp, scanner.jpeg_quality, description)
+        write_geojson(out / geojson, case.polygons)
+        row.update(path=slide.as_posix(), annotation=geojson.as_posix())
+    return row
+
+
+# -- writers ---------------------------------------------------------------------------------------
+def pyramid_levels(rgb: np.ndarray, min_side_px: int = 512) -> list[np.ndarray]:
+    """Level 0 and halvings (area averaging) until the smaller side is at most `min_side_px`."""
+    levels = [rgb]
+    while min(levels[-1].shape[:2]) > min_side_px:
+        h, w = levels[-1].shape[:2]
+        levels.append(cv2.resize(levels[-1], ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA))
+    return levels
+
+
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, quality: int, description: str = "") -> None:
+    """A tiled, JPEG-compressed pyramidal TIFF that OpenSlide (generic-tiff) and tiffslide open.
+
+    Resolution tags are in pixels per centimetre, so both report `mpp` (and mpp x 2^k for level
+    k); reduced levels are flagged as such (NewSubfileType 1). No date or software tags: the same
+    pixels give the same bytes.
+    """
+    import tifffile
+
+    px_per_cm = 1e4 / mpp
+    levels = pyramid_levels(rgb)
+
+    def write(tmp):
+        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
+            for k, level in enumerate(levels):
+                ds = rgb.shape[1] / level.shape[1]
+                tw.write(level, tile=(TILE_PX, TILE_PX), photometric="rgb", compression="jpeg",
+                         compressionargs={"level": int(quality)}, resolution=(px_per_cm / ds, px_per_cm / ds),
+                         resolutionunit="CENTIMETER", subfiletype=1 if k else 0, metadata=None, software=False,
+                         description=description if k == 0 else None, maxworkers=1)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+
+
+def write_geojson(path: Path, polygons: list) -> None:
+    """QuPath GeoJSON: one Tumor annotation per region, rings closed, level-0 pixel coordinates."""
+    features = []
+    for rings in polygons:
+        coords = [[[float(x), float(y)] for x, y in ring] + [[float(ring[0, 0]), float(ring[0, 1])]] for ring in rings]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": coords},
+            "properties": {"objectType": "annotation", "classification": dict(TUMOR_CLASS)},
+        })
+    text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """The pixels after the scanner's JPEG compression (for the PNG copies)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a JPEG")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def write_png(path: Path, pixels: np.ndarray, mpp: float) -> None:
+    """PNG (RGB or single-channel) with its resolution in the pHYs chunk."""
+    from PIL import Image
+
+    dpi = 25400.0 / mpp
+
+    def write(tmp):
+        Image.fromarray(pixels).save(tmp, format="PNG", dpi=(dpi, dpi), compress_level=3)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+
+
+# -- the data set ------------------------------------------------------------------------------------
+def plan(out_dir, seed: int, cases: int, size_um: float, formats) -> list[CaseJob]:
+    """The cases of a data set, in manifest order."""
+    return [CaseJob(str(out_dir), d, i, seed, size_um, tuple(formats)) for d in DOMAINS for i in range(1, cases + 1)]
+
+
+def _check_args(out_dir: Path, seed, formats, cases, size_um, overwrite) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys((formats,) if isinstance(formats, str) else formats))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ValueError(f"formats must be one or both of {', '.join(FORMATS)} (got {', '.join(map(str, formats)) or 'none'})")
+    if int(cases) != cases or cases < 1:
+        raise ValueError(f"cases must be a whole number of at least 1 (got {cases})")
+    if not MIN_SIZE_UM <= size_um <= MAX_SIZE_UM:
+        raise ValueError(f"size {size_um:g} um is outside {MIN_SIZE_UM:g}-{MAX_SIZE_UM:g} um")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0 (got {seed})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} is not empty: use --overwrite to replace the data set in it")
+    return formats
+
+
+def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",), cases: int = DEFAULT_CASES,
+                 size_um: float = DEFAULT_SIZE_UM, overwrite: bool = False, progress=None,
+                 workers: int | None = None) -> Path:
+    """Write the data set; return the path of OUT_DIR/manifest.csv. progress(msg: str) may be None.
+
+    Cases are made by `workers` processes (default: one, or two for sets of more than 40 million
+    pixels when there are two CPU cores); the bytes do not depend on it. With `overwrite`
+    only what this function writes (manifest.csv, wsi/, cosas/) is removed first, the manifest
+    before anything else, so an interrupted run never leaves a manifest that looks finished.
+    """
+    out_dir = Path(out_dir)
+    formats = _check_args(out_dir, seed, formats, cases, size_um, overwrite)
+    manifest = out_dir / "manifest.csv"
+    if out_dir.is_dir():
+        manifest.unlink(missing_ok=True)
+        for sub in FORMATS:
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan(out_dir, int(seed), int(cases), float(size_um), formats)
+    say = progress or (lambda msg: None)
+    rows: dict[str, dict] = {}
+    if workers is None:  # processes pay off for big sets only (each one imports numpy, OpenCV, ...)
+        pixels = sum((case_size_um(job.size_um, SCANNERS[job.domain.scanner].mpp, np.random.default_rng(0))[0]
+                      / SCANNERS[job.domain.scanner].mpp) ** 2 for job in jobs)
+        workers = min(2, os.cpu_count() or 1) if pixels > PARALLEL_PIXELS else 1
+    workers = max(1, min(int(workers), len(jobs)))
+    # biggest cases first, so the last ones to finish are small
+    order = sorted(jobs, key=lambda j: SCANNERS[j.domain.scanner].mpp)
+    if workers == 1:
+        for k, job in enumerate(order, 1):
+            rows[job.name] = make_case(job)
+            say(f"made {k}/{len(jobs)} cases ({job.domain.task}/{job.name})")
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        try:
+            futures = {pool.submit(make_case, job): job for job in order}
+            for k, fut in enumerate(as_completed(futures), 1):
+                job = futures[fut]
+                rows[job.name] = fut.result()
+                say(f"made {k}/{len(jobs)} cases ({job.domain.task}/{job.name})")
+        except BaseException:  # an error or Ctrl-C: do not wait for the queued cases
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+            w.writeheader()
+            for job in jobs:
+                w.writerow(rows[job.name])
+
+    atomic_write(manifest, write)
+    return manifest

@@ -1,0 +1,114 @@
+"""Training settings: one frozen dataclass, validated once, written to RUN_DIR/config.json."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..constants import AXES
+from ..device import MODES
+from .methods import METHODS, parse_hparams
+from .methods.base import LOSSES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stores: tuple[str, ...]
+    out_dir: str
+    arch: str = "FPN"
+    encoder: str = "mit_b2"
+    encoder_weights: str = "imagenet"
+    pretrain: str | None = None  # axis of stage 1 (cross-task pretraining)
+    finetune: str | None = None  # axis of stage 2
+    domains: str | None = None  # axis of a single stage
+    union: bool = False  # one stage on both tasks together
+    val_domains: tuple[str, ...] = ()
+    cv: bool = False
+    val_fraction: float = 0.2
+    val_max_patches: int = 512
+    method: str = "erm"
+    hparams: dict = field(default_factory=dict)
+    epochs: int | None = None
+    steps: int | None = None
+    steps_per_epoch: int | None = None
+    batch_size: int = 8  # patches per domain per micro-batch
+    accumulate: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    warmup: float = 0.05  # fraction of a stage's steps
+    loss: str = "bce"
+    jitter: float = 0.1
+    augment: bool = True
+    amp: str = "auto"
+    channels_last: str = "auto"
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        for name in ("pretrain", "finetune", "domains"):
+            v = getattr(self, name)
+            if v is not None and v not in AXES:
+                bad(f"--{name} {v!r}: choose organ or scanner")
+        if (self.pretrain is None) != (self.finetune is None):
+            bad("--pretrain and --finetune go together (for one stage use --domains)")
+        if self.pretrain is not None and self.pretrain == self.finetune:
+            bad("--pretrain and --finetune must be different axes")
+        if self.union and (self.pretrain or self.domains):
+            bad("--union trains one stage on both tasks: do not combine it with --pretrain/--domains")
+        if self.domains and self.pretrain:
+            bad("give --domains (one stage) or --pretrain/--finetune (two stages), not both")
+        if self.epochs is not None and self.steps is not None:
+            bad("give --epochs or --steps, not both")
+        if self.epochs is not None and self.epochs < 1:
+            bad("--epochs must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            bad("--steps must be at least 1")
+        if self.batch_size < 1 or self.accumulate < 1:
+            bad("--batch-size and --accumulate must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            bad("--val-fraction must be in [0, 1)")
+        if self.lr <= 0:
+            bad("--lr must be positive")
+        if not 0 <= self.warmup < 1:
+            bad("--warmup is a fraction of the steps, in [0, 1)")
+        if self.loss not in LOSSES:
+            bad(f"--loss {self.loss!r}: choose {' or '.join(LOSSES)}")
+        for name in ("amp", "channels_last"):
+            if getattr(self, name) not in MODES:
+                bad(f"--{name.replace('_', '-')}: choose auto, on or off")
+        if self.method not in METHODS:
+            bad(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        parse_hparams(METHODS[self.method], self.hparams)  # raises ValueError on a bad --hp
+
+    @property
+    def stage_axes(self) -> list[str | None]:
+        """One entry per stage: the axis of its domains (None: union, or the default axis)."""
+        if self.pretrain:
+            return [self.pretrain, self.finetune]
+        if self.union:
+            return ["union"]
+        return [self.domains]
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else (10 if self.steps is None else 0)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stores"] = list(self.stores)
+        d["val_domains"] = list(self.val_domains)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["stores"] = tuple(d.get("stores", ()))
+        d["val_domains"] = tuple(d.get("val_domains", ()))
+        return cls(**d)
+
+    def replace(self, **kw) -> TrainConfig:
+        return dataclasses.replace(self, **kw)

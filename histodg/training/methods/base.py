@@ -1,0 +1,168 @@
+"""The method contract: how one training step turns per-domain minibatches into a loss.
+
+    class MyMethod(Method):
+        name = "mine"
+        Hparams = MyHparams                  # a frozen dataclass of settings, with defaults
+
+        def loss(self, batches):             # batches[d] = (images, masks) of domain d
+            ...
+            return loss, {"loss": float(loss), "domain_losses": [...], ...}
+
+The loop owns everything else (optimizer, AMP, accumulation, logging, checkpoints). Images
+arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
+`self.net` is what to call for a forward pass (the model, or its DDP wrapper), `self.model` the
+plain model for feature taps; `self.task` says binary/multi-class and the loss;
+`self.normalizer` converts between normalised and 0-255 RGB for input-space augmentation.
+A new method is a file in this folder plus one entry in `METHODS` (methods/__init__.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...constants import IGNORE, TUMOR
+
+LOSSES = ("bce", "bce+dice")
+
+
+@dataclass(frozen=True)
+class SegTask:
+    """What is being segmented: `classes` outputs (1 = binary with sigmoid) and the loss."""
+
+    classes: int = 1
+    loss: str = "bce"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.classes < 1:
+            raise ValueError("classes must be >= 1")
+
+    @property
+    def binary(self) -> bool:
+        return self.classes == 1
+
+
+def seg_loss(logits: torch.Tensor, masks: torch.Tensor, task: SegTask, reduction: str = "mean") -> torch.Tensor:
+    """BCE (binary) or cross-entropy (multi-class), ignoring label 255; + soft Dice if asked.
+
+    With reduction="none" returns the per-image loss (N,), so domains can be weighed or told apart.
+    """
+    valid = (masks != IGNORE)
+    if task.binary:
+        target = (masks == TUMOR).float()
+        px = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none") * valid
+    else:
+        px = F.cross_entropy(logits.float(), masks.long().clamp(max=task.classes - 1), reduction="none") * valid
+    per_image = px.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
+    if "dice" in task.loss:
+        per_image = per_image + soft_dice_loss(logits, masks, task)
+    return per_image.mean() if reduction == "mean" else per_image
+
+
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, task: SegTask, eps: float = 1.0) -> torch.Tensor:
+    """Per-image 1 - soft Dice of the foreground class(es), ignoring label 255."""
+    valid = (masks != IGNORE).unsqueeze(1).float()
+    if task.binary:
+        prob = torch.sigmoid(logits.float())
+        target = (masks == TUMOR).float().unsqueeze(1)
+    else:
+        prob = torch.softmax(logits.float(), 1)[:, 1:]
+        target = F.one_hot(masks.long().clamp(max=task.classes - 1), task.classes).permute(0, 3, 1, 2)[:, 1:].float()
+    prob, target = prob * valid, target * valid
+    inter = (prob * target).flatten(2).sum(2)
+    denom = prob.flatten(2).sum(2) + target.flatten(2).sum(2)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean(1)
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    """This method has no settings."""
+
+
+class Method(nn.Module):
+    name = "?"
+    Hparams: type = NoHparams
+
+    def __init__(self, model: nn.Module, num_domains: int, hparams=None, task: SegTask | None = None, normalizer=None):
+        super().__init__()
+        self.model = model
+        self.net = model
+        self.num_domains = num_domains
+        self.hparams = hparams if hparams is not None else self.Hparams()
+        self.task = task or SegTask()
+        self.normalizer = normalizer
+
+    def loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the model's logits (methods change training only)."""
+        return self.model(x)
+
+    def end_of_step(self) -> None:
+        """Called by the loop after each optimizer step (e.g. to count steps)."""
+
+    def close(self) -> None:
+        """Called by the loop when the stage ends: remove hooks this method put on the model."""
+
+    # -- helpers for subclasses ------------------------------------------------------------
+    @staticmethod
+    def concat(batches):
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        sizes = [len(b[0]) for b in batches]
+        return x, y, sizes
+
+    def per_domain(self, per_image: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        return list(torch.split(per_image, sizes))
+
+
+def parse_hparams(cls, items) -> object:
+    """`--hp key=value` strings (or a dict) -> a validated `cls.Hparams` instance."""
+    hp_cls = cls.Hparams
+    fields = {f.name: f for f in dataclasses.fields(hp_cls)}
+    values = {}
+    pairs = items.items() if isinstance(items, dict) else (str(i).split("=", 1) for i in items or ())
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"--hp {'='.join(pair)!r}: expected KEY=VALUE")
+        key, raw = pair[0].strip(), pair[1]
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise ValueError(f"method {cls.name!r} has no hyperparameter {key!r} (it has: {known})")
+        default = fields[key].default
+        values[key] = _coerce(key, raw, default)
+    return hp_cls(**values)
+
+
+def _coerce(key, raw, default):
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--hp {key}={raw}: expected true or false")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--hp {key}={raw}: expected a {type(default).__name__}") from None
+    return text
+
+
+def describe(cls) -> list[dict]:
+    """[{name, default, help}] of a method's hyperparameters (from field metadata)."""
+    return [
+        {"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        for f in dataclasses.fields(cls.Hparams)
+    ]

@@ -1,0 +1,30 @@
+"""dsu: Domain Shifts with Uncertainty (Li et al., ICLR 2022) after the encoder stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...model.taps import shallow_stages
+from .erm import ERM
+from .ops import StageHooks, dsu
+
+
+@dataclass(frozen=True)
+class DSUHparams:
+    p: float = field(default=0.5, metadata={"help": "probability of resampling statistics at each hooked stage"})
+    stages: int = field(default=4, metadata={"help": "encoder stages followed by DSU (paper: after every stage)"})
+    strength: float = field(default=1.0, metadata={"help": "scale of the statistics noise"})
+
+
+class DSU(ERM):
+    """ERM with each image's feature mean/std resampled from a Gaussian of the batch's spread."""
+
+    name = "dsu"
+    Hparams = DSUHparams
+
+    def __init__(self, model, num_domains, hparams=None, task=None, normalizer=None):
+        super().__init__(model, num_domains, hparams, task, normalizer)
+        hp = self.hparams
+        self.hooks = StageHooks(shallow_stages(model, hp.stages), lambda x: dsu(x, hp.strength), hp.p)
+
+    def close(self) -> None:
+        self.hooks.remove()

@@ -1,0 +1,156 @@
+"""Building blocks shared by the methods: HED stain jitter, feature-statistics perturbation
+hooks (MixStyle, DSU, SDS-shallow) and class-wise pixel statistics with closed-form head
+gradients (SDS-deep, Fishr).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...constants import IGNORE, TUMOR
+
+# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB/residual), as in scikit-image.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def hed_jitter(rgb255: torch.Tensor, sigma: float, bias: float, p: float = 1.0) -> torch.Tensor:
+    """Tellez et al. (2018) HED augmentation on a batch of RGB images in 0-255 (N, 3, H, W).
+
+    Per image and stain channel: c' = c * a + b, a ~ U(1 - sigma, 1 + sigma), b ~ U(-bias, bias),
+    where c are the stain concentrations in optical density (OD = -ln(I / 255) projected on the
+    Ruifrok-Johnston stain vectors), as in the paper; applied to a fraction `p` of the images.
+    (scikit-image >= 0.19's rgb2hed divides OD by -ln(1e-6) = 13.8, so the same sigma and bias
+    there would be 13.8x stronger; these are the original, physical units.)
+    """
+    if sigma <= 0 and bias <= 0:
+        return rgb255
+    n, dev = rgb255.shape[0], rgb255.device
+    rgb = (rgb255.float() / 255.0).clamp(min=1e-6)
+    m, inv = RGB_FROM_HED.to(dev), HED_FROM_RGB.to(dev)
+    stains = torch.einsum("nchw,cd->ndhw", -torch.log(rgb), inv)
+    a = 1 + (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * sigma
+    b = (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * bias
+    if p < 1:
+        keep = (torch.rand(n, 1, 1, 1, device=dev) >= p).float()
+        a, b = a * (1 - keep) + keep, b * (1 - keep)
+    stains = stains * a + b
+    out = torch.exp(-torch.einsum("ndhw,dc->nchw", stains, m))
+    return (out * 255).clamp(0, 255)
+
+
+def channel_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-instance, per-channel mean and std over the spatial dimensions of (N, C, H, W)."""
+    mu = x.mean(dim=(2, 3), keepdim=True)
+    sig = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
+    return mu, sig
+
+
+def mixstyle(x: torch.Tensor, alpha: float, partner: torch.Tensor) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021): mix instance statistics with a partner's (detached)."""
+    mu, sig = channel_stats(x)
+    mu, sig = mu.detach(), sig.detach()
+    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0], 1, 1, 1)).to(x.device, x.dtype)
+    mu2 = lam * mu + (1 - lam) * mu[partner]
+    sig2 = lam * sig + (1 - lam) * sig[partner]
+    return (x - mu) / sig * sig2 + mu2
+
+
+def dsu(x: torch.Tensor, strength: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """DSU (Li et al., ICLR 2022): resample each instance's channel mean and std from a Gaussian
+    whose spread is the batch variance of those statistics."""
+    mu, sig = channel_stats(x, eps)
+    sd_mu = (mu.var(dim=0, keepdim=True) + eps).sqrt()
+    sd_sig = (sig.var(dim=0, keepdim=True) + eps).sqrt()
+    beta = mu + torch.randn_like(mu) * sd_mu * strength
+    gamma = sig + torch.randn_like(sig) * sd_sig * strength
+    return (x - mu) / sig * gamma + beta
+
+
+class StageHooks:
+    """Forward hooks that replace the output of some modules by `fn(output)` while training.
+
+    `fn` runs only when the hooked module is in training mode and a coin with probability `p`
+    lands (one draw per hooked call), so evaluation and prediction never see it.
+    """
+
+    def __init__(self, modules, fn, p: float):
+        self.fn, self.p = fn, p
+        self.active = True
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module, inputs, output):
+        if not (self.active and module.training) or not torch.is_tensor(output) or output.dim() != 4:
+            return None
+        if self.p < 1 and torch.rand(()) >= self.p:
+            return None
+        return self.fn(output)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# -- class-wise pixel statistics ----------------------------------------------------------------
+def upsample_adjoint(model, r: torch.Tensor, small_hw: tuple[int, int]) -> torch.Tensor:
+    """U^T r: the adjoint of the head's upsampling (identity when the head does not upsample)."""
+    from ...model.taps import head_upsampling
+
+    if head_upsampling(model) == 1:
+        return r
+    up = model.segmentation_head[1]
+    zeros = torch.zeros(r.shape[0], r.shape[1], *small_hw, device=r.device, dtype=r.dtype)
+    _, vjp = torch.func.vjp(up, zeros)
+    return vjp(r)[0]
+
+
+def residual(logits: torch.Tensor, masks: torch.Tensor, classes: int) -> torch.Tensor:
+    """dLoss/dlogits per pixel of BCE (binary) or cross-entropy: p - y, (N, K, H, W)."""
+    if classes == 1:
+        return torch.sigmoid(logits.float()) - (masks == TUMOR).float().unsqueeze(1)
+    onehot = F.one_hot(masks.long().clamp(max=classes - 1), classes).permute(0, 3, 1, 2).float()
+    return torch.softmax(logits.float(), 1) - onehot
+
+
+def class_sums(model, feats: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, classes: int,
+               class_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image and class c: (count, feature sum, head-gradient sum) over the pixels of class c.
+
+    With m_c the class-c pixels (full resolution, label 255 ignored), U the head's upsampling
+    and F the decoder features (the head's input):
+      count[n, c]  = sum m_c
+      fsum[n, c]   = sum_q (U^T m_c)(q) F(q)                      (class-c pixels, feature scale)
+      gsum[n, c]   = sum_q (U^T (m_c * (p - y)))(q) [F(q), 1]^T     (closed-form gradient of the
+                     summed class-c pixel loss with respect to the 1x1 head's weights and bias)
+    Shapes (N, C), (N, C, Cf) and (N, C, K, Cf + 1). Everything is differentiable.
+    """
+    small = feats.shape[-2:]
+    valid = (masks != IGNORE).unsqueeze(1).float()
+    r = residual(logits, masks, classes)
+    feats1 = torch.cat([feats.float(), torch.ones_like(feats[:, :1]).float()], 1)
+    counts, fsums, gsums = [], [], []
+    for c in class_ids:
+        m = ((masks == c).unsqueeze(1).float() * valid)
+        counts.append(m.flatten(1).sum(1))
+        w = upsample_adjoint(model, m, small)
+        fsums.append(torch.einsum("nhw,nfhw->nf", w[:, 0], feats.float()))
+        rr = upsample_adjoint(model, r * m, small)
+        gsums.append(torch.einsum("nkhw,nfhw->nkf", rr, feats1))
+    return torch.stack(counts, 1), torch.stack(fsums, 1), torch.stack(gsums, 1)
+
+
+def by_domain(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Sum a per-image tensor (N, ...) into per-domain sums (D, ...), images in domain order."""
+    return torch.stack([part.sum(0) for part in torch.split(x, sizes)])
+
+
+def dispersion(vectors: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Scale-free spread of per-domain vectors (D, V) over the present domains:
+    sum_d |v_d - mean|^2 / sum_d |v_d|^2 (0 when all agree; needs two domains)."""
+    v = vectors[present]
+    if v.shape[0] < 2:
+        return vectors.sum() * 0
+    mean = v.mean(0, keepdim=True)
+    return ((v - mean) ** 2).sum() / ((v**2).sum() + 1e-12)

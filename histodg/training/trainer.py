@@ -1,0 +1,211 @@
+"""The training run: stages, checkpoints, resume, metrics.
+
+    result = Trainer(config).run()
+
+A stage (`stage.StageRun`) trains one method on per-domain minibatches with AdamW, linear
+warm-up and cosine decay; a new stage gets a new optimizer and starts from the previous
+stage's weights. After every epoch the seen domains' validation split and the held-out domains
+are scored (Dice and IoU per domain), `last.pt` is replaced (atomically) and one line is
+appended to `metrics.jsonl`; `best.pt` keeps the final stage's best epoch by the mean Dice of
+the seen domains' validation (never the held-out ones). `--resume` restarts from `last.pt` at
+the same step with the same optimizer, scheduler and RNG state, so a killed run loses at most
+one epoch and continues exactly as if it had not been killed.
+
+Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs), each rank samples its own patches, and rank 0 validates and writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import HistodgError
+from ..files import write_json_atomic, write_text_atomic
+from ..model.build import build_model
+from ..model.checkpoint import load_checkpoint, save_checkpoint
+from ..model.config import ModelConfig
+from .config import TrainConfig
+from .data import label_set, load_stores
+from .methods import SegTask
+from .splits import Stage, plan_stages
+from .stage import NonFiniteLoss, StageRun
+from .state import Runtime, TrainState, params_checksum, resolve_runtime
+from .validation import score_domains
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json", "curves.png")
+
+
+class TrainError(HistodgError):
+    """Training cannot start or had to stop."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks for a live view (the CLI) and for tests; all optional."""
+
+    on_stage_start: object = None  # (stage, model, steps_total) -> None
+    on_step: object = None  # (dict) -> None
+    on_epoch: object = None  # (record dict) -> None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks: Callbacks | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.cb = callbacks or Callbacks()
+        self._resume_model_state = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _prepare_dir(self, rt: Runtime) -> TrainState:
+        last = self.out / "last.pt"
+        if self.resume:
+            if not last.is_file():
+                raise TrainError(self.out, "nothing to resume: no last.pt here")
+            ckpt = load_checkpoint(last)
+            if ckpt.get("done"):
+                raise TrainError(self.out, "this run is finished (result.json); nothing to resume")
+            self._resume_model_state = ckpt["model_state"]
+            return TrainState.from_checkpoint(ckpt)
+        if (self.out / "config.json").exists() or last.exists():
+            if not self.overwrite:
+                raise TrainError(self.out, "a run exists here: use --resume to continue it or --overwrite to start again")
+            if rt.main:
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
+                for p in self.out.glob("stage*.pt"):
+                    p.unlink()
+        return TrainState()
+
+    def _model(self, classes: int, rt: Runtime):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + rt.rank)
+        np.random.seed(cfg.seed + rt.rank)
+        model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
+        if self._resume_model_state is not None:
+            model.load_state_dict(self._resume_model_state)
+        model.to(rt.device)
+        if rt.placement.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        rt = resolve_runtime(cfg, TrainError)
+        stores = load_stores(cfg.stores)  # every store checked before anything trains
+        stages = plan_stages(stores, cfg.stage_axes, cfg.val_domains, cfg.val_fraction, cfg.seed)
+        labels = label_set(stores)
+        classes = 1 if len(labels) <= 2 else max(labels) + 1
+        task = SegTask(classes=classes, loss=cfg.loss)
+        if rt.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        st = self._prepare_dir(rt)
+        if rt.world > 1:
+            torch.distributed.barrier()  # every rank has looked at the folder before rank 0 writes
+        model = self._model(classes, rt)
+        self.model_config = ModelConfig(
+            arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
+            mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
+            loss=cfg.loss)
+        if rt.main:
+            write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
+                "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),
+                "channels_last": rt.placement.channels_last, "world_size": rt.world,
+                "stores": [str(s.path) for s in stores], "stages": [s.summary() for s in stages]}})
+            write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
+        for stage in stages[st.stage:]:
+            self._run_stage(stage, len(stages), model, task, rt, st)
+            st.next_stage(stage.index)
+            if rt.main:
+                save_checkpoint(self.out / f"stage{stage.index + 1}.pt", self._payload(model, st, final=False, light=True))
+                save_checkpoint(self.out / "last.pt", self._payload(model, st, final=False))
+        result = self._finish(model, stages, st, rt)
+        if rt.world > 1:
+            torch.distributed.barrier()
+        return result
+
+    # -- one stage -------------------------------------------------------------------------------
+    def _run_stage(self, stage: Stage, n_stages: int, model, task, rt: Runtime, st: TrainState) -> None:
+        run = StageRun(self.cfg, stage, model, task, rt, st, self.model_config.normalization)
+        if self.cb.on_stage_start:
+            self.cb.on_stage_start(stage, model, run.total)
+        final_stage = stage.index == n_stages - 1
+
+        def on_epoch_end(run: StageRun, epoch: int, record: dict) -> None:
+            if rt.main:
+                self._end_epoch(run, epoch, record, final_stage)
+            else:
+                st.epoch = epoch + 1
+            if rt.world > 1:
+                torch.distributed.barrier()
+
+        try:
+            run.run(on_epoch_end, self.cb.on_step)
+        except NonFiniteLoss as exc:
+            dl = exc.logs.get("domain_losses") or []
+            bad = [stage.domain_names[i] for i, v in enumerate(dl) if not math.isfinite(v)]
+            where = f"batch of domain {', '.join(bad)}" if bad else "batch of every domain"
+            raise TrainError(self.out, f"loss is not finite at stage {stage.index + 1} ({stage.axis}), step "
+                                       f"{st.global_step + 1}, {where}; stopped, last.pt (end of the previous epoch) "
+                                       f"is intact") from None
+
+    def _end_epoch(self, run: StageRun, epoch: int, record: dict, final_stage: bool) -> None:
+        """Validate, keep the best, write last.pt and the metrics line (rank 0)."""
+        st, stage = run.st, run.stage
+        record["val"] = self.validate(run, stage.val)
+        record["heldout"] = self.validate(run, stage.heldout)
+        # no validation split: the last epoch is the best one
+        score = record["val"]["mean_domain_dice_pixels"] if stage.val else float(epoch)
+        st.history.append(record)
+        st.epoch = epoch + 1
+        st.optimizer, st.scheduler = run.optimizer.state_dict(), run.scheduler.state_dict()
+        st.method_extra = run.method_state()
+        if final_stage and score > st.best:
+            st.best = score
+            record["best"] = True
+            save_checkpoint(self.out / "best.pt", self._payload(run.model, st, final=False, light=True, record=record))
+        save_checkpoint(self.out / "last.pt", self._payload(run.model, st, final=False))
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cb.on_epoch:
+            self.cb.on_epoch(record)
+
+    def validate(self, run: StageRun, parts_by_domain: dict) -> dict:
+        cfg = self.cfg
+        return score_domains(run.model, parts_by_domain, run.normalizer, run.rt, run.task.binary,
+                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers)
+
+    # -- output --------------------------------------------------------------------------------
+    def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None) -> dict:
+        return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record)
+
+    def _finish(self, model, stages, st: TrainState, rt: Runtime) -> dict:
+        checks = [params_checksum(model)]
+        if rt.world > 1:
+            gathered = [None] * rt.world
+            torch.distributed.all_gather_object(gathered, checks[0])
+            checks = gathered
+        if not rt.main:
+            return {}
+        last = st.history[-1] if st.history else {}
+        if not (self.out / "best.pt").exists():
+            save_checkpoint(self.out / "best.pt", self._payload(model, st, final=True, light=True, record=last))
+        result = {"run_dir": str(self.out), "stages": [s.summary() for s in stages], "epochs_run": len(st.history),
+                  "global_step": st.global_step, "final": last,
+                  "best_val_dice": st.best if any(s.val for s in stages) else None,
+                  "world_size": rt.world, "param_checksums": checks}
+        save_checkpoint(self.out / "last.pt", self._payload(model, st, final=True))
+        write_json_atomic(self.out / "result.json", result)
+        try:
+            from .curves import plot_curves
+
+            plot_curves(st.history, self.out / "curves.png")
+        except Exception as exc:  # a plot must never fail a finished run
+            (self.out / "curves.error.txt").write_text(str(exc))
+        return result
