@@ -8,7 +8,7 @@ import pytest
 from histodg import SlideError
 from histodg.slides.opening import open_slide
 from histodg.slides.plan import axis_starts, strip_order
-from histodg.slides.tissue import otsu_threshold, tissue_mask, window_fractions
+from histodg.slides.tissue import otsu_level, tissue_mask, window_fractions
 from histodg.tiling import TileSettings, plan_tiles
 
 
@@ -82,19 +82,37 @@ def test_tissue_mask_keeps_an_all_tissue_field(data_dir):
     assert tissue_mask(s.thumbnail(512), "none").all()
 
 
-def test_otsu_threshold_separates_two_modes():
+def test_otsu_level_separates_two_modes():
     rng = np.random.default_rng(0)
-    v = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.6, 0.05, 5000)]).clip(0, 1)
-    assert 0.15 < otsu_threshold(v) < 0.45  # anywhere in the empty gap is optimal
-    v = np.concatenate([rng.normal(0.3, 0.1, 5000), rng.normal(0.7, 0.1, 5000)]).clip(0, 1)
-    assert otsu_threshold(v) == pytest.approx(0.5, abs=0.03)  # overlapping equal modes: the midpoint
+    low, high = rng.normal(25, 5, 5000).clip(0, 255).astype(np.uint8), rng.normal(150, 12, 5000).clip(0, 255).astype(np.uint8)
+    t = otsu_level(np.concatenate([low, high]))
+    assert low.max() <= t < high.min()  # the two modes end up on either side
+    v = np.concatenate([rng.normal(75, 25, 5000), rng.normal(180, 25, 5000)]).clip(0, 255).astype(np.uint8)
+    assert abs(otsu_level(v) - 127) <= 8  # overlapping equal modes: the midpoint
+    assert otsu_level(np.full(100, 40, np.uint8)) == 0  # one value: nothing to split
 
 
-def test_window_fractions_integral_image():
+def test_window_fractions_are_the_exact_covered_area():
     m = np.zeros((10, 10), bool)
     m[:5, :5] = True
-    boxes = np.array([[0, 0, 5, 5], [0, 0, 10, 10], [5, 5, 10, 10], [-5, -5, 5, 5], [2.5, 0, 7.5, 5]], float)
-    np.testing.assert_allclose(window_fractions(m, boxes), [1.0, 0.25, 0.0, 0.25, 0.5], atol=0.11)
+    boxes = np.array([[0, 0, 5, 5], [0, 0, 10, 10], [5, 5, 10, 10], [-5, -5, 5, 5], [2.5, 0, 7.5, 5],
+                      [4.5, 4.5, 5.5, 5.5], [0.25, 0, 1.25, 1], [9, 9, 14, 14]], float)
+    expected = [1.0, 0.25, 0.0, 0.25, 0.5, 0.25, 1.0, 0.0]
+    np.testing.assert_allclose(window_fractions(m, boxes), expected, rtol=0, atol=1e-6)
+    # against brute force on a random mask and random fractional boxes
+    rng = np.random.default_rng(0)
+    m = rng.random((23, 31)) > 0.6
+    fine = np.repeat(np.repeat(m, 8, 0), 8, 1)  # each pixel as 8x8 sub-pixels
+    for _ in range(50):
+        x0, y0 = rng.integers(-16, 31 * 8, 2)
+        x1, y1 = x0 + rng.integers(1, 120), y0 + rng.integers(1, 120)
+        sub = np.zeros((y1 - y0, x1 - x0), bool)
+        a0, b0 = max(y0, 0), max(x0, 0)
+        a1, b1 = min(y1, fine.shape[0]), min(x1, fine.shape[1])
+        if a0 < a1 and b0 < b1:
+            sub[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = fine[a0:a1, b0:b1]
+        got = window_fractions(m, np.array([[x0, y0, x1, y1]], float) / 8)[0]
+        assert got == pytest.approx(sub.mean(), abs=1e-6)
 
 
 def test_windows_are_visited_in_strips():
