@@ -1,7 +1,6 @@
 """The few values every part of histodg agrees on: label values, the tumour class, domain axes."""
 from __future__ import annotations
 
-BACKGROUND = 0  # label of pixels with nothing annotated
 TUMOR = 1  # label of the tumour (the foreground of a binary model)
 IGNORE = 255  # label of pixels no loss or score counts
 DEFAULT_LABELS = {"0": "background", "1": "tumor"}  # a store's `labels` when every polygon is tumour

@@ -33,10 +33,6 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def write_bytes_atomic(path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def write_text_atomic(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

@@ -14,7 +14,7 @@ from histodg.training.methods.fishr import head_sample_grads
 from histodg.training.methods.ops import class_sums, hed_jitter
 from histodg.model.build import build_model
 from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
-from histodg.model.taps import DecoderTap, head_conv
+from histodg.model.taps import DecoderTap
 
 NORM = Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
@@ -90,7 +90,7 @@ def test_closed_form_head_gradient_equals_autograd(arch):
     y[0, :5] = 255  # ignored pixels
     logits = model(x)
     counts, fsums, gsums = class_sums(model, tap.features, logits, y, 1, [0, 1])
-    head = head_conv(model)
+    head = model.segmentation_head[0]
     for n in range(2):
         for c in (0, 1):
             m = (y[n] == c)

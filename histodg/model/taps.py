@@ -3,7 +3,7 @@
 - `shallow_stages(model)`: the modules whose outputs are the first encoder stages' features
   (ResNet `layer1..`, MiT `norm1..`, timm `stages`), where shallow methods perturb statistics;
 - `DecoderTap`: records the decoder's output F (the input of the segmentation head);
-- `head_conv`, `head_upsampling`: the 1x1 head and the factor between F and the output.
+- `head_upsampling`: the factor between F and the output (the head is `segmentation_head[0]`).
 """
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ import torch
 from torch import nn
 
 from .build import ModelError
-
-
-def head_conv(model: nn.Module) -> nn.Conv2d:
-    return model.segmentation_head[0]
 
 
 def head_upsampling(model: nn.Module) -> int:

@@ -21,7 +21,6 @@ SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
     ".png", ".jpg", ".jpeg", ".bmp",
 }
-DOMAIN_AXES = ("organ", "scanner")
 MANIFEST_COLUMNS = ("path", "annotation", "organ", "scanner", "mpp", "name")
 
 

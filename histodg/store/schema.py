@@ -103,6 +103,3 @@ class StoreAttrs:
 
     def replace(self, **changes) -> StoreAttrs:
         return dataclasses.replace(self, **changes)
-
-    def reuse_key_values(self) -> dict:
-        return {k: getattr(self, k) for k in REUSE_KEYS}

@@ -174,10 +174,6 @@ class StoreWriter:
             if plan_done is not None and time.monotonic() - self._last_commit >= COMMIT_SECONDS:
                 self.commit(plan_done)
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf[0])
-
     def flush(self) -> None:
         """Write the buffered patches as one shard (the last one of a store may be partial)."""
         images, masks, xys, tissues = self._buf

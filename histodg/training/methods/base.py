@@ -100,10 +100,6 @@ class Method(nn.Module):
     def loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: the model's logits (methods change training only)."""
-        return self.model(x)
-
     def end_of_step(self) -> None:
         """Called by the loop after each optimizer step (e.g. to count steps)."""
 

@@ -1,4 +1,4 @@
-"""SDS: Shallow-Deep Synergy (BIBM 2024), as reconstructed in DESIGN.md from its abstract.
+"""SDS: Shallow-Deep Synergy (BIBM 2024), as reconstructed from its abstract (ARCHITECTURE.md).
 
 Shallow (fine-grained intensity and texture variation where the network is shallow):
 - HED stain jitter of the input (Tellez et al.), on a fraction `stain_p` of the images;
