@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check histodg tests benchmarks
 	$(PY) -m pytest
 
 demo: $(STAMP)

@@ -46,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import maxrss_mb  # noqa: E402
+
 OUT = REPO / "bench_out" / "dg"
 SEEN = ["colon", "stomach", "pancreas", "scanner-a", "scanner-b", "scanner-c"]
 UNSEEN = ["lung", "scanner-d"]

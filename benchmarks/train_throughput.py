@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import maxrss_mb  # noqa: E402
+
 OUT = REPO / "bench_out" / "train_tp"
 
 

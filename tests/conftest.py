@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_dir() -> Path | None:
-    for cand in (os.environ.get("HISTODG_TEST_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+    """$HISTODG_TEST_DATA, else ../shared/data beside the checkout."""
+    for cand in (os.environ.get("HISTODG_TEST_DATA"), REPO.parent / "shared" / "data"):
         if cand and (Path(cand) / "cmu_small_region.svs").is_file():
             return Path(cand)
     return None
@@ -61,6 +62,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake_slides(monkeypatch, tmp_path):
+    """fake_slides(name, rgb, mpp, levels=1) -> a SlideJob whose slide is an in-memory pyramid
+    (`MemorySlide`, no file is read): tiling and prediction run without ../shared/data."""
+    from histodg.slides import opening
+    from histodg.slides.backends import MemorySlide
+    from histodg.slides.inputs import SlideJob
+
+    slides = {}
+    real = opening.open_slide
+
+    def open_fake(path, backend="auto", mpp=None):
+        key = Path(path).resolve()
+        if key not in slides:
+            return real(path, backend, mpp)
+        rgb, slide_mpp, levels = slides[key]
+        slide = MemorySlide(rgb, slide_mpp, path, levels=levels, tile_size=64)
+        slide.set_mpp_override(mpp)
+        return slide
+
+    for module in ("histodg.tiling.runner", "histodg.inference.pipeline"):
+        monkeypatch.setattr(f"{module}.open_slide", open_fake)
+
+    def make(name: str, rgb, mpp: float | None = 0.5, levels: int = 1, **job):
+        path = tmp_path / f"{name}.fake"
+        path.write_bytes(b"")  # a source file to fingerprint; its pixels are `rgb`
+        slides[path.resolve()] = (rgb, mpp, levels)
+        return SlideJob(path, name, **job)
+
+    return make
 
 
 @pytest.fixture

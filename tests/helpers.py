@@ -98,6 +98,15 @@ def tiny_checkpoint(path: Path, mpp: float = 4.0, tile: int = 64, seed: int = 0,
     return path
 
 
+# -- slides ------------------------------------------------------------------------------------------
+def openslide_rgb(osr, x, y, size) -> np.ndarray:
+    """An OpenSlide level-0 read with transparency (past the slide's edge) composited on white:
+    the reference every reader of histodg must match."""
+    rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (size, size))).astype(np.float64)
+    a = rgba[..., 3:] / 255.0
+    return np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+
+
 # -- fake slides ---------------------------------------------------------------------------------------
 def tissue_field(h: int, w: int, seed: int = 0) -> np.ndarray:
     """An RGB field on white glass: a pink, textured blob of 'tissue' in the middle, dark spots in it."""

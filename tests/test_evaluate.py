@@ -15,7 +15,6 @@ from histodg.evaluation.scoring import Evaluation, binarise_truth, domain_of
 from histodg.inference import PredictOptions, Predictor, predict_slide
 from histodg.slides.inputs import SlideJob
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # -- the numbers ----------------------------------------------------------------------------------------

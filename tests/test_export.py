@@ -23,7 +23,6 @@ from histodg.slides.inputs import SlideJob
 shapely = pytest.importorskip("shapely")
 from shapely.geometry import shape  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def shapes_mask(h: int, w: int) -> np.ndarray:

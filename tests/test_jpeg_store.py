@@ -10,11 +10,12 @@ import openslide
 import pytest
 import zarr
 
-from histodg.tiling import TileOptions, TileSettings, tile_slide
+from helpers import openslide_rgb
 from histodg.slides.inputs import SlideJob
-from histodg.store.jpegcodec import NAME, JpegCodec, decode_patch, encode_patch
 from histodg.slides.opening import open_slide
 from histodg.store import PROGRESS_FILE, open_store, store_state
+from histodg.store.jpegcodec import NAME, JpegCodec, decode_patch, encode_patch
+from histodg.tiling import TileOptions, TileSettings, tile_slide
 
 TILE = 240  # cmu_small_region.svs stores JPEG tiles of 240 px
 W, H = 2220, 2967
@@ -87,9 +88,7 @@ def test_source_tiles_are_copied_pixel_exact_and_the_rest_encoded(cli, cmu, tmp_
     assert a.source_tiles_copied == int(inside.sum())
     osr = openslide.OpenSlide(str(cmu))
     for i, (x, y) in enumerate(coords):
-        rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (TILE, TILE))).astype(np.float64)
-        al = rgba[..., 3:] / 255.0
-        ref = np.round(rgba[..., :3] * al + 255 * (1 - al)).astype(np.uint8)
+        ref = openslide_rgb(osr, x, y, TILE)
         diff = np.abs(st.images[i].astype(int) - ref)
         if inside[i]:
             assert diff.max() == 0, f"copied tile {i} differs from the slide"

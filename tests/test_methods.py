@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from histodg.model.build import build_model
+from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
 from histodg.model.normalize import Normalizer
+from histodg.model.taps import DecoderTap
 from histodg.training.methods import METHODS, SegTask, parse_hparams
 from histodg.training.methods.fishr import head_sample_grads
 from histodg.training.methods.ops import class_sums, hed_jitter
-from histodg.model.build import build_model
-from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
-from histodg.model.taps import DecoderTap
 
 NORM = Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
@@ -77,6 +77,61 @@ def test_every_method_learns_the_toy_task(name):
     after = held_out_loss()
     method.close()
     assert after < 0.75 * before, (name, before, after)
+
+
+# Each method's own term, switched on (strongly, every image) and off; the rest is the ERM step.
+# Penalties: {logged name: weight}, the loss being the ERM loss plus their weighted sum.
+OWN_TERM = {
+    "stain": ({"p": 1.0, "sigma": 0.2, "bias": 0.2}, {"sigma": 0.0, "bias": 0.0}, {}),
+    "mixstyle": ({"p": 1.0, "alpha": 0.5}, {"p": 0.0}, {}),
+    "dsu": ({"p": 1.0}, {"p": 0.0}, {}),
+    "coral": ({"weight": 1.0}, {"weight": 0.0}, {"coral": 1.0}),
+    "fishr": ({"weight": 1000.0, "anneal_steps": 0}, {"weight": 0.0, "anneal_steps": 0}, {"fishr": 1000.0}),
+    "sds (shallow)": ({"deep": False, "stain": 0.2, "stain_p": 1.0, "perturb_p": 1.0}, {"deep": False, "shallow": False}, {}),
+    "sds (deep)": ({"shallow": False, "big_batch": 1, "feat_align": 0.5, "grad_align": 0.5},
+                   {"shallow": False, "deep": False}, {"feat_align": 0.5, "grad_align": 0.5}),
+}
+
+
+def _loss_and_grads(name, hp, batches, seed=5):
+    model = tiny("unet")  # no dropout: with the term off, the step is deterministic
+    method = make(name.split(" ")[0], model, **hp)
+    method.train()
+    torch.manual_seed(seed)
+    loss, logs = method.loss(batches)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    method.close()
+    return float(loss.detach()), logs, torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("name", sorted(OWN_TERM))
+def test_every_method_term_is_non_zero_and_changes_the_gradients(name):
+    """A method whose own term were silently zero (or never applied) would give ERM's gradients."""
+    on, off, penalties = OWN_TERM[name]
+    batches = toy_batches()
+    loss_on, logs_on, g_on = _loss_and_grads(name, on, batches)
+    loss_off, _, g_off = _loss_and_grads(name, off, batches)
+    _, _, g_off_again = _loss_and_grads(name, off, batches, seed=6)
+    torch.testing.assert_close(g_off, g_off_again)  # off is deterministic: a difference is the term's
+    assert (g_on - g_off).norm() / g_off.norm() > 1e-3
+    for key in penalties:
+        assert logs_on[key] > 0, key
+    if penalties:
+        expected = sum(w * logs_on[k] for k, w in penalties.items())
+        assert loss_on - loss_off == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_coral_penalty_is_the_squared_difference_of_means_and_covariances():
+    from histodg.training.methods.coral import coral_penalty
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    x = x - x.mean(0)
+    assert float(coral_penalty(x, x)) == 0.0
+    shift = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert float(coral_penalty(x, x + shift)) == pytest.approx(float((shift**2).mean()), rel=1e-9)  # covariances equal
+    cov = x.T @ x / (len(x) - 1)
+    assert float(coral_penalty(x, 2 * x)) == pytest.approx(float(((3 * cov) ** 2).mean()), rel=1e-9)  # means equal (0)
 
 
 @pytest.mark.parametrize("arch", ["unet", "fpn"])

@@ -304,3 +304,26 @@ def test_cli_shard_and_usage_errors(cli, ckpt, cmu, data_dir, tmp_path):
     bad_ckpt.write_text("not a checkpoint")
     r = cli("predict", bad_ckpt, cmu, "-o", tmp_path)
     assert r.exit_code == 1 and "not a readable checkpoint" in r.output
+
+
+def test_predict_an_in_memory_slide(fake_slides, tmp_path):
+    """The core of `predict` without any file: a pointwise model on a fake pyramid, tissue windows only."""
+    from helpers import tissue_field
+    from histodg.slides.backends import MemorySlide
+
+    rgb = tissue_field(600, 800)
+    job = fake_slides("fake", rgb, mpp=0.5, levels=2)
+    r = predict_slide(predictor(DarkModel(), mpp=1.0, tile=64, overlap=0.25), job, tmp_path)
+    assert r.status == "done", r.error
+    done = json.loads((tmp_path / "fake" / "done.json").read_text())
+    assert done["slide"]["read_level"] == 1 and done["output"]["shape"] == [300, 400]
+    assert 0 < done["windows"]["run"] < done["windows"]["grid"]  # windows on glass are not run
+    prob = zarr.open_array(str(tmp_path / "fake" / "prob.zarr"), mode="r")[:]
+    ref = MemorySlide(rgb, 0.5, levels=2)
+    level1 = ref.read_region((0, 0), 1, ref.level_dimensions[1]).astype(np.float32) / 255
+    brightness = level1.mean(2)
+    ran = prob > 0
+    clear = np.abs(brightness - 0.5) > 0.02  # leave out pixels too close to the model's own threshold
+    np.testing.assert_array_equal((prob >= threshold_u8(0.5))[ran & clear], (brightness <= 0.5)[ran & clear])
+    dark = brightness < 0.4
+    assert ran[dark].mean() > 0.99  # every dark (tissue) pixel was predicted

@@ -121,3 +121,22 @@ def test_state_describe_and_find(tmp_path):
     assert find_stores([tmp_path]) == [p, w.path]
     with pytest.raises(StoreError):
         find_stores([tmp_path / "nothing-here"])
+
+
+def test_the_schema_owns_every_attribute(tmp_path):
+    a = StoreAttrs(tile_size=64, mpp=0.5, organ="colon", labels={"0": "background", "1": "tumor"}, meta={"split": "train"})
+    d = a.to_attrs()
+    assert "source_tiles_copied" not in d and d["jpeg_quality"] is None and d["format_version"] == FORMAT_VERSION
+    assert StoreAttrs.from_attrs({**d, "some_future_key": 1}) == a  # unknown keys are ignored
+    with pytest.raises(ValueError, match="tile_size"):
+        StoreAttrs.from_attrs({"mpp": 0.5})
+    with pytest.raises(ValueError, match="compression"):
+        StoreAttrs(tile_size=64, mpp=0.5, compression="zip")
+    # a store written by the writer reads back with exactly the attributes it was given, plus the final ones
+    p = _complete_store(tmp_path / "x.zarr", scanner="s1", meta={"split": "test"})
+    st = open_store(p)
+    assert (st.attrs.organ, st.attrs.scanner, st.attrs.meta, st.attrs.n_patches) == ("colon", "s1", {"split": "test"}, 3)
+    assert st.attrs.complete is True and st.attrs.bad_windows == []
+    zarr.open_group(str(p), mode="r+").attrs["tile_size"] = "big"
+    with pytest.raises(StoreError, match="malformed store attributes"):
+        open_store(p)

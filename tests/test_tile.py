@@ -14,19 +14,13 @@ import pytest
 import zarr
 from PIL import Image
 
-from histodg.tiling import TileOptions, TileSettings, tile_slide
-from histodg.slides.inputs import SlideJob, parse_shard, resolve_inputs, take_shard
+from helpers import openslide_rgb
 from histodg.slides.base import resize
+from histodg.slides.inputs import SlideJob, parse_shard, resolve_inputs, take_shard
 from histodg.store import PROGRESS_FILE, StoreError, open_store, store_state
+from histodg.tiling import TileOptions, TileSettings, tile_slide
 
 BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.svs", "unopenable.tiff", "unreadable.svs"]
-
-
-def direct(osr, x, y, size):
-    """OpenSlide read with transparency (past the slide's edge) composited on white."""
-    rgba = np.asarray(osr.read_region((int(x), int(y)), 0, (size, size))).astype(np.float64)
-    a = rgba[..., 3:] / 255.0
-    return np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
 
 
 def _store(path):
@@ -52,7 +46,7 @@ def test_tile_real_slide_patches_equal_direct_reads(cli, cmu, tmp_path):
     osr = openslide.OpenSlide(str(cmu))
     for i in [0, n // 2, n - 1]:  # the last one runs past the bottom edge
         x, y = (int(v) for v in coords[i])
-        np.testing.assert_array_equal(g["images"][i], resize(direct(osr, x, y, 257), (256, 256)))
+        np.testing.assert_array_equal(g["images"][i], resize(openslide_rgb(osr, x, y, 257), (256, 256)))
 
 
 @pytest.mark.parametrize("mpp, compression", [("0.499", "lz4"), ("0.5", "none")])  # 0.5 is within the 2% tolerance
@@ -65,7 +59,7 @@ def test_tile_at_native_resolution_is_a_plain_crop(cli, cmu, tmp_path, mpp, comp
     assert a["mpp"] == float(mpp) and a["mpp_actual"] == pytest.approx(0.499)
     osr = openslide.OpenSlide(str(cmu))
     x, y = (int(v) for v in g["coords"][3])
-    np.testing.assert_array_equal(g["images"][3], direct(osr, x, y, 128))
+    np.testing.assert_array_equal(g["images"][3], openslide_rgb(osr, x, y, 128))
 
 
 def test_glass_windows_are_dropped(cli, cmu, tmp_path):
@@ -177,7 +171,7 @@ def test_corrupt_tiles_are_skipped_and_recorded_or_fail_the_slide(cli, bad_dir, 
     # every stored patch equals the intact slide at the same place: no silent grey holes
     good = openslide.OpenSlide(str(cmu))
     for img, (x, y) in zip(ga["images"], ga["coords"][:]):
-        np.testing.assert_array_equal(img, direct(good, x, y, 128))
+        np.testing.assert_array_equal(img, openslide_rgb(good, x, y, 128))
 
 
 def test_cosas_layout_import(cli, tmp_path):
@@ -285,37 +279,57 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_pa
     np.testing.assert_array_equal(a.tissue, b.tissue)
 
 
-def test_killed_process_leaves_no_complete_store_and_the_rerun_finishes(cmu, tmp_path):
+# A child that tiles as the CLI does, with every reader task from window STOP on blocked forever, so
+# that a SIGKILL lands mid-slide whatever the machine's speed; the journal advances every shard.
+KILL_CHILD = """
+import sys, threading
+from pathlib import Path
+import histodg.store.writer as writer
+import histodg.tiling.runner as runner
+writer.COMMIT_SECONDS = 0.0
+flag, stop = Path(sys.argv[1]), int(sys.argv[2])
+read = runner.PatchReader.__call__
+def blocking(self, i0, i1):
+    if i0 >= stop:
+        flag.write_text("stopped")
+        threading.Event().wait()
+    return read(self, i0, i1)
+runner.PatchReader.__call__ = blocking
+from histodg.cli import main
+main(sys.argv[3:], prog_name="histodg")
+"""
+
+
+def test_killed_process_leaves_no_complete_store_and_the_rerun_resumes(cmu, tmp_path):
     """SIGKILL mid-slide: the store must not claim to be complete; the next run resumes it."""
     out = tmp_path / "s"
-    cmd = [sys.executable, "-m", "histodg", "tile", str(cmu), "-o", str(out), "--tile-size", "32", "--mpp", "0.499",
-           "--min-tissue", "0", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["tile", str(cmu), "-o", str(out), "--tile-size", "32", "--mpp", "0.499", "--min-tissue", "0", "--workers", "1"]
+    flag, stop = tmp_path / "stopped", 2500  # 32 px patches: 1024 per shard, so 2048 are committed before the stop
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(flag), str(stop), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prog = out / "cmu_small_region.zarr" / PROGRESS_FILE
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if prog.is_file() and json.loads(prog.read_text() or '{"count": 0}')["count"] >= 1024:
+        if flag.exists() and prog.is_file() and json.loads(prog.read_text() or '{"count": 0}')["count"] == 2048:
             break
-        time.sleep(0.01)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the child stopped on its own"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = out / "cmu_small_region.zarr"
-    # Killed mid-run the store is partial. The journal's last commit comes just before the store
-    # is finished, so the kill can also land after `complete` was written: then the store must
-    # really be whole (checked below through the rerun, which must skip it).
-    state = store_state(store)
-    assert state in ("partial", "complete")
-    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
+    assert store_state(store) == "partial" and json.loads(prog.read_text())["count"] == 2048
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(store)
+    r = subprocess.run([sys.executable, "-m", "histodg", *args, "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
-    assert row["patches"] == 70 * 93 and store_state(store) == "complete"
-    assert row["status"] == ("done" if state == "partial" else "skipped")
-    assert row["resumed"] is (state == "partial")
+    assert row["status"] == "done" and row["resumed"] is True and row["patches"] == 70 * 93
+    assert store_state(store) == "complete"
     s = open_store(store)
     osr = openslide.OpenSlide(str(cmu))
-    for i in (0, 3000, len(s) - 1):  # patches written before and after the kill are right
+    for i in (0, 2047, 2048, 3000, len(s) - 1):  # patches written before and after the kill are right
         x, y = (int(v) for v in s.coords[i])
-        np.testing.assert_array_equal(s.images[i], direct(osr, x, y, 32))
+        np.testing.assert_array_equal(s.images[i], openslide_rgb(osr, x, y, 32))
 
 
 def test_info_on_slides_and_stores(cli, cmu, bad_dir, tmp_path):
@@ -374,3 +388,26 @@ def test_python_dash_m_and_console_script():
     if exe.exists():
         r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_tile_an_in_memory_slide_patches_equal_its_pixels(fake_slides, tmp_path):
+    """The core of `tile` without any file: a fake 3-level pyramid at 0.5 um/px, tiled at 1 um/px."""
+    from helpers import tissue_field
+    from histodg.slides.backends import MemorySlide
+
+    rgb = tissue_field(900, 1300)
+    job = fake_slides("fake", rgb, mpp=0.5, levels=3, organ="colon", scanner="memory")
+    r = tile_slide(job, tmp_path, TileOptions(TileSettings(tile_size=128, mpp=1.0)))
+    assert r.status == "done", r.error
+    s = open_store(tmp_path / "fake.zarr")
+    a = s.attrs
+    assert (a.organ, a.scanner, a.read_level, a.read_size, a.mpp_actual) == ("colon", "memory", 1, 128, 1.0)
+    assert a.windows_total == 6 * 4 and 0 < len(s) == a.n_patches < a.windows_total  # glass windows dropped
+    assert (s.tissue >= 0.25).all()
+    ref = MemorySlide(rgb, 0.5, levels=3)  # the pyramid the fake slide reads from
+    level1 = ref.read_region((0, 0), 1, ref.level_dimensions[1])
+    for i, (x, y) in enumerate(s.coords):
+        crop = np.full((128, 128, 3), 255, np.uint8)
+        part = level1[y // 2 : y // 2 + 128, x // 2 : x // 2 + 128]
+        crop[: part.shape[0], : part.shape[1]] = part
+        np.testing.assert_array_equal(s.images[i], crop)

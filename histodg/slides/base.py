@@ -169,13 +169,13 @@ def box_reduce(img: np.ndarray, f: int) -> np.ndarray:
         core = cv2.resize(np.ascontiguousarray(img[: H * f, : W * f]), (W, H), interpolation=cv2.INTER_AREA)
         out[:H, :W] = core.reshape(H, W, c)
     if h % f:
-        out[H:, :] = _box_reduce_exact(img[H * f :], f)
+        out[H:, :] = box_mean(img[H * f :], f)
     if w % f and H:
-        out[:H, W:] = _box_reduce_exact(img[: H * f, W * f :], f)
+        out[:H, W:] = box_mean(img[: H * f, W * f :], f)
     return out
 
 
-def _box_reduce_exact(img: np.ndarray, f: int) -> np.ndarray:
+def box_mean(img: np.ndarray, f: int) -> np.ndarray:
     """box_reduce in numpy (for the thin partial strips at the edges)."""
     h, w, c = img.shape
     H, W = -(-h // f), -(-w // f)

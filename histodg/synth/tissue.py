@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
 from scipy.spatial import cKDTree
 
 from .scanner import ScannerProfile, scan

