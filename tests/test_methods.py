@@ -49,6 +49,7 @@ def make(name, model, **hp):
     return cls(model, 2, parse_hparams(cls, hp), task=SegTask(), normalizer=NORM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_learns_the_toy_task(name):
     model = tiny()

@@ -109,3 +109,12 @@ def test_every_package_says_its_job_and_what_it_may_import():
 def test_modules_stay_small():
     big = {str(f.relative_to(ROOT)): n for f in PKG.rglob("*.py") if (n := len(f.read_text().splitlines())) > 420}
     assert not big
+
+
+def test_the_readme_python_example_imports():
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("```python", text.index("## Python")) + 9 :]
+    block = block[: block.index("```")]
+    imports = "\n".join(line for line in block.splitlines() if line.startswith(("from ", "import ")))
+    assert imports.count("\n") >= 4
+    exec(compile(imports, "README.md", "exec"), {})

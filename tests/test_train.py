@@ -32,6 +32,7 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path):
     seen = {}
 
@@ -63,6 +64,7 @@ def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path)
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(stores, tmp_path):
     c = dict(pretrain="organ", finetune="scanner", epochs=2)
     Trainer(cfg(stores, tmp_path / "a", **c)).run()
@@ -94,6 +96,7 @@ def test_resumed_run_equals_an_uninterrupted_one(stores, tmp_path):
         Trainer(cfg(stores, tmp_path / "b", **c), resume=True).run()
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_learnable_task(tmp_path):
     root = tmp_path / "s"
     for d in range(2):
@@ -106,6 +109,7 @@ def test_loss_goes_down_on_a_learnable_task(tmp_path):
     assert lines[0]["val"]["mean_domain_dice_pixels"] < 0.5 < 0.8 < r["final"]["val"]["mean_domain_dice_pixels"]
 
 
+@pytest.mark.slow
 def test_cross_validation_gives_one_result_per_domain(stores, tmp_path):
     from histodg.training.crossval import run_cv
 
@@ -121,6 +125,7 @@ def test_cross_validation_gives_one_result_per_domain(stores, tmp_path):
     assert json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["dice_mean"] == summary["dice_mean"]
 
 
+@pytest.mark.slow
 def test_cross_validation_after_pretraining(stores, tmp_path):
     from histodg.training.crossval import run_cv
 
@@ -224,6 +229,7 @@ def test_nan_loss_stops_with_step_and_domain_and_keeps_last_pt(tmp_path, cli, mo
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "histodg",

@@ -9,8 +9,8 @@ fixed level 20 with the same clean-up. ``none``: everything is tissue (image dat
 all tissue).
 
 The colour conversion, the median and the closing use OpenCV: on the thumbnails tiling makes
-(up to 4096 px) scikit-image's `rgb2hsv`, `median` and `binary_closing` give the same result
-200x, 150x and 50x slower (ARCHITECTURE.md).
+(up to 4096 px) scikit-image's `rgb2hsv`, `median` and `closing` give the same result
+350x, 140x and 55x slower (ARCHITECTURE.md).
 """
 from __future__ import annotations
 
