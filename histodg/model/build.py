@@ -3,7 +3,8 @@
 `build_model(arch, encoder, weights, classes)`: an smp model whose segmentation head is a 1x1
 convolution (smp's Unet uses 3x3): the pixel classifier is then linear in the decoder's last
 features, which SDS's closed-form head gradient relies on. `weights` is "imagenet", "none" or a
-path to a state dict (an encoder's, a whole model's or a histodg checkpoint).
+path to a state dict (an encoder's, a whole model's or a histodg checkpoint). ImageNet weights
+of `tu-efficientnet_lite0` come from an installed package, with no download (`pretrained`).
 """
 from __future__ import annotations
 
@@ -33,8 +34,11 @@ def build_model(arch: str = "FPN", encoder: str = "mit_b2", weights: str | None 
     """An smp model with a 1x1 segmentation head; `weights` 'imagenet' | 'none' | PATH."""
     import segmentation_models_pytorch as smp
 
+    from .pretrained import OFFLINE_ENCODERS, load_offline_imagenet
+
     name = arch_name(arch)
-    pretrained = weights if weights == "imagenet" else None
+    offline = weights == "imagenet" and encoder in OFFLINE_ENCODERS
+    pretrained = weights if weights == "imagenet" and not offline else None
     try:
         model = smp.create_model(name, encoder_name=encoder, encoder_weights=pretrained, classes=classes)
     except KeyError as exc:
@@ -48,6 +52,8 @@ def build_model(arch: str = "FPN", encoder: str = "mit_b2", weights: str | None 
             ) from None
         raise ModelError(encoder, f"cannot build {name}: {exc}") from None
     _one_by_one_head(model)
+    if offline:
+        load_offline_imagenet(model, encoder)
     if weights not in (None, "none", "imagenet"):
         load_weights(model, Path(weights))
     return model
