@@ -12,9 +12,10 @@ from histodg.model.build import build_model
 from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
 from histodg.model.normalize import Normalizer
 from histodg.model.taps import DecoderTap
+from histodg.training.augment import hed_jitter
 from histodg.training.methods import METHODS, SegTask, parse_hparams
 from histodg.training.methods.fishr import head_sample_grads
-from histodg.training.methods.ops import class_sums, hed_jitter
+from histodg.training.methods.ops import class_sums
 
 NORM = Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
@@ -89,7 +90,7 @@ OWN_TERM = {
     "coral": ({"weight": 1.0}, {"weight": 0.0}, {"coral": 1.0}),
     "fishr": ({"weight": 1000.0, "anneal_steps": 0}, {"weight": 0.0, "anneal_steps": 0}, {"fishr": 1000.0}),
     "sds (shallow)": ({"deep": False, "stain": 0.2, "stain_p": 1.0, "perturb_p": 1.0}, {"deep": False, "shallow": False}, {}),
-    "sds (deep)": ({"shallow": False, "big_batch": 1, "feat_align": 0.5, "grad_align": 0.5},
+    "sds (deep)": ({"shallow": False, "feat_align": 0.5, "grad_align": 0.5},
                    {"shallow": False, "deep": False}, {"feat_align": 0.5, "grad_align": 0.5}),
 }
 
@@ -145,7 +146,7 @@ def test_closed_form_head_gradient_equals_autograd(arch):
     y = y.clone()
     y[0, :5] = 255  # ignored pixels
     logits = model(x)
-    counts, fsums, gsums = class_sums(model, tap.features, logits, y, 1, [0, 1])
+    counts, fsums, gsums = class_sums(model, tap.features, tap.head_input, logits, y, 1, [0, 1])
     head = model.segmentation_head[0]
     for n in range(2):
         for c in (0, 1):
@@ -156,39 +157,103 @@ def test_closed_form_head_gradient_equals_autograd(arch):
             torch.testing.assert_close(gsums[n, c, 0, -1], gb[0], rtol=1e-4, atol=1e-5)
             assert counts[n, c] == m.sum()
     # Fishr's per-image head gradients are the same closed form (mean over the valid pixels)
-    per_image = head_sample_grads(model, tap.features, logits, y, 1)
+    per_image = head_sample_grads(model, tap.head_input, logits, y, 1)
     bce = F.binary_cross_entropy_with_logits(logits[1, 0], (y[1] == 1).float())
     gw, gb = torch.autograd.grad(bce, [head.weight, head.bias])
     torch.testing.assert_close(per_image[1], torch.cat([gw[0, :, 0, 0], gb]), rtol=1e-4, atol=1e-6)
 
 
-def test_big_batch_statistics_equal_one_batch_k_times_larger():
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_a_pooled_step_has_the_gradient_of_one_batch_k_times_larger():
+    """SDS's big batch: K micro-batches of one optimizer step give the gradient of the penalty on
+    the statistics of all of them, with the current weights (not stale sums of earlier steps)."""
     k = 3
-    model = tiny("fpn")
     micro = [toy_batches(seed=s) for s in range(k)]
-    pooled = make("sds", model, big_batch=k, shallow=False)
-    pooled.train()
-    model.eval()  # batch-independent features: BatchNorm uses running statistics
-    for batches in micro:
-        x, y, sizes = pooled.concat(batches)
-        logits = pooled.net(x)
-        totals = pooled.pooled_stats(pooled.tap.features, logits, y, sizes)
     big = [(torch.cat([m[d][0] for m in micro]), torch.cat([m[d][1] for m in micro])) for d in range(2)]
-    single = make("sds", model, big_batch=1, shallow=False)
+    model = tiny("fpn")
+    pooled = make("sds", model, shallow=False)
+    pooled.train()
+    model.eval()  # batch-independent features: BatchNorm's running statistics, no dropout
+    pooled.begin_step(micro)
+    logs = []
+    for batches in micro:  # what the loop does: each micro-batch's loss / K, backward
+        loss, log = pooled.loss(batches)
+        (loss / k).backward()
+        logs.append(log)
+    pooled_grads = _grads(model).clone()
+    model.zero_grad()
+    single = make("sds", model, shallow=False)
     single.train()
     model.eval()
-    x, y, sizes = single.concat(big)
-    logits = single.net(x)
-    ref = single.pooled_stats(single.tap.features, logits, y, sizes)
-    for a, b in zip(totals, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # and the alignment terms computed from them agree too
-    for a, b in zip(pooled.alignment(*totals), single.alignment(*ref)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    # the memory kept is k - 1 micro-batches of per-domain, per-class sums: tiny and independent of images
-    assert len(pooled.past) == k - 1
-    kept = sum(t.numel() for entry in pooled.past for t in entry)
-    assert kept == (k - 1) * sum(t.numel() for t in ref)
+    loss, ref = single.loss(big)
+    loss.backward()
+    for log in logs:  # every micro-batch aligns on the pooled statistics
+        assert log["grad_align"] == pytest.approx(ref["grad_align"], rel=1e-4)
+        assert log["feat_align"] == pytest.approx(ref["feat_align"], rel=1e-4)
+    torch.testing.assert_close(pooled_grads, _grads(model), rtol=1e-3, atol=1e-6)
+    # without pooling each micro-batch aligns its own statistics: another gradient
+    model.zero_grad()
+    alone = make("sds", model, shallow=False, pool=False)
+    alone.train()
+    model.eval()
+    alone.begin_step(micro)
+    own = [alone.loss(b)[1]["grad_align"] for b in micro]
+    assert all(abs(v - ref["grad_align"]) > 1e-6 for v in own)
+
+
+def test_the_pass_without_gradients_changes_neither_batchnorm_nor_randomness():
+    micro = [toy_batches(seed=s) for s in range(2)]
+    model = tiny("fpn")
+    sds = make("sds", model, perturb_p=1.0, stain=0.2, stain_p=1.0)  # random draws everywhere
+    sds.train()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    torch.manual_seed(11)
+    sds.begin_step(micro)
+    assert all(torch.equal(before[k], v) for k, v in model.named_buffers())  # running stats untouched
+    first = sds.loss(micro[0])[1]["seg"]
+    sds._step = None  # the same micro-batch again, from the same random state, without pooling
+    model.load_state_dict({**model.state_dict(), **before})
+    torch.manual_seed(11)
+    assert sds.loss(micro[0])[1]["seg"] == pytest.approx(first, rel=1e-6)  # the same draws as the pass without gradients
+    sds.close()
+
+
+def test_gradient_alignment_ignores_what_all_domains_share():
+    """The variance across domains is unnormalised: a gradient every domain shares, however large,
+    costs nothing (the old normalised spread fell as the shared part grew, rewarding a worse fit)."""
+    sds = make("sds", tiny("fpn"), shallow=False)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([[900.0, 300.0], [700.0, 500.0]])  # (domains, classes)
+    fsums = torch.randn(2, 2, 16, generator=g)
+    grads = torch.randn(2, 2, 1, 17, generator=g)  # per-domain mean gradients (D, C, K, F + 1)
+    shared = 25 * torch.randn(1, 2, 1, 17, generator=g)
+    _, base = sds.alignment(counts, fsums, grads * counts[..., None, None])
+    _, more = sds.alignment(counts, fsums, (grads + shared) * counts[..., None, None])
+    assert float(more) == pytest.approx(float(base), rel=1e-5)
+    expected = ((grads.flatten(2) - grads.flatten(2).mean(0)) ** 2).sum(2).mean(0).mean()  # variance, by hand
+    assert float(base) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_tap_separates_the_features_from_what_the_head_sees():
+    """FPN drops decoder channels in training: prototypes and CORAL describe the features before
+    that dropout, the head's closed-form gradient uses what the head receives after it."""
+    model = tiny("fpn")
+    tap = DecoderTap(model)
+    (x, _), _ = toy_batches()
+    model.train()
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model(x)
+        runs.append((tap.features.detach().clone(), tap.head_input.detach().clone()))
+    torch.testing.assert_close(runs[0][0], runs[1][0])  # features: no dropout noise
+    assert not torch.allclose(runs[0][1], runs[1][1])  # the head's input: channels dropped
+    zeroed = (runs[0][1].abs().sum((2, 3)) == 0).float().mean()  # (image, channel) pairs dropped
+    assert 0.1 < zeroed < 0.3  # Dropout2d, p = 0.2
+    tap.remove()
 
 
 def test_switching_a_part_off_removes_exactly_its_term():
@@ -196,7 +261,7 @@ def test_switching_a_part_off_removes_exactly_its_term():
 
     def run(**hp):
         model = tiny("fpn")
-        m = make("sds", model, shallow=False, big_batch=1, **hp)
+        m = make("sds", model, shallow=False, **hp)
         m.train()
         loss, logs = m.loss(batches)
         m.close()
@@ -263,7 +328,7 @@ def test_hed_jitter_round_trip_and_range():
 def test_hed_jitter_shifts_optical_density_by_at_most_bias():
     """The bias is in optical-density units (Tellez et al.): with no scale jitter every pixel's OD
     moves by the same b @ stain-vectors, |b| <= bias, so a 0.05 shift is a light change."""
-    from histodg.training.methods.ops import RGB_FROM_HED
+    from histodg.training.augment import RGB_FROM_HED
 
     rgb = torch.tensor(np.random.default_rng(1).uniform(60, 230, (4, 3, 32, 32)), dtype=torch.float32)
     bias = 0.05
@@ -281,11 +346,66 @@ def test_methods_command_lists_every_method_and_its_settings(cli):
     rows = {m["name"]: m for m in json.loads(cli("methods", "--json").stdout)}
     assert set(rows) == set(METHODS)
     sds = {h["name"]: h for h in rows["sds"]["hparams"]}
-    assert {"shallow", "deep", "feat_align", "grad_align", "big_batch", "stain", "perturb_p"} <= set(sds)
-    assert sds["big_batch"]["default"] == 4 and sds["feat_align"]["help"]
+    assert {"shallow", "deep", "feat_align", "grad_align", "pool", "stain", "perturb_p"} <= set(sds)
+    assert sds["pool"]["default"] is True and sds["feat_align"]["help"]
     text = cli("methods").stdout
-    assert "sds" in text and "big_batch" in text and "fishr" in text
+    assert "sds" in text and "pool" in text and "fishr" in text
     with pytest.raises(ValueError, match="no hyperparameter"):
         parse_hparams(METHODS["sds"], ["bogus=1"])
     with pytest.raises(ValueError, match="true or false"):
         parse_hparams(METHODS["sds"], ["deep=maybe"])
+
+
+def test_fishr_follows_domainbed_schedule_and_resumes():
+    model = tiny("unet")
+    fishr = make("fishr", model)  # defaults: weight 1000 after the first 30% of the stage's steps
+    fishr.start_stage(20)
+    assert fishr.anneal_at == 6
+    fishr.train()
+    batches = toy_batches()
+    resets = []
+    for step in range(10):
+        loss, logs = fishr.loss(batches)
+        expected = logs["seg"] + (1000 * logs["fishr"] if step >= 6 else 0.0)
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-4), step
+        resets.append(fishr.end_of_step())
+    assert resets == [False] * 5 + [True] + [False] * 4  # the optimizer is reset once, when the penalty starts
+    # resume: a new Fishr loads the moving average it saved (its buffers have their shape from the start)
+    again = make("fishr", tiny("unet"))
+    own = {k: v for k, v in fishr.state_dict().items() if not k.startswith("model.")}
+    again.load_state_dict({**{f"model.{k}": v for k, v in again.model.state_dict().items()}, **own})
+    assert torch.equal(again.ema_var, fishr.ema_var) and int(again.steps) == 10 and again.ema_var.abs().sum() > 0
+    fishr.close()
+    again.close()
+
+
+def test_mixstyle_draws_its_cross_domain_partners_at_random():
+    from histodg.training.methods.mixstyle import crossdomain_partners
+
+    torch.manual_seed(0)
+    sizes = [4, 4, 3]
+    domain = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    draws = torch.stack([crossdomain_partners(sizes) for _ in range(200)])
+    assert (domain[draws] != domain).all()  # always a partner of another domain
+    assert all(len(set(draws[:, i].tolist())) >= 5 for i in range(11))  # and a different one from call to call
+    counts = torch.bincount(domain[draws[:, 0]], minlength=3)
+    assert counts[0] == 0 and counts[1] > 60 and counts[2] > 60  # both other domains
+
+
+def test_dsu_perturbs_after_the_stem_too():
+    from histodg.model.taps import stem_modules
+
+    model = tiny("unet")
+    dsu = make("dsu", model, p=1.0, stages=0)  # only the stem
+    assert {id(m) for m in stem_modules(model)} == {id(model.encoder.relu), id(model.encoder.maxpool)}
+    assert len(dsu.hooks.handles) == 2
+    assert len(make("dsu", tiny("unet")).hooks.handles) == 6  # stem (2) + four stages, as the official code
+    (x, _), _ = toy_batches()
+    dsu.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a = model(x)
+        dsu.hooks.active = False
+        b = model(x)
+    assert not torch.allclose(a, b, atol=1e-4)
+    dsu.close()

@@ -246,3 +246,38 @@ def test_ddp_with_two_cpu_processes(stores, tmp_path):
     assert cfg_["resolved"]["world_size"] == 2
     # each rank drew its own patches: 2 ranks x 3 domains x 2 patches per step
     assert json.loads(r.stdout[r.stdout.index("{"):])["global_step"] == 4
+
+
+def test_the_loop_gives_methods_every_micro_batch_of_a_step_and_resets_the_optimizer_on_request(stores, tmp_path,
+                                                                                                 monkeypatch):
+    from histodg.training.methods import METHODS
+    from histodg.training.methods.erm import ERM
+
+    seen = {"steps": [], "stage": []}
+
+    class Watching(ERM):
+        name = "watching"
+
+        def start_stage(self, total_steps):
+            super().start_stage(total_steps)
+            seen["stage"].append(total_steps)
+
+        def begin_step(self, micro_batches):
+            seen["steps"].append(len(micro_batches))
+            self.calls = 0
+
+        def loss(self, batches):
+            self.calls += 1
+            return super().loss(batches)
+
+        def end_of_step(self):
+            assert self.calls == 3  # every micro-batch's loss came after begin_step
+            return len(seen["steps"]) == 2  # reset after the second step
+
+    monkeypatch.setitem(METHODS, "watching", Watching)
+    c = cfg(stores, tmp_path / "run", domains="scanner", steps=4, accumulate=3, method="watching", val_fraction=0)
+    states = []
+    Trainer(c, callbacks=Callbacks(on_epoch=lambda r: states.append(load_checkpoint(tmp_path / "run" / "last.pt")))).run()
+    assert seen == {"steps": [3, 3, 3, 3], "stage": [4]}
+    step_counts = {int(s["step"]) for s in states[-1]["optimizer_state"]["state"].values()}
+    assert step_counts == {2}  # AdamW's state was cleared after step 2: two steps since

@@ -74,12 +74,17 @@ def magnification(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a magnification such as 20x") from None
 
 
-def parse_hp(items) -> dict:
-    """--hp KEY=VALUE ... -> {key: "value"} (the method converts and checks the values)."""
+def parse_pairs(items, option: str) -> dict:
+    """KEY=VALUE ... -> {key: "value"} (whoever uses them converts and checks the values)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--hp {item!r}: expected KEY=VALUE")
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
         out[key.strip()] = value
     return out
+
+
+def parse_hp(items) -> dict:
+    """--hp KEY=VALUE ... -> {key: "value"} (the method converts and checks the values)."""
+    return parse_pairs(items, "--hp")

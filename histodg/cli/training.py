@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..constants import AXES
-from .options import CONTEXT, parse_hp
+from .options import CONTEXT, parse_hp, parse_pairs
 
 
 @click.command(context_settings=CONTEXT, epilog="Methods and their --hp settings: `histodg methods`.")
@@ -35,8 +35,12 @@ from .options import CONTEXT, parse_hp
 @click.option("--weight-decay", type=float, default=1e-2, show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up, as a fraction of each stage's steps.")
 @click.option("--loss", type=click.Choice(["bce", "bce+dice"]), default="bce", show_default=True)
-@click.option("--jitter", type=float, default=0.1, show_default=True, help="Colour jitter strength (0 = none).")
-@click.option("--no-augment", is_flag=True, help="No flips, rotations or colour jitter.")
+@click.option("--augment", "augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True,
+              help="Augmentation preset: none; light (flips, rotations, light colour jitter); strong (also stain, "
+                   "white balance, hue, gamma, blur/sharpening, noise, JPEG, +-25% scale). See README.")
+@click.option("--aug", "aug", multiple=True, metavar="KEY=VALUE", help="Change one augmentation setting of the preset (repeatable).")
+@click.option("--jitter", type=float, default=None, help="Same as --aug jitter=VALUE.")
+@click.option("--no-augment", is_flag=True, help="Same as --augment none.")
 @click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="bf16 autocast (auto: on CUDA).")
 @click.option("--channels-last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
@@ -47,7 +51,8 @@ from .options import CONTEXT, parse_hp
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, domains, union, val_domains, cv,
           val_fraction, val_max_patches, method, hp, epochs, steps, steps_per_epoch, batch_size, accumulate, lr,
-          weight_decay, warmup, loss, jitter, no_augment, amp, channels_last, device, workers, seed, resume, overwrite,
+          weight_decay, warmup, loss, augment, aug, jitter, no_augment, amp, channels_last, device, workers, seed, resume,
+          overwrite,
           as_json):
     """Train a tumour segmentation model on patch stores, stage by stage.
 
@@ -73,8 +78,10 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
                 val_domains=tuple(val_domains), cv=cv, val_fraction=val_fraction, val_max_patches=val_max_patches,
                 method=method, hparams=parse_hp(hp),
                 epochs=epochs, steps=steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                accumulate=accumulate, lr=lr, weight_decay=weight_decay, warmup=warmup, loss=loss, jitter=jitter,
-                augment=not no_augment, amp=amp, channels_last=channels_last, device=device,
+                accumulate=accumulate, lr=lr, weight_decay=weight_decay, warmup=warmup, loss=loss,
+                augment="none" if no_augment else augment,
+                aug={**parse_pairs(aug, "--aug"), **({"jitter": jitter} if jitter is not None else {})},
+                amp=amp, channels_last=channels_last, device=device,
                 workers=loader_processes() if workers is None else workers, seed=seed)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None

@@ -44,6 +44,7 @@ class ModelConfig:
     method: str = "erm"
     hparams: dict = field(default_factory=dict)
     loss: str = "bce"
+    augmentation: dict | None = None  # {"preset": ..., settings...} it was trained with
     version: int = MODEL_CONFIG_VERSION
 
     def __post_init__(self):

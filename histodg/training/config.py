@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..constants import AXES
 from ..device import MODES
+from .augment import resolve_augment
 from .methods import METHODS, parse_hparams
 from .methods.base import LOSSES
 
@@ -36,8 +37,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup: float = 0.05  # fraction of a stage's steps
     loss: str = "bce"
-    jitter: float = 0.1
-    augment: bool = True
+    augment: str = "light"  # preset: none | light | strong (training.augment)
+    aug: dict = field(default_factory=dict)  # --aug KEY=VALUE overrides of the preset
     amp: str = "auto"
     channels_last: str = "auto"
     device: str = "auto"
@@ -79,6 +80,7 @@ class TrainConfig:
         for name in ("amp", "channels_last"):
             if getattr(self, name) not in MODES:
                 bad(f"--{name.replace('_', '-')}: choose auto, on or off")
+        resolve_augment(self.augment, self.aug)  # raises ValueError on a bad --augment / --aug
         if self.method not in METHODS:
             bad(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         parse_hparams(METHODS[self.method], self.hparams)  # raises ValueError on a bad --hp
@@ -93,6 +95,11 @@ class TrainConfig:
         return [self.domains]
 
     @property
+    def augmentation(self):
+        """The resolved `AugmentSettings` of --augment and --aug."""
+        return resolve_augment(self.augment, self.aug)
+
+    @property
     def total_epochs(self) -> int:
         return self.epochs if self.epochs is not None else (10 if self.steps is None else 0)
 
@@ -105,6 +112,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(d.get("augment"), bool):  # config.json of runs made before --augment presets
+            d = {**d, "augment": "light" if d["augment"] else "none",
+                 "aug": {} if d.get("jitter", 0.1) == 0.1 else {"jitter": d["jitter"]}}
         d = {k: v for k, v in d.items() if k in known}
         d["stores"] = tuple(d.get("stores", ()))
         d["val_domains"] = tuple(d.get("val_domains", ()))

@@ -2,7 +2,8 @@
 
 Every optimizer step takes `accumulate` micro-batches; each micro-batch holds `batch_size`
 patches of every domain, in domain order, handed to the method as a list of per-domain
-(images, masks). Images are augmented (colour) and normalised on the device.
+(images, masks). Patches are flipped and rotated by the data loader; everything else of the
+augmentation (`augment`) and the normalisation happens on the device, on the whole micro-batch.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..device import autocast
 from ..model.normalize import Normalizer
-from .augment import color_jitter
+from .augment import augment_batch
 from .data import PatchDataset, collate
 from .methods import METHODS, parse_hparams
 from .sampler import BalancedBatchSampler
@@ -35,7 +36,8 @@ class StageRun:
         self.normalizer = Normalizer(normalization.mean, normalization.std, runtime.device, runtime.placement.channels_last)
         self.method = self._method()
         parts = [p for d in self.domains for p in stage.train[d]]
-        self.dataset = PatchDataset(parts, augment=cfg.augment)
+        self.augmentation = cfg.augmentation
+        self.dataset = PatchDataset(parts, augment=self.augmentation.flips)
         bounds = np.cumsum([0] + [sum(len(p) for p in stage.train[d]) for d in self.domains])
         self.domain_indices = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(self.domains))]
         self.per_step = cfg.batch_size * len(self.domains) * cfg.accumulate * runtime.world
@@ -43,6 +45,7 @@ class StageRun:
         self.total = cfg.steps if cfg.steps is not None else cfg.total_epochs * self.steps_per_epoch
         self.n_epochs = math.ceil(self.total / self.steps_per_epoch)
         self.optimizer, self.scheduler = self._optimizer()
+        self.method.start_stage(self.total)
         if state.rng is not None:
             set_rng_state(state.rng)
             state.rng = None
@@ -92,7 +95,7 @@ class StageRun:
         cfg, rt = self.cfg, self.rt
         sampler = BalancedBatchSampler(self.domain_indices, cfg.batch_size, steps * cfg.accumulate,
                                        seed=cfg.seed + 1000 * self.stage.index, epoch=epoch, rank=rt.rank,
-                                       augment=cfg.augment)
+                                       augment=self.augmentation.flips)
         gen = torch.Generator().manual_seed(cfg.seed)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
                           pin_memory=rt.device.type == "cuda", generator=gen, worker_init_fn=quiet_worker,
@@ -102,21 +105,24 @@ class StageRun:
         cfg = self.cfg
         self.method.train()
         jitter_gen = torch.Generator()
-        losses, micro, logs = [], 0, {}
+        losses, micro, logs, step = [], 0, {}, []
         self.optimizer.zero_grad(set_to_none=True)
         for images, masks in self._loader(epoch, steps):
-            batches = self._batches(images, masks, jitter_gen, micro)
-            last_micro = (micro + 1) % cfg.accumulate == 0
-            loss, logs = self._backward(batches, last_micro)
+            step.append(self._batches(images, masks, jitter_gen, micro))
             micro += 1
-            losses.append(float(logs.get("loss", loss.item())))
-            if last_micro:
-                self._optimizer_step()
-                if on_step:
-                    on_step({"stage": self.stage.index + 1, "epoch": epoch + 1, "step": self.st.global_step,
-                             "images": len(self.domains) * cfg.batch_size * cfg.accumulate * self.rt.world,
-                             "loss": losses[-1], "lr": self.scheduler.get_last_lr()[0],
-                             **{k: v for k, v in logs.items() if isinstance(v, float)}})
+            if len(step) < cfg.accumulate:
+                continue
+            self.method.begin_step(step)  # every micro-batch of the step, before their losses
+            for k, batches in enumerate(step):
+                loss, logs = self._backward(batches, last_micro=k == len(step) - 1)
+                losses.append(float(logs.get("loss", loss.item())))
+            step = []
+            self._optimizer_step()
+            if on_step:
+                on_step({"stage": self.stage.index + 1, "epoch": epoch + 1, "step": self.st.global_step,
+                         "images": len(self.domains) * cfg.batch_size * cfg.accumulate * self.rt.world,
+                         "loss": losses[-1], "lr": self.scheduler.get_last_lr()[0],
+                         **{k: v for k, v in logs.items() if isinstance(v, float)}})
         out = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
         for k in ([k for k in logs if isinstance(logs[k], float) and k != "loss"] if losses else []):
             out[f"train_{k}"] = float(logs[k])
@@ -128,9 +134,10 @@ class StageRun:
         images = images.to(dev, non_blocking=True)
         masks = masks.to(dev, non_blocking=True)
         x = images.float()
-        if cfg.augment and cfg.jitter > 0:
+        aug = self.augmentation
+        if aug.photometric or aug.scale:
             jitter_gen.manual_seed(cfg.seed * 1_000_003 + self.st.global_step * 97 + micro)
-            x = color_jitter(x, jitter_gen, cfg.jitter)
+            x, masks = augment_batch(x, masks, aug, jitter_gen)
         x = self.normalizer(x)
         b = cfg.batch_size
         return [(x[i * b:(i + 1) * b], masks[i * b:(i + 1) * b]) for i in range(len(self.domains))]
@@ -149,7 +156,8 @@ class StageRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.method.end_of_step()
+        if self.method.end_of_step():  # the method asks for fresh moment estimates (Fishr's penalty starts)
+            self.optimizer.state.clear()
         self.st.global_step += 1
 
 

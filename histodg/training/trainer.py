@@ -112,7 +112,7 @@ class Trainer:
         self.model_config = ModelConfig(
             arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
-            loss=cfg.loss)
+            loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()})
         if rt.main:
             write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
                 "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),

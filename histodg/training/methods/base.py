@@ -8,8 +8,12 @@
             ...
             return loss, {"loss": float(loss), "domain_losses": [...], ...}
 
-The loop owns everything else (optimizer, AMP, accumulation, logging, checkpoints). Images
-arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
+The loop owns everything else (optimizer, AMP, accumulation, logging, checkpoints) and tells
+the method about it through three hooks: `start_stage(total_steps)` before a stage,
+`begin_step(micro_batches)` with every micro-batch of an optimizer step (all `--accumulate` of
+them, before their `loss` calls: a method can pool statistics over the whole step), and
+`end_of_step()` after each optimizer step (return True to have the optimizer's state reset).
+Images arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
 `self.net` is what to call for a forward pass (the model, or its DDP wrapper), `self.model` the
 plain model for feature taps; `self.task` says binary/multi-class and the loss;
 `self.normalizer` converts between normalised and 0-255 RGB for input-space augmentation.
@@ -100,8 +104,17 @@ class Method(nn.Module):
     def loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def end_of_step(self) -> None:
-        """Called by the loop after each optimizer step (e.g. to count steps)."""
+    def start_stage(self, total_steps: int) -> None:
+        """Called by the loop before a stage of `total_steps` optimizer steps."""
+        self.total_steps = int(total_steps)
+
+    def begin_step(self, micro_batches: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Called by the loop with the micro-batches of one optimizer step, before their `loss` calls."""
+
+    def end_of_step(self) -> bool:
+        """Called by the loop after each optimizer step (e.g. to count steps); True: reset the
+        optimizer's state (its moment estimates), as DomainBed does when a penalty switches on."""
+        return False
 
     def close(self) -> None:
         """Called by the loop when the stage ends: remove hooks this method put on the model."""

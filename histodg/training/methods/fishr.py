@@ -2,15 +2,18 @@
 
 Per domain, the variance over its images of each image's loss gradient; an exponential moving
 average over steps (with DomainBed's 1/(1 - ema) correction); the penalty is the mean squared
-distance of each domain's variance to the mean variance; loss = segmentation + weight * penalty,
-with weight 0 before `anneal_steps` optimizer steps.
+distance of each domain's variance to the mean variance; loss = segmentation + weight * penalty.
+DomainBed's schedule, scaled to the stage: plain ERM for the first `anneal` share of the
+stage's steps (DomainBed: 1500 of 5000), then the penalty at full weight, and the optimizer's
+state reset at that step (DomainBed makes a new Adam there). `anneal_steps` sets the number of
+steps instead.
 
 scope=head (the paper's and DomainBed's choice): gradients of the 1x1 segmentation head only, in
 closed form - image i's gradient is mean over its pixels of (p - y) [F, 1] (through the head's
 upsampling) - so no per-sample backprop library is needed. scope=all: gradients of every
 parameter, one backward pass per image (create_graph), for small models only. With
---loss bce+dice the gradients are those of the cross-entropy part.
-Deviation from DomainBed: the optimizer is not reset at `anneal_steps` (the loop owns it).
+--loss bce+dice the gradients are those of the cross-entropy part. The head's gradients are
+made of what the head receives (after the decoder's dropout).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from .ops import residual, upsample_adjoint
 class FishrHparams:
     weight: float = field(default=1000.0, metadata={"help": "penalty weight lambda (DomainBed default 1000)"})
     ema: float = field(default=0.95, metadata={"help": "moving average of the gradient variances"})
-    anneal_steps: int = field(default=0, metadata={"help": "optimizer steps of plain ERM before the penalty"})
+    anneal: float = field(default=0.3, metadata={"help": "share of the stage's steps of plain ERM before the penalty (DomainBed: 0.3)"})
+    anneal_steps: int = field(default=-1, metadata={"help": "optimizer steps of plain ERM before the penalty (-1: use anneal)"})
     scope: str = field(default="head", metadata={"help": "head (closed form) or all (every parameter, costly)"})
 
     def __post_init__(self):
@@ -36,6 +40,8 @@ class FishrHparams:
             raise ValueError("scope must be head or all")
         if not 0 <= self.ema < 1:
             raise ValueError("ema must be in [0, 1)")
+        if not 0 <= self.anneal < 1:
+            raise ValueError("anneal is a share of the steps, in [0, 1)")
 
 
 def head_sample_grads(model, feats, logits, masks, classes) -> torch.Tensor:
@@ -57,19 +63,32 @@ class Fishr(Method):
     def __init__(self, model, num_domains, hparams=None, task=None, normalizer=None):
         super().__init__(model, num_domains, hparams, task, normalizer)
         self.tap = DecoderTap(model)
-        self.register_buffer("ema_var", torch.zeros(0))
+        if self.hparams.scope == "head":
+            size = self.task.classes * (model.segmentation_head[0].in_channels + 1)
+        else:
+            size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # the moving average of the per-domain gradient variances: its shape is known now, so a
+        # resumed run loads it into a buffer of the same shape
+        self.register_buffer("ema_var", torch.zeros(num_domains, size))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.anneal_at = max(self.hparams.anneal_steps, 0)
 
     def close(self) -> None:
         self.tap.remove()
 
-    def end_of_step(self) -> None:
+    def start_stage(self, total_steps: int) -> None:
+        super().start_stage(total_steps)
+        hp = self.hparams
+        self.anneal_at = hp.anneal_steps if hp.anneal_steps >= 0 else int(round(hp.anneal * total_steps))
+
+    def end_of_step(self) -> bool:
         self.steps += 1
+        return 0 < self.anneal_at == int(self.steps)  # the penalty starts: fresh optimizer moments
 
     def sample_grads(self, per_image, logits, y) -> torch.Tensor:
         if self.hparams.scope == "head":
-            return head_sample_grads(self.model, self.tap.features, logits, y, self.task.classes)
+            return head_sample_grads(self.model, self.tap.head_input, logits, y, self.task.classes)
         params = [p for p in self.model.parameters() if p.requires_grad]
         rows = []
         for i in range(len(per_image)):
@@ -86,16 +105,13 @@ class Fishr(Method):
         grads = self.sample_grads(per_image, logits, y)
         variances = torch.stack([g.var(0, unbiased=False) for g in torch.split(grads, sizes)])  # (D, P)
         if self.training:
-            if self.ema_var.shape != variances.shape or int(self.updates) == 0:
-                previous = torch.zeros_like(variances)
-            else:
-                previous = self.ema_var
+            previous = self.ema_var if int(self.updates) > 0 else torch.zeros_like(variances)
             averaged = hp.ema * previous + (1 - hp.ema) * variances
-            self.ema_var = averaged.detach()
+            self.ema_var.copy_(averaged.detach())
             self.updates += 1
             variances = averaged / (1 - hp.ema) if hp.ema > 0 else averaged
         penalty = ((variances - variances.mean(0, keepdim=True)) ** 2).mean(1).mean()
-        weight = hp.weight if int(self.steps) >= hp.anneal_steps else 0.0
+        weight = hp.weight if int(self.steps) >= self.anneal_at else 0.0
         total = seg + weight * penalty
         return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "fishr": float(penalty.detach()),
                        "domain_losses": [float(d.mean().detach()) for d in self.per_domain(per_image, sizes)]}

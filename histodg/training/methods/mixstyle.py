@@ -1,4 +1,9 @@
-"""mixstyle: MixStyle (Zhou et al., ICLR 2021) after the first encoder stages."""
+"""mixstyle: MixStyle (Zhou et al., ICLR 2021) after the first encoder stages.
+
+As the official code: with probability `p` per forward (training only) each image's feature
+statistics are mixed with a partner's, lambda ~ Beta(alpha, alpha) per image. Partners are
+drawn at random on every forward: "crossdomain" takes each image's partner from another domain
+(the official code's shuffled halves, for any number of domains), "random" from anywhere."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,6 +27,16 @@ class MixStyleHparams:
             raise ValueError("mix must be crossdomain or random")
 
 
+def crossdomain_partners(sizes: list[int]) -> torch.Tensor:
+    """For images in domain order (sizes[d] of domain d): each one's partner, a random image of a
+    random other domain."""
+    starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
+    domain = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    other = (domain + torch.randint(1, len(sizes), (len(domain),))) % len(sizes)  # any domain but its own
+    within = (torch.rand(len(domain)) * torch.tensor(sizes)[other]).long()
+    return starts[other] + within
+
+
 class MixStyle(ERM):
     """ERM with instance feature statistics mixed between images (of different domains) early in the encoder."""
 
@@ -37,8 +52,9 @@ class MixStyle(ERM):
         self.hooks.remove()
 
     def _partner(self, n: int, device) -> torch.Tensor:
-        if self.hparams.mix == "crossdomain" and len(self._sizes) > 1 and sum(self._sizes) == n:
-            return (torch.arange(n, device=device) + self._sizes[0]) % n  # the next domain's images
+        sizes = self._sizes
+        if self.hparams.mix == "crossdomain" and len(sizes) > 1 and sum(sizes) == n:
+            return crossdomain_partners(sizes).to(device)
         return torch.randperm(n, device=device)
 
     def _mix(self, x):

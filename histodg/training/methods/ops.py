@@ -1,6 +1,6 @@
-"""Building blocks shared by the methods: HED stain jitter, feature-statistics perturbation
-hooks (MixStyle, DSU, SDS-shallow) and class-wise pixel statistics with closed-form head
-gradients (SDS-deep, Fishr).
+"""Building blocks shared by the methods: feature-statistics perturbation hooks (MixStyle, DSU,
+SDS-shallow) and class-wise pixel statistics with closed-form head gradients (SDS-deep, Fishr).
+Input-space stain jitter lives with the other augmentations (`training.augment`).
 """
 from __future__ import annotations
 
@@ -8,36 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ...constants import IGNORE, TUMOR
-
-# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB/residual), as in scikit-image.
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-
-def hed_jitter(rgb255: torch.Tensor, sigma: float, bias: float, p: float = 1.0) -> torch.Tensor:
-    """Tellez et al. (2018) HED augmentation on a batch of RGB images in 0-255 (N, 3, H, W).
-
-    Per image and stain channel: c' = c * a + b, a ~ U(1 - sigma, 1 + sigma), b ~ U(-bias, bias),
-    where c are the stain concentrations in optical density (OD = -ln(I / 255) projected on the
-    Ruifrok-Johnston stain vectors), as in the paper; applied to a fraction `p` of the images.
-    (scikit-image >= 0.19's rgb2hed divides OD by -ln(1e-6) = 13.8, so the same sigma and bias
-    there would be 13.8x stronger; these are the original, physical units.)
-    """
-    if sigma <= 0 and bias <= 0:
-        return rgb255
-    n, dev = rgb255.shape[0], rgb255.device
-    rgb = (rgb255.float() / 255.0).clamp(min=1e-6)
-    m, inv = RGB_FROM_HED.to(dev), HED_FROM_RGB.to(dev)
-    stains = torch.einsum("nchw,cd->ndhw", -torch.log(rgb), inv)
-    a = 1 + (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * sigma
-    b = (torch.rand(n, 3, 1, 1, device=dev) * 2 - 1) * bias
-    if p < 1:
-        keep = (torch.rand(n, 1, 1, 1, device=dev) >= p).float()
-        a, b = a * (1 - keep) + keep, b * (1 - keep)
-    stains = stains * a + b
-    out = torch.exp(-torch.einsum("ndhw,dc->nchw", stains, m))
-    return (out * 255).clamp(0, 255)
 
 
 def channel_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,22 +84,22 @@ def residual(logits: torch.Tensor, masks: torch.Tensor, classes: int) -> torch.T
     return torch.softmax(logits.float(), 1) - onehot
 
 
-def class_sums(model, feats: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, classes: int,
-               class_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def class_sums(model, feats: torch.Tensor, head_input: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
+               classes: int, class_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image and class c: (count, feature sum, head-gradient sum) over the pixels of class c.
 
-    With m_c the class-c pixels (full resolution, label 255 ignored), U the head's upsampling
-    and F the decoder features (the head's input):
+    With m_c the class-c pixels (full resolution, label 255 ignored), U the head's upsampling,
+    F the decoder features (before the decoder's dropout) and H the head's input (F after it):
       count[n, c]  = sum m_c
       fsum[n, c]   = sum_q (U^T m_c)(q) F(q)                      (class-c pixels, feature scale)
-      gsum[n, c]   = sum_q (U^T (m_c * (p - y)))(q) [F(q), 1]^T     (closed-form gradient of the
+      gsum[n, c]   = sum_q (U^T (m_c * (p - y)))(q) [H(q), 1]^T     (closed-form gradient of the
                      summed class-c pixel loss with respect to the 1x1 head's weights and bias)
     Shapes (N, C), (N, C, Cf) and (N, C, K, Cf + 1). Everything is differentiable.
     """
     small = feats.shape[-2:]
     valid = (masks != IGNORE).unsqueeze(1).float()
     r = residual(logits, masks, classes)
-    feats1 = torch.cat([feats.float(), torch.ones_like(feats[:, :1]).float()], 1)
+    head1 = torch.cat([head_input.float(), torch.ones_like(head_input[:, :1]).float()], 1)
     counts, fsums, gsums = [], [], []
     for c in class_ids:
         m = ((masks == c).unsqueeze(1).float() * valid)
@@ -137,7 +107,7 @@ def class_sums(model, feats: torch.Tensor, logits: torch.Tensor, masks: torch.Te
         w = upsample_adjoint(model, m, small)
         fsums.append(torch.einsum("nhw,nfhw->nf", w[:, 0], feats.float()))
         rr = upsample_adjoint(model, r * m, small)
-        gsums.append(torch.einsum("nkhw,nfhw->nkf", rr, feats1))
+        gsums.append(torch.einsum("nkhw,nfhw->nkf", rr, head1))
     return torch.stack(counts, 1), torch.stack(fsums, 1), torch.stack(gsums, 1)
 
 
@@ -146,11 +116,11 @@ def by_domain(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.stack([part.sum(0) for part in torch.split(x, sizes)])
 
 
-def dispersion(vectors: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Scale-free spread of per-domain vectors (D, V) over the present domains:
-    sum_d |v_d - mean|^2 / sum_d |v_d|^2 (0 when all agree; needs two domains)."""
+def domain_variance(vectors: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The variance across the present domains of per-domain vectors (D, V): the mean over domains
+    of |v_d - mean|^2, unnormalised (as IGA and Fishr), so a component all domains share, however
+    large, costs nothing; 0 with fewer than two domains."""
     v = vectors[present]
     if v.shape[0] < 2:
         return vectors.sum() * 0
-    mean = v.mean(0, keepdim=True)
-    return ((v - mean) ** 2).sum() / ((v**2).sum() + 1e-12)
+    return ((v - v.mean(0, keepdim=True)) ** 2).sum(1).mean()

@@ -1,37 +1,43 @@
 """SDS: Shallow-Deep Synergy (BIBM 2024), as reconstructed from its abstract (ARCHITECTURE.md).
 
 Shallow (fine-grained intensity and texture variation where the network is shallow):
-- HED stain jitter of the input (Tellez et al.), on a fraction `stain_p` of the images;
-- DSU-style resampling of the channel mean and std of the first `perturb_stages` encoder stages'
-  features, each with probability `perturb_p` (training only; evaluation never sees it).
+- HED stain jitter of the input (Tellez et al., `training.augment.hed_jitter`) on a fraction
+  `stain_p` of the images (the run's `--augment` preset applies on top, as for every method);
+- DSU-style resampling of the channel mean and std of the first `perturb_stages` encoder
+  stages' features, each with probability `perturb_p` (training only).
 
-Deep (class-wise alignment of the pixel-level decision boundary across domains, on the
-decoder's last features F, the input of the 1x1 segmentation head):
-- feature alignment: per domain d and class c the prototype mean of F over the class-c pixels;
-  the spread of the (L2-normalised) prototypes across domains is penalised;
+Deep (class-wise alignment of the pixel-level decision boundary across domains):
+- feature alignment: per domain d and class c the prototype of the decoder features F (before
+  the decoder's channel dropout) over the class-c pixels, L2-normalised; penalty: the variance
+  of the prototypes across domains (bounded by 1: unit vectors);
 - gradient alignment: the closed-form gradient of the class-c pixel loss of domain d with
-  respect to the head, mean over those pixels of (p - y) [F, 1]; its spread across domains is
-  penalised (Fishr-like, without per-sample backprop).
-Both spreads are scale-free: sum_d |v_d - mean|^2 / sum_d |v_d|^2.
+  respect to the 1x1 head, mean over those pixels of (p - y) [H, 1] with H what the head
+  receives; penalty: its variance across domains, unnormalised as in IGA and Fishr (a
+  gradient all domains share is not penalised, and the penalty does not reward a worse fit).
 
-Big batch: the per-domain, per-class sums are kept (detached) for the last `big_batch - 1`
-micro-batches and added to the current one's, so the alignment sees `big_batch` times more
-pixels of every domain at the memory cost of one micro-batch.
+Big batch = the optimizer step. With `--accumulate K`, a step is K micro-batches; the per-domain,
+per-class statistics are pooled over all of them, with the current weights, at the memory of
+one micro-batch: `begin_step` first sums every micro-batch's statistics without gradients
+(the same random perturbations, BatchNorm statistics left as they were), and micro-batch k's
+loss then uses the pooled sums with its own part recomputed with gradients, so the step's
+gradient is exactly that of the penalty on the pooled statistics (times K, which the loop's
+division by K cancels). Under DDP the sums are pooled over every rank too. `pool=false` aligns
+each micro-batch on its own statistics (the ablation); with K = 1 both are the same.
 
-loss = segmentation + feat_align * feature spread + grad_align * gradient spread.
+loss = segmentation + feat_align * prototype variance + grad_align * gradient variance.
 Every part has a switch: shallow=false, deep=false, stain=0, perturb_p=0, feat_align=0,
-grad_align=0, big_batch=1.
+grad_align=0, pool=false.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from ...model.taps import DecoderTap, shallow_stages
+from ..augment import hed_jitter
 from .base import Method, seg_loss
-from .ops import StageHooks, by_domain, class_sums, dispersion, dsu, hed_jitter
+from .ops import StageHooks, by_domain, class_sums, domain_variance, dsu
 
 
 @dataclass(frozen=True)
@@ -43,20 +49,20 @@ class SDSHparams:
     perturb_stages: int = field(default=2, metadata={"help": "how many of the first encoder stages are perturbed"})
     perturb_strength: float = field(default=1.0, metadata={"help": "scale of the statistics noise (1 = the batch's own spread)"})
     deep: bool = field(default=True, metadata={"help": "master switch of the deep part (feature + gradient alignment)"})
-    feat_align: float = field(default=0.5, metadata={"help": "weight of class-wise feature (prototype) alignment (0 = off)"})
-    grad_align: float = field(default=0.5, metadata={"help": "weight of class-wise head-gradient alignment (0 = off)"})
-    big_batch: int = field(default=4, metadata={"help": "micro-batches whose statistics are pooled for alignment (1 = none)"})
+    feat_align: float = field(default=0.5, metadata={"help": "weight of the class-wise prototype variance across domains (0 = off)"})
+    grad_align: float = field(default=0.5, metadata={"help": "weight of the class-wise head-gradient variance across domains (0 = off)"})
+    pool: bool = field(default=True, metadata={"help": "pool the statistics over all micro-batches of a step (--accumulate) and all ranks"})
 
     def __post_init__(self):
-        if self.big_batch < 1 or self.perturb_stages < 0:
-            raise ValueError("big_batch must be >= 1 and perturb_stages >= 0")
+        if self.perturb_stages < 0:
+            raise ValueError("perturb_stages must be >= 0")
         if not (0 <= self.stain_p <= 1 and 0 <= self.perturb_p <= 1):
             raise ValueError("stain_p and perturb_p are probabilities in [0, 1]")
 
 
 class SDS(Method):
     """Shallow-Deep Synergy: shallow stain/feature-statistics perturbation + class-wise feature and
-    head-gradient alignment across domains, pooled over a big batch of micro-batches."""
+    head-gradient alignment across domains, pooled over the optimizer step's micro-batches."""
 
     name = "sds"
     Hparams = SDSHparams
@@ -70,7 +76,12 @@ class SDS(Method):
         if hp.shallow and hp.perturb_p > 0 and hp.perturb_stages > 0:
             self.hooks = StageHooks(shallow_stages(model, hp.perturb_stages),
                                     lambda x: dsu(x, hp.perturb_strength), hp.perturb_p)
-        self.past: deque = deque(maxlen=max(hp.big_batch - 1, 0))
+        self._step: dict | None = None  # the pooled sums of the current step, from begin_step
+
+    @property
+    def aligns(self) -> bool:
+        hp = self.hparams
+        return hp.deep and (hp.feat_align > 0 or hp.grad_align > 0)
 
     def close(self) -> None:
         self.tap.remove()
@@ -83,18 +94,51 @@ class SDS(Method):
             return x
         return self.normalizer(hed_jitter(self.normalizer.inverse(x), hp.stain, hp.stain, hp.stain_p))
 
-    def pooled_stats(self, feats, logits, masks, sizes):
-        """Per-domain, per-class (count, feature sum, gradient sum): this micro-batch's (with
-        gradients) plus the detached sums of the previous big_batch - 1 micro-batches."""
-        counts, fsums, gsums = class_sums(self.model, feats, logits, masks, self.task.classes, self.class_ids)
-        cur = (by_domain(counts, sizes), by_domain(fsums, sizes), by_domain(gsums, sizes))
-        total = list(cur)
-        for past in self.past:
-            if past[0].shape == cur[0].shape:
-                total = [t + p for t, p in zip(total, past)]
-        if self.training and self.past.maxlen:
-            self.past.append(tuple(c.detach() for c in cur))
-        return total
+    def statistics(self, batches, logits=None):
+        """Per-domain, per-class (counts, feature sums, gradient sums) of one micro-batch, and its
+        per-image loss; a forward pass unless `logits` of its (shallow) input are given."""
+        x, y, sizes = self.concat(batches)
+        if logits is None:
+            logits = self.net(self.shallow_input(x))
+        counts, fsums, gsums = class_sums(self.model, self.tap.features, self.tap.head_input, logits, y,
+                                          self.task.classes, self.class_ids)
+        return (by_domain(counts, sizes), by_domain(fsums, sizes), by_domain(gsums, sizes)), logits, y, sizes
+
+    # -- the big batch ---------------------------------------------------------------------------
+    def begin_step(self, micro_batches) -> None:
+        self._step = None
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if not (self.training and self.aligns and self.hparams.pool and (len(micro_batches) > 1 or world > 1)):
+            return
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        net, self.net = self.net, self.model  # no DDP hooks for a pass without gradients
+        try:
+            with torch.no_grad():
+                parts = [self.statistics(b)[0] for b in micro_batches]
+        finally:
+            self.net = net
+        with torch.no_grad():  # BatchNorm's running statistics: as if this pass had not happened
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+        totals = [torch.stack([p[i] for p in parts]).sum(0) for i in range(3)]
+        if world > 1:
+            for t in totals:
+                torch.distributed.all_reduce(t)
+        # micro-batch k's loss swaps its own (gradient-carrying) sums in for parts[k]
+        self._step = {"totals": totals, "parts": parts, "next": 0, "scale": len(micro_batches) * world,
+                      "rng": rng, "cuda_rng": cuda_rng}
+
+    def pooled(self, own) -> tuple[list[torch.Tensor], float]:
+        """The statistics the penalty is taken on, and the factor that makes the step's gradient
+        that of the pooled penalty."""
+        step = self._step
+        if step is None:
+            return list(own), 1.0
+        k = step["next"]
+        step["next"] += 1
+        return [t - p.detach() + o for t, p, o in zip(step["totals"], step["parts"][k], own)], float(step["scale"])
 
     def alignment(self, counts, fsums, gsums) -> tuple[torch.Tensor, torch.Tensor]:
         feat_terms, grad_terms = [], []
@@ -103,25 +147,31 @@ class SDS(Method):
             present = n > 0
             protos = fsums[:, c] / n.clamp(min=1).unsqueeze(1)
             protos = protos / protos.norm(dim=1, keepdim=True).clamp(min=1e-12)
-            feat_terms.append(dispersion(protos, present))
+            feat_terms.append(domain_variance(protos, present))
             grads = (gsums[:, c] / n.clamp(min=1).view(-1, 1, 1)).flatten(1)
-            grad_terms.append(dispersion(grads, present))
+            grad_terms.append(domain_variance(grads, present))
         return torch.stack(feat_terms).mean(), torch.stack(grad_terms).mean()
 
     def loss(self, batches):
         hp = self.hparams
+        step = self._step
+        if step is not None and step["next"] == 0:  # the random draws of the pass without gradients
+            torch.set_rng_state(step["rng"])
+            if step["cuda_rng"] is not None:
+                torch.cuda.set_rng_state_all(step["cuda_rng"])
         x, y, sizes = self.concat(batches)
         logits = self.net(self.shallow_input(x))
         per_image = seg_loss(logits, y, self.task, reduction="none")
         seg = per_image.mean()
         logs = {"seg": float(seg.detach()), "domain_losses": [float(d.mean().detach()) for d in self.per_domain(per_image, sizes)]}
         total = seg
-        if hp.deep and (hp.feat_align > 0 or hp.grad_align > 0):
-            feat, grad = self.alignment(*self.pooled_stats(self.tap.features, logits, y, sizes))
+        if self.aligns:
+            own, _, _, _ = self.statistics(batches, logits)
+            stats, scale = self.pooled(own)
+            feat, grad = self.alignment(*stats)
             logs["feat_align"], logs["grad_align"] = float(feat.detach()), float(grad.detach())
-            if hp.feat_align > 0:
-                total = total + hp.feat_align * feat
-            if hp.grad_align > 0:
-                total = total + hp.grad_align * grad
+            penalty = hp.feat_align * feat + hp.grad_align * grad
+            logs["loss"] = float((seg + penalty).detach())  # the step's objective; the gradient is scaled
+            return total + scale * penalty, logs
         logs["loss"] = float(total.detach())
         return total, logs

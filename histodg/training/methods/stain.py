@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..augment import hed_jitter
 from .erm import ERM
-from .ops import hed_jitter
 
 
 @dataclass(frozen=True)
