@@ -146,7 +146,9 @@ def test_closed_form_head_gradient_equals_autograd(arch):
     y = y.clone()
     y[0, :5] = 255  # ignored pixels
     logits = model(x)
-    counts, fsums, gsums = class_sums(model, tap.features, tap.head_input, logits, y, 1, [0, 1])
+    counts, fsums, gsums, sq, size = class_sums(model, tap.features, tap.head_input, logits, y, 1, [0, 1])
+    torch.testing.assert_close(sq, tap.head_input.pow(2).flatten(1).sum(1))
+    assert (size == tap.head_input[0].numel()).all()
     head = model.segmentation_head[0]
     for n in range(2):
         for c in (0, 1):
@@ -235,6 +237,13 @@ def test_gradient_alignment_ignores_what_all_domains_share():
     assert float(more) == pytest.approx(float(base), rel=1e-5)
     expected = ((grads.flatten(2) - grads.flatten(2).mean(0)) ** 2).sum(2).mean(0).mean()  # variance, by hand
     assert float(base) == pytest.approx(float(expected), rel=1e-5)
+    # in units of the features' RMS: features 10x smaller (gradients' feature part 10x smaller) cost the same
+    sq, size = torch.tensor([40.0, 60.0]), torch.tensor([20.0, 30.0])
+    small = grads.clone()
+    small[..., :-1] /= 10
+    _, a = sds.alignment(counts, fsums, grads * counts[..., None, None], sq, size)
+    _, b = sds.alignment(counts, fsums, small * counts[..., None, None], sq / 100, size)
+    assert float(a) == pytest.approx(float(b), rel=1e-5) and float(a) != pytest.approx(float(base), rel=1e-3)
 
 
 def test_the_tap_separates_the_features_from_what_the_head_sees():

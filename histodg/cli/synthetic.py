@@ -16,8 +16,10 @@ from .options import CONTEXT
 @click.option("--cases", type=int, default=None, help="Cases per domain  [default: the library's, see `histodg.synth`]")
 @click.option("--size-um", type=float, default=None, help="Side of each case in microns  [default: the library's]")
 @click.option("--gallery", type=click.Path(path_type=Path), default=None, help="Also write a PNG with one patch of every domain.")
+@click.option("--extra-scanner", "extra_scanners", type=int, multiple=True, metavar="SEED",
+              help="Add a held-out colon domain scanner-x<SEED> from a scanner whose acquisition is drawn at random (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing data set in OUT_DIR.")
-def synth(out_dir, seed, fmt, cases, size_um, gallery, overwrite):
+def synth(out_dir, seed, fmt, cases, size_um, gallery, extra_scanners, overwrite):
     """Write a small COSAS-shaped multi-organ, multi-scanner adenocarcinoma data set.
 
     Task `organ`: training organs and a held-out organ from one scanner; task `scanner`: one
@@ -32,7 +34,7 @@ def synth(out_dir, seed, fmt, cases, size_um, gallery, overwrite):
     try:
         with err.status("generating synthetic slides") as status:
             manifest = make_dataset(out_dir, seed=seed, formats=formats, overwrite=overwrite,
-                                    progress=lambda msg: status.update(msg), **kwargs)
+                                    progress=lambda msg: status.update(msg), extra_scanners=extra_scanners, **kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {manifest}")

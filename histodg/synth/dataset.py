@@ -39,7 +39,7 @@ import numpy as np
 
 from ..constants import TUMOR_CLASS
 from ..files import atomic_write, write_text_atomic
-from .profiles import ORGANS, SCANNERS
+from .profiles import EXTRA_PREFIX, ORGANS, scanner_profile
 from .tissue import Case, render_case
 
 
@@ -111,7 +111,7 @@ class CaseJob:
 def render_job(job: CaseJob) -> Case:
     """Render one case of a data set (no files)."""
     d = job.domain
-    scanner = SCANNERS[d.scanner]
+    scanner = scanner_profile(d.scanner)
     rng = np.random.default_rng(job.seed_sequence() + [1])
     w_um, h_um = case_size_um(job.size_um, scanner.mpp, rng)
     return render_case(ORGANS[d.organ], scanner, w_um, h_um, job.seed_sequence())
@@ -121,7 +121,7 @@ def make_case(job: CaseJob) -> dict:
     """Render one case and write its files; returns its manifest row (paths relative to out_dir)."""
     case = render_job(job)
     d, out = job.domain, Path(job.out_dir)
-    scanner = SCANNERS[d.scanner]
+    scanner = scanner_profile(d.scanner)
     row = {
         "organ": d.organ if d.task == "organ" else "unknown",
         "scanner": d.scanner if d.task == "scanner" else "unknown",
@@ -220,9 +220,15 @@ def write_png(path: Path, pixels: np.ndarray, mpp: float) -> None:
 
 
 # -- the data set ------------------------------------------------------------------------------------
-def plan(out_dir, seed: int, cases: int, size_um: float, formats) -> list[CaseJob]:
+def domains(extra_scanners=()) -> tuple[Domain, ...]:
+    """The built-in domains, and an extra held-out colon domain per extra scanner seed."""
+    return DOMAINS + tuple(Domain("scanner", "colon", f"{EXTRA_PREFIX}{int(s)}", "heldout") for s in extra_scanners)
+
+
+def plan(out_dir, seed: int, cases: int, size_um: float, formats, extra_scanners=()) -> list[CaseJob]:
     """The cases of a data set, in manifest order."""
-    return [CaseJob(str(out_dir), d, i, seed, size_um, tuple(formats)) for d in DOMAINS for i in range(1, cases + 1)]
+    return [CaseJob(str(out_dir), d, i, seed, size_um, tuple(formats)) for d in domains(extra_scanners)
+            for i in range(1, cases + 1)]
 
 
 def _check_args(out_dir: Path, seed, formats, cases, size_um, overwrite) -> tuple[str, ...]:
@@ -244,8 +250,11 @@ def _check_args(out_dir: Path, seed, formats, cases, size_um, overwrite) -> tupl
 
 def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",), cases: int = DEFAULT_CASES,
                  size_um: float = DEFAULT_SIZE_UM, overwrite: bool = False, progress=None,
-                 workers: int | None = None) -> Path:
+                 workers: int | None = None, extra_scanners=()) -> Path:
     """Write the data set; return the path of OUT_DIR/manifest.csv. progress(msg: str) may be None.
+
+    `extra_scanners`: seeds of extra held-out scanners (`profiles.random_scanner`), each a colon
+    domain `scanner-x<SEED>` of the scanner task.
 
     Cases are made by `workers` processes (default: one, or two for sets of more than 40 million
     pixels when there are two CPU cores); the bytes do not depend on it. With `overwrite`
@@ -260,16 +269,16 @@ def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",),
         for sub in FORMATS:
             shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan(out_dir, int(seed), int(cases), float(size_um), formats)
+    jobs = plan(out_dir, int(seed), int(cases), float(size_um), formats, extra_scanners)
     say = progress or (lambda msg: None)
     rows: dict[str, dict] = {}
     if workers is None:  # processes pay off for big sets only (each one imports numpy, OpenCV, ...)
-        pixels = sum((case_size_um(job.size_um, SCANNERS[job.domain.scanner].mpp, np.random.default_rng(0))[0]
-                      / SCANNERS[job.domain.scanner].mpp) ** 2 for job in jobs)
+        pixels = sum((case_size_um(job.size_um, scanner_profile(job.domain.scanner).mpp, np.random.default_rng(0))[0]
+                      / scanner_profile(job.domain.scanner).mpp) ** 2 for job in jobs)
         workers = min(2, os.cpu_count() or 1) if pixels > PARALLEL_PIXELS else 1
     workers = max(1, min(int(workers), len(jobs)))
     # biggest cases first, so the last ones to finish are small
-    order = sorted(jobs, key=lambda j: SCANNERS[j.domain.scanner].mpp)
+    order = sorted(jobs, key=lambda j: scanner_profile(j.domain.scanner).mpp)
     if workers == 1:
         for k, job in enumerate(order, 1):
             rows[job.name] = make_case(job)

@@ -65,3 +65,35 @@ SCANNERS = {
                        noise=3.5, jpeg_quality=60),
     )
 }
+
+
+EXTRA_PREFIX = "scanner-x"  # scanner-x<SEED>: an extra held-out scanner, its acquisition drawn from SEED
+
+
+def random_scanner(seed: int) -> ScannerProfile:
+    """A scanner none of the built-in ones resembles on purpose: every acquisition setting drawn at
+    random (from `seed`) within what slide scanners do: stain vectors and amount, white balance,
+    illumination, optics, tone curve, noise, JPEG quality and resolution."""
+    import numpy as np
+
+    rng = np.random.default_rng([int(seed), 1009])
+
+    def vector(base, spread):
+        return tuple(float(v) for v in np.clip(np.asarray(base) + rng.normal(0, spread, 3), 0.02, None))
+
+    return ScannerProfile(
+        f"{EXTRA_PREFIX}{seed}", mpp=float(rng.choice([0.25, 0.5])),
+        stain_h=vector((0.60, 0.72, 0.34), 0.08), stain_e=vector((0.16, 0.84, 0.50), 0.12),
+        stain_scale=float(rng.uniform(0.8, 1.3)), white=tuple(float(v) for v in rng.uniform(228, 252, 3)),
+        vignetting=float(rng.uniform(0.01, 0.08)), field_um=float(rng.uniform(300, 700)), gradient=float(rng.uniform(0.01, 0.06)),
+        blur_um=float(rng.uniform(0.3, 1.0)), gamma=float(rng.uniform(0.85, 1.15)), noise=float(rng.uniform(1.0, 4.0)),
+        jpeg_quality=int(rng.integers(55, 93)))
+
+
+def scanner_profile(name: str) -> ScannerProfile:
+    """A built-in scanner, or an extra one (scanner-x<SEED>)."""
+    if name in SCANNERS:
+        return SCANNERS[name]
+    if name.startswith(EXTRA_PREFIX) and name[len(EXTRA_PREFIX):].isdigit():
+        return random_scanner(int(name[len(EXTRA_PREFIX):]))
+    raise KeyError(name)

@@ -85,8 +85,9 @@ def residual(logits: torch.Tensor, masks: torch.Tensor, classes: int) -> torch.T
 
 
 def class_sums(model, feats: torch.Tensor, head_input: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor,
-               classes: int, class_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image and class c: (count, feature sum, head-gradient sum) over the pixels of class c.
+               classes: int, class_ids: list[int]) -> tuple[torch.Tensor, ...]:
+    """Per image and class c: (count, feature sum, head-gradient sum) over the pixels of class c,
+    and per image the sum of squares of the head's input and how many values it has.
 
     With m_c the class-c pixels (full resolution, label 255 ignored), U the head's upsampling,
     F the decoder features (before the decoder's dropout) and H the head's input (F after it):
@@ -94,7 +95,8 @@ def class_sums(model, feats: torch.Tensor, head_input: torch.Tensor, logits: tor
       fsum[n, c]   = sum_q (U^T m_c)(q) F(q)                      (class-c pixels, feature scale)
       gsum[n, c]   = sum_q (U^T (m_c * (p - y)))(q) [H(q), 1]^T     (closed-form gradient of the
                      summed class-c pixel loss with respect to the 1x1 head's weights and bias)
-    Shapes (N, C), (N, C, Cf) and (N, C, K, Cf + 1). Everything is differentiable.
+      sq[n]        = sum_q |H(q)|^2,  size[n] = the number of values of H (for its RMS)
+    Shapes (N, C), (N, C, Cf), (N, C, K, Cf + 1), (N,) and (N,). Everything is differentiable.
     """
     small = feats.shape[-2:]
     valid = (masks != IGNORE).unsqueeze(1).float()
@@ -108,7 +110,9 @@ def class_sums(model, feats: torch.Tensor, head_input: torch.Tensor, logits: tor
         fsums.append(torch.einsum("nhw,nfhw->nf", w[:, 0], feats.float()))
         rr = upsample_adjoint(model, r * m, small)
         gsums.append(torch.einsum("nkhw,nfhw->nkf", rr, head1))
-    return torch.stack(counts, 1), torch.stack(fsums, 1), torch.stack(gsums, 1)
+    sq = head_input.float().pow(2).flatten(1).sum(1)
+    size = torch.full_like(sq, float(head_input[0].numel()))
+    return torch.stack(counts, 1), torch.stack(fsums, 1), torch.stack(gsums, 1), sq, size
 
 
 def by_domain(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -11,9 +11,12 @@ Deep (class-wise alignment of the pixel-level decision boundary across domains):
   the decoder's channel dropout) over the class-c pixels, L2-normalised; penalty: the variance
   of the prototypes across domains (bounded by 1: unit vectors);
 - gradient alignment: the closed-form gradient of the class-c pixel loss of domain d with
-  respect to the 1x1 head, mean over those pixels of (p - y) [H, 1] with H what the head
-  receives; penalty: its variance across domains, unnormalised as in IGA and Fishr (a
-  gradient all domains share is not penalised, and the penalty does not reward a worse fit).
+  respect to the 1x1 head, mean over those pixels of (p - y) [H / rms(H), 1] with H what the
+  head receives, measured in units of its own RMS (over all domains' pixels, with gradient):
+  so the network cannot lower the penalty by shrinking its features; penalty: the variance of
+  these gradients across domains, unnormalised as in IGA and Fishr (a gradient all domains
+  share is not penalised, the penalty does not reward a worse fit, and it vanishes as the
+  model fits every domain).
 
 Big batch = the optimizer step. With `--accumulate K`, a step is K micro-batches; the per-domain,
 per-class statistics are pooled over all of them, with the current weights, at the memory of
@@ -100,9 +103,8 @@ class SDS(Method):
         x, y, sizes = self.concat(batches)
         if logits is None:
             logits = self.net(self.shallow_input(x))
-        counts, fsums, gsums = class_sums(self.model, self.tap.features, self.tap.head_input, logits, y,
-                                          self.task.classes, self.class_ids)
-        return (by_domain(counts, sizes), by_domain(fsums, sizes), by_domain(gsums, sizes)), logits, y, sizes
+        sums = class_sums(self.model, self.tap.features, self.tap.head_input, logits, y, self.task.classes, self.class_ids)
+        return tuple(by_domain(t, sizes) for t in sums), logits, y, sizes
 
     # -- the big batch ---------------------------------------------------------------------------
     def begin_step(self, micro_batches) -> None:
@@ -122,7 +124,7 @@ class SDS(Method):
         with torch.no_grad():  # BatchNorm's running statistics: as if this pass had not happened
             for k, v in self.model.named_buffers():
                 v.copy_(buffers[k])
-        totals = [torch.stack([p[i] for p in parts]).sum(0) for i in range(3)]
+        totals = [torch.stack([p[i] for p in parts]).sum(0) for i in range(len(parts[0]))]
         if world > 1:
             for t in totals:
                 torch.distributed.all_reduce(t)
@@ -140,7 +142,10 @@ class SDS(Method):
         step["next"] += 1
         return [t - p.detach() + o for t, p, o in zip(step["totals"], step["parts"][k], own)], float(step["scale"])
 
-    def alignment(self, counts, fsums, gsums) -> tuple[torch.Tensor, torch.Tensor]:
+    def alignment(self, counts, fsums, gsums, sq=None, size=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prototype variance, head-gradient variance) across domains, mean over classes, from
+        per-domain sums; without `sq`/`size` the head's input is taken as is (RMS 1)."""
+        rms = (sq.sum() / size.sum().clamp(min=1)).sqrt().clamp(min=1e-6) if sq is not None else torch.ones(())
         feat_terms, grad_terms = [], []
         for c in range(counts.shape[1]):
             n = counts[:, c]
@@ -148,8 +153,9 @@ class SDS(Method):
             protos = fsums[:, c] / n.clamp(min=1).unsqueeze(1)
             protos = protos / protos.norm(dim=1, keepdim=True).clamp(min=1e-12)
             feat_terms.append(domain_variance(protos, present))
-            grads = (gsums[:, c] / n.clamp(min=1).view(-1, 1, 1)).flatten(1)
-            grad_terms.append(domain_variance(grads, present))
+            grads = gsums[:, c] / n.clamp(min=1).view(-1, 1, 1)
+            grads = torch.cat([grads[..., :-1] / rms, grads[..., -1:]], -1)  # features in units of their RMS
+            grad_terms.append(domain_variance(grads.flatten(1), present))
         return torch.stack(feat_terms).mean(), torch.stack(grad_terms).mean()
 
     def loss(self, batches):
