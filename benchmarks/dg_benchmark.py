@@ -63,7 +63,9 @@ STEPS = 100
 LRS = ("3e-4", "1e-3")
 SEEDS = (0, 1, 2, 3, 4)
 CROSS = ["--pretrain", "organ", "--finetune", "scanner", "--steps", str(STEPS)]
-SDS_HP: list[str] = []  # SDS at its defaults (chosen by the pilot below, on training-domain validation)
+# SDS at its defaults, which the pilot below chose on training-domain validation (written out so
+# that the runs stay the same whatever the defaults become)
+SDS_HP = ["--hp", "feat_align=0.5", "--hp", "grad_align=0.02"]
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,65 @@ def plot_curve(points) -> None:
     plt.close(fig)
 
 
+# -- cost: step time and peak memory ---------------------------------------------------------------
+COST = [("erm", [], 2), ("stain", [], 2), ("mixstyle", [], 2), ("dsu", [], 2), ("coral", [], 2), ("fishr", [], 2),
+        ("sds", [], 2), ("sds", ["pool=false"], 2), ("sds", [], 1), ("sds", [], 4)]
+
+
+def cost_child(method: str, hp: list[str], accumulate: int, steps: int) -> None:
+    """One method's optimizer steps on fixed batches (3 domains x 2 patches of 128 px per micro-batch)."""
+    import resource
+
+    import torch
+
+    from histodg.model.build import build_model
+    from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
+    from histodg.model.normalize import Normalizer
+    from histodg.training.methods import METHODS as REG
+    from histodg.training.methods import SegTask, parse_hparams
+
+    torch.manual_seed(0)
+    model = build_model("fpn", "tu-efficientnet_lite0", "none", 1)
+    cls = REG[method]
+    m = cls(model, 3, parse_hparams(cls, hp), task=SegTask(), normalizer=Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu"))
+    m.start_stage(steps + 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    micro = [[(torch.randn(2, 3, 128, 128, generator=g), (torch.rand(2, 128, 128, generator=g) > 0.5).to(torch.uint8))
+              for _ in range(3)] for _ in range(accumulate)]
+    m.train()
+    times = []
+    for _ in range(steps + 2):
+        t = time.perf_counter()
+        m.begin_step(micro)
+        for b in micro:
+            loss, _ = m.loss(b)
+            (loss / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+        m.end_of_step()
+        times.append((time.perf_counter() - t) / accumulate)
+    print(json.dumps({"micro_s": float(np.median(times[2:])), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def cost_table(steps: int) -> str:
+    rows_ = []
+    for method, hp, k in COST:
+        r = subprocess.run([sys.executable, __file__, "--cost-child", method, "--accumulate", str(k), "--steps", str(steps),
+                            *[f"--hp={h}" for h in hp]], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if r.returncode:
+            raise SystemExit(r.stderr)
+        rows_.append((method + (f" ({', '.join(hp)})" if hp else ""), k, json.loads(r.stdout.strip().splitlines()[-1])))
+    erm = rows_[0][2]
+    sds1 = next(c for name, k, c in rows_ if name == "sds" and k == 1)
+    lines = ["| method | --accumulate | s per micro-batch | x ERM | peak RSS MB | x ERM | x SDS at K=1 |", "|---|---|---|---|---|---|---|"]
+    for name, k, c in rows_:
+        lines.append(f"| {name} | {k} | {c['micro_s']:.3f} | {c['micro_s'] / erm['micro_s']:.2f} | {c['peak_rss_mb']:.0f} | "
+                     f"{c['peak_rss_mb'] / erm['peak_rss_mb']:.2f} | {c['peak_rss_mb'] / sds1['peak_rss_mb']:.2f} |")
+    return "\n".join(lines)
+
+
 # -- tables ----------------------------------------------------------------------------------------
 def selected(results: dict) -> dict[str, dict[int, dict]]:
     """Per row name and seed, the run the protocol keeps (grid rows: the best validation)."""
@@ -407,7 +468,17 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true", help="print the tables of what has run, run nothing")
     ap.add_argument("--pilot", action="store_true", help="the SDS weight pilot (training-domain validation only)")
     ap.add_argument("--curve", action="store_true", help="ERM's Dice over the schedule (curve.png)")
+    ap.add_argument("--cost", action="store_true", help="step time and peak memory of every method (fresh process each)")
+    ap.add_argument("--cost-child")
+    ap.add_argument("--accumulate", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--hp", action="append", default=[])
     args = ap.parse_args()
+    if args.cost_child:
+        return cost_child(args.cost_child, args.hp, args.accumulate, args.steps)
+    if args.cost:
+        print(cost_table(args.steps))
+        return
     global OUT
     if args.quick:  # a smoke run never mixes with real results
         OUT = OUT.with_name("dg2-quick")

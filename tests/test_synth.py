@@ -440,3 +440,17 @@ def test_gallery(dataset, tmp_path):
 def test_profiles_are_distinct_domains():
     assert len({(d.task, d.name) for d in DOMAINS}) == len(DOMAINS)
     assert {SCANNERS[d.scanner].mpp for d in DOMAINS if d.task == "scanner"} == {0.25, 0.5}
+
+
+def test_an_extra_scanner_is_a_held_out_domain_of_its_own(tmp_path):
+    from histodg.synth.profiles import SCANNERS, random_scanner, scanner_profile
+
+    a, b = random_scanner(7), random_scanner(8)
+    assert a == scanner_profile("scanner-x7") and a != b  # the seed is the acquisition
+    assert all(a.stain_e != s.stain_e and a.white != s.white for s in SCANNERS.values())
+    manifest = make_dataset(tmp_path / "x", cases=1, size_um=400, extra_scanners=(7,))
+    rows = read_manifest(manifest)
+    extra = [r for r in rows if r["scanner"] == "scanner-x7"]
+    assert len(rows) == len(DOMAINS) + 1 and len(extra) == 1
+    assert extra[0]["split"] == "heldout" and extra[0]["task"] == "scanner" and float(extra[0]["mpp"]) == a.mpp
+    assert (tmp_path / "x" / extra[0]["path"]).is_file()

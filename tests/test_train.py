@@ -281,3 +281,19 @@ def test_the_loop_gives_methods_every_micro_batch_of_a_step_and_resets_the_optim
     assert seen == {"steps": [3, 3, 3, 3], "stage": [4]}
     step_counts = {int(s["step"]) for s in states[-1]["optimizer_state"]["state"].values()}
     assert step_counts == {2}  # AdamW's state was cleared after step 2: two steps since
+
+
+def test_augment_presets_are_recorded_and_old_run_configs_still_load(stores, tmp_path, cli):
+    r = cli("train", stores, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
+            "--domains", "organ", "--steps", "2", "--batch-size", "2", "--workers", "0", "--augment", "strong",
+            "--aug", "jpeg=50", "--json")
+    assert r.exit_code == 0, r.output
+    aug = load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]["augmentation"]
+    assert aug["preset"] == "strong" and aug["jpeg"] == 50 and aug["hed_scale"] == 0.3
+    r = cli("train", stores, "-o", tmp_path / "bad", "--augment", "strong", "--aug", "nonsense=1")
+    assert r.exit_code == 2 and "no such setting" in r.stderr
+    old = {**cfg(stores, tmp_path / "o").to_dict(), "augment": True, "jitter": 0.3}  # a config.json of an older version
+    old.pop("aug")
+    c = TrainConfig.from_dict(old)
+    assert c.augment == "light" and c.augmentation.jitter == 0.3 and c.augmentation.flips
+    assert TrainConfig.from_dict({**old, "augment": False}).augment == "none"
