@@ -14,6 +14,8 @@ import numpy as np
 from .. import HistodgError
 from ..constants import UNKNOWN
 from ..inference.done import DONE, read_done
+from ..inference.prob_map import NAME as PROB
+from ..inference.prob_map import open_probability
 from ..inference.rasters import threshold_u8
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import ANNOTATION_SUFFIXES, SlideJob, attach_annotations, manifest_jobs
@@ -30,9 +32,9 @@ def find_predictions(paths) -> tuple[list[Path], list[str]]:
         elif p.is_dir():
             subs = sorted(q for q in p.iterdir() if q.is_dir())
             done = [q for q in subs if (q / DONE).is_file()]
-            unfinished = [q for q in subs if not (q / DONE).is_file() and (q / "prob.zarr").exists()]
+            unfinished = [q for q in subs if not (q / DONE).is_file() and (q / PROB).exists()]
             errors.extend(f"{q}: unfinished prediction (no done.json): rerun `histodg predict`" for q in unfinished)
-            if (p / "prob.zarr").exists():
+            if (p / PROB).exists():
                 errors.append(f"{p}: unfinished prediction (no done.json): rerun `histodg predict`")
             elif not done and not unfinished:
                 errors.append(f"{p}: no histodg predictions here (folders with done.json)")
@@ -80,13 +82,11 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
                      chunk: int = 1024) -> tuple[int, int, int]:
     """(|P & T|, |P|, |T|) of one finished prediction against an annotation file, at the
     prediction's output resolution, a chunk at a time."""
-    import zarr
-
     done = read_done(pred_dir)
     if done is None:
         raise EvaluateError(pred_dir, "unfinished prediction (no done.json)")
     try:
-        prob = zarr.open_array(str(Path(pred_dir) / "prob.zarr"), mode="r")
+        prob = open_probability(pred_dir)
         scale = float(done["output"]["level0_per_px"])
         dims = tuple(done["slide"]["dimensions"])
         cut = threshold_u8(threshold if threshold is not None else done["settings"]["threshold"])

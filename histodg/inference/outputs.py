@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .mask_tiff import OmeTiffMask
 from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, write_geojson
+from .prob_map import NAME as PROB
 from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
 
 
@@ -40,7 +41,7 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float,
         raise
     ome.finish(name=name)
     low = reducer.finish()
-    files = ["prob.zarr", "mask.ome.tiff"]
+    files = [PROB, "mask.ome.tiff"]
     if mask_png:
         write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
         files.append("mask.png")

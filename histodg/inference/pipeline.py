@@ -25,6 +25,7 @@ from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, write_outputs
 from .predictor import PredictError, Predictor
+from .prob_map import NAME as PROB
 from .prob_map import ProbabilityMap
 from .rasters import threshold_u8
 from .stitching import ChunkAccumulator
@@ -128,7 +129,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         count = math.ceil(o.window_fraction * len(plan)) if o.window_fraction < 1 else len(plan)
         timings["planning"] = time.perf_counter() - t_start
         out_mpp = slide.mpp * res.level0_per_px
-        prob = ProbabilityMap(out / "prob.zarr", plan.out_shape, o.chunk_px,
+        prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
         bad, stitching = _stitch(pred, slide, plan, count, prob, out, progress, timings)

@@ -17,6 +17,14 @@ import numpy as np
 from .rasters import threshold_u8
 
 MAX_QUEUED_WRITES = 32
+NAME = "prob.zarr"
+
+
+def open_probability(prediction_dir: Path):
+    """A finished prediction's probability map (read-only zarr array, uint8 0-255)."""
+    import zarr
+
+    return zarr.open_array(str(Path(prediction_dir) / NAME), mode="r")
 
 
 class ProbabilityMap:
