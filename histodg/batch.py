@@ -29,6 +29,13 @@ class BatchResult:
     resumed: bool = False  # an unfinished output was found and finished or redone
 
 
+def error_line(exc: Exception, path) -> str:
+    """The one line a bad input gives: `<path>: <reason>`."""
+    if isinstance(exc, HistodgError):
+        return str(exc)
+    return f"{path}: {getattr(exc, 'strerror', None) or exc}"
+
+
 @contextmanager
 def recorded(result: BatchResult, path):
     """Run one input's work: bad input becomes `result.error` (status stays "failed" unless the
@@ -36,12 +43,33 @@ def recorded(result: BatchResult, path):
     t0 = time.perf_counter()
     try:
         yield result
-    except HistodgError as exc:
-        result.status, result.error = "failed", str(exc)
-    except OSError as exc:
-        result.status, result.error = "failed", f"{path}: {exc.strerror or exc}"
+    except (HistodgError, OSError) as exc:
+        result.status, result.error = "failed", error_line(exc, path)
     finally:
         result.seconds = time.perf_counter() - t0
+
+
+@contextmanager
+def collected(errors: list[str], path):
+    """Run one item's work; a bad input adds its one line to `errors` instead of raising."""
+    try:
+        yield
+    except (HistodgError, OSError) as exc:
+        errors.append(error_line(exc, path))
+
+
+def bad_window(xy, reason: str) -> dict:
+    """How a window that could not be read is recorded (stores' bad_windows, done.json)."""
+    return {"x": int(xy[0]), "y": int(xy[1]), "reason": reason}
+
+
+def check_bad_windows(path, bad: list[dict], total: int, max_fraction: float) -> None:
+    """Fail the slide (SlideError) when more than `max_fraction` of its `total` windows are bad."""
+    from . import SlideError
+
+    if total and len(bad) > max_fraction * total:
+        raise SlideError(path, f"{len(bad)} of {total} windows ({len(bad) / total:.0%}) cannot be decoded, more than "
+                               f"--max-bad-fraction {max_fraction:g}; first: {bad[0]['reason']}")
 
 
 class QuietView:

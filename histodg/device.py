@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("auto", "on", "off")
+from .constants import DEVICE_MODES as MODES
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,16 @@ def resolve_placement(device, amp: str = "auto", channels_last: str = "auto") ->
     use_amp = amp == "on" or (amp == "auto" and cuda)
     use_cl = channels_last == "on" or (channels_last == "auto" and cuda)
     return Placement(device, torch.bfloat16 if use_amp else None, use_cl)
+
+
+def place_model(model, placement: Placement):
+    """The model on the placement's device, channels_last when the placement says so."""
+    import torch
+
+    model = model.to(placement.device)
+    if placement.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def autocast(placement: Placement):

@@ -41,6 +41,14 @@ def write_json_atomic(path, data, indent: int | None = 2) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
 
 
+def read_csv_rows(path) -> list[dict]:
+    """The rows of a CSV file with a header (a byte-order mark is allowed), as dicts."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
 def source_fingerprint(path) -> dict:
     """What identifies an input file between runs: resolved path, size and mtime."""
     path = Path(path)
@@ -52,6 +60,17 @@ def source_changed(recorded: dict | None, path) -> bool:
     """Whether the file at `path` differs (size or mtime) from a recorded `source_fingerprint`."""
     recorded, now = recorded or {}, source_fingerprint(path)
     return recorded.get("size") != now["size"] or abs(float(recorded.get("mtime", 0)) - now["mtime"]) > 1e-3
+
+
+def setting_diffs(have: dict, wanted: dict, source: dict | None, path, messages: dict | None = None) -> str | None:
+    """Why an existing output cannot be reused: each setting that differs (`key old -> new`, or
+    `messages[key]`), and whether the input file changed since `source` was recorded; None if
+    nothing did."""
+    messages = messages or {}
+    diffs = [messages.get(k) or f"{k} {have.get(k)!r} -> {v!r}" for k, v in wanted.items() if have.get(k) != v]
+    if source_changed(source, path):
+        diffs.append("the source file changed")
+    return "; ".join(diffs) or None
 
 
 def file_sha256(path, block: int = 2**22) -> str:

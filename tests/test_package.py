@@ -14,9 +14,9 @@ HELPERS = {"constants", "files", "device", "batch", "__init__", "__main__"}
 
 # what each part may import from histodg (besides itself and the package root); cli may import anything
 ALLOWED = {
-    "constants": set(), "files": set(), "device": set(), "batch": set(),
+    "constants": set(), "files": set(), "device": {"constants"}, "batch": set(),
     "slides": {"constants", "files"},
-    "store": {"constants", "files"},
+    "store": {"constants", "files", "batch"},
     "model": {"constants", "files", "device"},
     "tiling": {"constants", "files", "batch", "slides", "store"},
     "training": {"constants", "files", "device", "model", "store", "evaluation.metrics"},

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..constants import AXES
-from .options import CONTEXT, fail_line, resolve_jobs, slide_batch_options
+from .options import CONTEXT, fail_line, label_option, model_run_options, resolve_jobs, slide_batch_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -17,14 +17,11 @@ from .options import CONTEXT, fail_line, resolve_jobs, slide_batch_options
 @click.option("--tile-size", type=int, default=None, help="Window side in model pixels  [default: the checkpoint's]")
 @click.option("--overlap", type=float, default=0.5, show_default=True,
               help="Overlap of neighbouring windows: a fraction of the tile (< 1) or pixels (>= 1).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
-              help="flip: mean of the 4 flipped predictions (4x the model time).")
+@model_run_options()
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
-def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, threshold, device, inputs, tissue_method,
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, threshold, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -63,13 +60,11 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, thres
               help="Ground truth for predictions: a folder of GeoJSON / XML / mask images named after the slides, one file, or a CSV manifest (path, annotation, organ, scanner).")
 @click.option("--domain-axis", type=click.Choice(AXES), default=None,
               help="Domains are organs or scanners  [default: per image, whichever it knows]")
-@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is tumour.")
+@label_option("every polygon is tumour.")
 @click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True, help="With a checkpoint: flip test-time augmentation.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="With a checkpoint: patches per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="With a checkpoint: auto, cpu, cuda, ...")
+@model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(sources, truth, domain_axis, labels, threshold, tta, batch_size, device, as_json):
+def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, device, as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
 
     \b

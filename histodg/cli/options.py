@@ -5,20 +5,18 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES
+from ..constants import AXES, BACKENDS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-BACKEND_CHOICE = click.Choice(["auto", "openslide", "tiffslide", "image"])
-TISSUE_CHOICE = click.Choice(["otsu", "saturation", "none"])
+BACKEND_CHOICE = click.Choice(BACKENDS)
+TISSUE_CHOICE = click.Choice(TISSUE_METHODS)
 
 
 def fail_line(message: str) -> None:
     """One line on stderr: `error: <path>: <reason>`."""
-    from rich.markup import escape
+    from .views import err, error_markup
 
-    from .views import err
-
-    err.print(f"[bold red]error[/]: {escape(message)}")
+    err.print(error_markup(message))
 
 
 def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str | None = None):
@@ -30,8 +28,8 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
         click.option("--tissue-method", type=TISSUE_CHOICE, default="otsu", show_default=True, help=tissue_help),
         click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
         click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]"),
-        click.option("--organ", default="unknown", show_default=True, help=f"Organ of the inputs {recorded}."),
-        click.option("--scanner", default="unknown", show_default=True, help=f"Scanner of the inputs {recorded}."),
+        click.option("--organ", default=UNKNOWN, show_default=True, help=f"Organ of the inputs {recorded}."),
+        click.option("--scanner", default=UNKNOWN, show_default=True, help=f"Scanner of the inputs {recorded}."),
         click.option("--mpp-override", type=float, default=None,
                      help="Microns per pixel of the inputs, used instead of their metadata (images without it, or a "
                           "wrong value); a manifest's mpp column wins."),
@@ -51,6 +49,28 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
         return f
 
     return decorate
+
+
+def model_run_options(*, purpose: str = ""):
+    """--batch-size, --tta and --device of anything that runs a model (`predict`, `evaluate`)."""
+    options = [
+        click.option("--batch-size", type=int, default=8, show_default=True, help=f"{purpose}Windows per forward pass."),
+        click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+                     help=f"{purpose}flip: mean of the 4 flipped predictions (4x the model time)."),
+        click.option("--device", default="auto", show_default=True, help=f"{purpose}auto, cpu, cuda, cuda:1, ..."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def label_option(default_help: str):
+    return click.option("--label", "labels", multiple=True, metavar="NAME=VALUE",
+                        help=f"Map an annotation class to a label (repeat); '*' matches any class. Default: {default_help}")
 
 
 def resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard):

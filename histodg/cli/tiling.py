@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from .. import HistodgError
-from .options import BACKEND_CHOICE, CONTEXT, fail_line, magnification, resolve_jobs, slide_batch_options
+from ..constants import COMPRESSIONS
+from .options import BACKEND_CHOICE, CONTEXT, fail_line, label_option, magnification, resolve_jobs, slide_batch_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -55,8 +56,8 @@ def info(paths, backend, as_json):
 @click.option("--overlap", type=int, default=0, show_default=True, help="Overlap of neighbouring patches, target pixels.")
 @click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Keep windows with at least this tissue fraction (0 keeps all).")
 @click.option("--annotations", type=click.Path(path_type=Path), default=None, help="GeoJSON / ASAP XML / mask image, or a folder of them named after the slides.")
-@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Map an annotation class to a label (repeat); '*' matches any class. Default: every polygon is 1.")
-@click.option("--compression", type=click.Choice(["lz4", "none", "jpeg"]), default="lz4", show_default=True,
+@label_option("every polygon is 1.")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="lz4", show_default=True,
               help="Patch compression: lz4 (lossless); none; jpeg (5-10x smaller, fastest: patches that are one "
                    "JPEG tile of the slide are copied as they are, others encoded at --jpeg-quality). See BENCHMARKS.md.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
@@ -85,15 +86,12 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
         settings = TileSettings(tile_size=tile_size, mpp=None if magnification is not None else (mpp if mpp is not None else 0.5),
                                 magnification=magnification, overlap=overlap, min_tissue=min_tissue,
                                 tissue_method=tissue_method, mpp_tolerance=mpp_tolerance)
-        label_map = LabelMap.parse(labels)
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError("--max-bad-fraction must be between 0 and 1")
+        opts = TileOptions(settings, backend, workers or reader_threads(), LabelMap.parse(labels), overwrite, max_bad_fraction,
+                           compression, jpeg_quality)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = TileOptions(settings, backend, workers or reader_threads(), label_map, overwrite, max_bad_fraction, compression,
-                       jpeg_quality)
     with BatchView("tile", TILE_SUMMARY, as_json) as view:
         results = run_jobs(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), view)
     if any(r.status == "failed" for r in results):

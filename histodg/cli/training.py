@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES
+from ..constants import AUGMENT_PRESETS, AXES, DEVICE_MODES, LOSSES
 from .options import CONTEXT, parse_hp, parse_pairs
 
 
@@ -34,15 +34,15 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.option("--lr", type=float, default=3e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-2, show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up, as a fraction of each stage's steps.")
-@click.option("--loss", type=click.Choice(["bce", "bce+dice"]), default="bce", show_default=True)
-@click.option("--augment", "augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default="bce", show_default=True)
+@click.option("--augment", "augment", type=click.Choice(AUGMENT_PRESETS), default="light", show_default=True,
               help="Augmentation preset: none; light (flips, rotations, light colour jitter); strong (also stain, "
                    "white balance, hue, gamma, blur/sharpening, noise, JPEG, +-25% scale). See README.")
 @click.option("--aug", "aug", multiple=True, metavar="KEY=VALUE", help="Change one augmentation setting of the preset (repeatable).")
 @click.option("--jitter", type=float, default=None, help="Same as --aug jitter=VALUE.")
 @click.option("--no-augment", is_flag=True, help="Same as --augment none.")
-@click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="bf16 autocast (auto: on CUDA).")
-@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(DEVICE_MODES), default="auto", show_default=True, help="bf16 autocast (auto: on CUDA).")
+@click.option("--channels-last", type=click.Choice(DEVICE_MODES), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
 @click.option("--workers", type=int, default=None, help="Data-loading processes  [default: CPUs - 1, at most 4]")
 @click.option("--seed", type=int, default=0, show_default=True)

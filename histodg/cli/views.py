@@ -27,6 +27,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
 
 
+def error_markup(message: str) -> str:
+    """The one line an error gives, as rich markup: `error: <path>: <reason>`."""
+    return f"[bold red]error[/]: {escape(message)}"
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -78,7 +83,7 @@ class BatchView:
         self.bar.remove_task(self.item)
         self.bar.advance(self.overall)
         if res.status == "failed":
-            self.bar.console.print(f"[bold red]error[/]: {escape(res.error or 'failed')}")
+            self.bar.console.print(error_markup(res.error or "failed"))
         else:
             self.bar.console.print(f"[green]{res.status}[/] {escape(job.name)} {_brief(res, self.spec)}")
 

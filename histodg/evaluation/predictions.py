@@ -18,7 +18,7 @@ from ..inference.prob_map import NAME as PROB
 from ..inference.prob_map import open_probability
 from ..inference.rasters import threshold_u8
 from ..slides.annotation_files import load_annotations
-from ..slides.inputs import ANNOTATION_SUFFIXES, SlideJob, attach_annotations, manifest_jobs
+from ..slides.inputs import find_annotation, manifest_jobs
 from .metrics import counts
 from .scoring import EvaluateError, Evaluation, binarise_truth, domain_of
 
@@ -68,14 +68,10 @@ class TruthIndex:
             raise EvaluateError(self.path, f"{name} is not in the manifest")
         if self.path.is_file():
             return self.path, UNKNOWN, UNKNOWN
-        job = attach_annotations([SlideJob(source, name)], self.path)[0]
-        if job.annotation is None:
-            for suffix in ANNOTATION_SUFFIXES:
-                cand = self.path / f"{name}{suffix}"
-                if cand.is_file():
-                    return cand, UNKNOWN, UNKNOWN
+        found = find_annotation(self.path, source.stem) or find_annotation(self.path, name)
+        if found is None:
             raise EvaluateError(self.path, f"no ground truth named after {source.stem} (or {name}) here")
-        return job.annotation, UNKNOWN, UNKNOWN
+        return found, UNKNOWN, UNKNOWN
 
 
 def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: float | None = None,

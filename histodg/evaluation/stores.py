@@ -21,7 +21,7 @@ def score_store(predictor, store, cut: int) -> tuple[int, int, int]:
 
     if store.masks is None:
         raise EvaluateError(store.path, "store has no masks to score against (tile it with --annotations)")
-    if abs(store.attrs.mpp / predictor.mpp - 1) > 0.02:
+    if abs(store.attrs.mpp / predictor.mpp - 1) > predictor.options.mpp_tolerance:
         raise EvaluateError(store.path, f"patches are at {store.attrs.mpp:g} um/px but the model runs at {predictor.mpp:g} um/px: "
                                         f"tile the images at the model's resolution")
     B = predictor.options.batch_size

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
-from ..files import source_changed, source_fingerprint, write_json_atomic
+from ..files import setting_diffs, source_fingerprint, write_json_atomic
 
 DONE = "done.json"
 
@@ -36,12 +36,8 @@ def compared_settings(predictor, options) -> dict:
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
-    have = done.get("settings") or {}
-    diffs = [f"{k} {have.get(k)!r} -> {v!r}" if k != "checkpoint_sha256" else "the checkpoint file's contents differ"
-             for k, v in compared_settings(predictor, predictor.options).items() if have.get(k) != v]
-    if source_changed(done.get("source"), job.path):
-        diffs.append("the source file changed")
-    return "; ".join(diffs) or None
+    return setting_diffs(done.get("settings") or {}, compared_settings(predictor, predictor.options), done.get("source"),
+                         job.path, {"checkpoint_sha256": "the checkpoint file's contents differ"})
 
 
 def read_done(out: Path) -> dict | None:

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..constants import TISSUE_METHODS, TTA_MODES
 from ..device import MODES
-from ..slides.tissue import METHODS as TISSUE_METHODS
-
-TTA_MODES = ("none", "flip")
 
 
 @dataclass(frozen=True)

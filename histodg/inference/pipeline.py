@@ -21,7 +21,7 @@ from ..batch import BatchResult, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
-from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve
+from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, write_outputs
 from .predictor import PredictError, Predictor
@@ -45,8 +45,8 @@ class PredictResult(BatchResult):
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
     """The windows `histodg predict` runs on a slide (flush placement, any tissue)."""
     o = predictor.options
-    scale = predictor.mpp / slide.require_mpp()
-    res = resolve(slide, predictor.mpp, scale, predictor.tile, o.mpp_tolerance, what="model resolution")
+    target, scale = resolve_target(slide, mpp=predictor.mpp)
+    res = resolve(slide, target, scale, predictor.tile, o.mpp_tolerance, what="model resolution")
     # the thumbnail is at least 1024 px: the overlay is made from it
     return plan_windows(slide, res, predictor.stride, "flush", o.tissue_method, None, thumbnail_min_px=1024)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import HistodgError
-from ..device import autocast, resolve_device, resolve_placement
+from ..device import autocast, place_model, resolve_device, resolve_placement
 from ..files import file_sha256
 from ..model.config import ModelConfig
 from .options import PredictOptions
@@ -55,9 +55,7 @@ class Predictor:
         self.stride = self.tile - self.overlap
         norm = config.normalization
         self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last)
-        self.model = model.eval().to(self.device)
-        if self.placement.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.model = place_model(model.eval(), self.placement)
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self._check_shapes()

@@ -149,8 +149,8 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumbnail_downsample: float
     size = (max(1, round(w / f)), max(1, round(h / f)))
     rgb = cv2.resize(thumbnail, size, interpolation=cv2.INTER_AREA) if f > 1 else thumbnail.copy()
     ds = thumbnail_downsample * (w / size[0])  # level-0 px per overlay px
-    rows = np.clip(np.floor((np.arange(size[1]) + 0.5) * ds / low_per_level0).astype(np.int64), 0, low_prob.shape[0] - 1)
-    cols = np.clip(np.floor((np.arange(size[0]) + 0.5) * ds / low_per_level0).astype(np.int64), 0, low_prob.shape[1] - 1)
+    rows = sample_index(size[1], ds, low_per_level0, low_prob.shape[0])
+    cols = sample_index(size[0], ds, low_per_level0, low_prob.shape[1])
     mask = low_prob[np.ix_(rows, cols)] >= threshold_u8(threshold)
     out = rgb.astype(np.float32)
     tint = np.array([220, 20, 60], np.float32)

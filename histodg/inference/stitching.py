@@ -100,7 +100,6 @@ class ChunkAccumulator:
             return buf
         if key in self._spilled:
             buf = self._load(key)
-            self._spilled.discard(key)
             self.reloads += 1
         else:
             buf = np.zeros((2, *self._extent(*key)), np.float32)
@@ -132,9 +131,11 @@ class ChunkAccumulator:
         self.spills += 1
 
     def _load(self, key) -> np.ndarray:
+        """Take a spilled chunk back into memory (its file is removed)."""
         path = self._path(key)
         raw = self._blosc().decode(path.read_bytes())
         os.unlink(path)
+        self._spilled.discard(key)
         return np.frombuffer(raw, np.float32).reshape(2, *self._extent(*key)).copy()
 
     # -- the work --------------------------------------------------------------------------------
@@ -174,11 +175,9 @@ class ChunkAccumulator:
     def _finalise(self, key) -> None:
         buf = self._cache.pop(key, None)
         if buf is None:
-            if key in self._spilled:
-                buf = self._load(key)
-                self._spilled.discard(key)
-            else:
+            if key not in self._spilled:
                 return  # announced but nothing was ever added (every window skipped)
+            buf = self._load(key)
         sums, weights = buf
         prob = np.divide(sums, weights, out=np.zeros_like(sums), where=weights > 0)
         self.on_final(key[0], key[1], prob)

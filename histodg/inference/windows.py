@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import SlideError
-from ..batch import gc_paused
+from ..batch import bad_window, check_bad_windows, gc_paused
 from ..slides.plan import WindowPlan
 from .stitching import ChunkAccumulator
 
@@ -28,7 +28,6 @@ class WindowRunner:
         self.n, self.batch_size, self.workers = count, o.batch_size, o.workers
         self.batches = [(i, min(i + o.batch_size, count)) for i in range(0, count, o.batch_size)]
         self.per_task = max(1, math.ceil(o.batch_size / o.workers))
-        self.limit = o.max_bad_fraction * count
         self.bad: list[dict] = []
         self.clock = {"reading": 0.0, "waiting_for_reads": 0.0, "model": 0.0, "stitching": 0.0}
         n_buffers = 2 + max(2, o.workers)
@@ -69,12 +68,8 @@ class WindowRunner:
             failed.update(errs)
         self.clock["waiting_for_reads"] += time.perf_counter() - t
         for i, reason in failed.items():
-            x0, y0 = (int(v) for v in self.plan.level0_xy[i])
-            self.bad.append({"x": x0, "y": y0, "reason": reason})
-        if len(self.bad) > self.limit:
-            raise SlideError(self.slide.path, f"{len(self.bad)} of {self.n} windows cannot be decoded, more than "
-                                              f"--max-bad-fraction {self.pred.options.max_bad_fraction:g}; "
-                                              f"first: {self.bad[0]['reason']}")
+            self.bad.append(bad_window(self.plan.level0_xy[i], reason))
+        check_bad_windows(self.slide.path, self.bad, self.n, self.pred.options.max_bad_fraction)
         return failed
 
     # -- the model and stitching -----------------------------------------------------------------

@@ -55,7 +55,8 @@ def stem_modules(model: nn.Module) -> list[nn.Module]:
     levels = _timm_levels(enc)
     if levels is not None:
         stem = [enc.model.bn1] if hasattr(enc.model, "bn1") else []
-        return stem + [m for r, m in levels if r == 2]
+        stem += [m for r, m in levels if r == 2]
+        return list({id(m): m for m in stem}.values())  # once each, if feature_info names bn1 too
     return []  # MiT: its stem is a patch embedding of tokens, not a feature map
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import HistodgError
+from ..constants import UNKNOWN
+from ..files import read_csv_rows
 
 SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
@@ -33,8 +35,8 @@ class SlideJob:
     path: Path
     name: str
     annotation: Path | None = None
-    organ: str = "unknown"
-    scanner: str = "unknown"
+    organ: str = UNKNOWN
+    scanner: str = UNKNOWN
     mpp: float | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -84,8 +86,7 @@ def cosas_jobs(task_dir: Path, domain_axis: str | None, organ: str, scanner: str
 
 def manifest_jobs(path: Path, organ: str, scanner: str) -> list[SlideJob]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(path, f"cannot read the manifest ({exc})") from None
     if not rows:
@@ -128,8 +129,8 @@ def manifest_jobs(path: Path, organ: str, scanner: str) -> list[SlideJob]:
 
 def resolve_inputs(
     inputs,
-    organ: str = "unknown",
-    scanner: str = "unknown",
+    organ: str = UNKNOWN,
+    scanner: str = UNKNOWN,
     domain_axis: str | None = None,
     annotations: Path | None = None,
     mpp: float | None = None,
@@ -163,6 +164,16 @@ def resolve_inputs(
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".png", ".tif", ".tiff")
 
 
+def find_annotation(folder: Path, stem: str) -> Path | None:
+    """The annotation file named after `stem` in `folder` (`<stem>.geojson`, `<stem>_mask.png`, ...)."""
+    for name in (stem, f"{stem}_mask", f"{stem}-mask"):
+        for suffix in ANNOTATION_SUFFIXES:
+            cand = folder / f"{name}{suffix}"
+            if cand.is_file():
+                return cand
+    return None
+
+
 def attach_annotations(jobs: list[SlideJob], ann: Path) -> list[SlideJob]:
     """--annotations: one file for one slide, or a folder matched by slide name."""
     if ann.is_file():
@@ -173,16 +184,7 @@ def attach_annotations(jobs: list[SlideJob], ann: Path) -> list[SlideJob]:
         raise InputError(ann, "annotation file or folder not found")
     out = []
     for j in jobs:
-        match = None
-        for stem in (j.path.stem, f"{j.path.stem}_mask", f"{j.path.stem}-mask"):
-            for suffix in ANNOTATION_SUFFIXES:
-                cand = ann / f"{stem}{suffix}"
-                if cand.is_file():
-                    match = cand
-                    break
-            if match:
-                break
-        out.append(replace(j, annotation=match or j.annotation))
+        out.append(replace(j, annotation=find_annotation(ann, j.path.stem) or j.annotation))
     return out
 
 

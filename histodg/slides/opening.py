@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import SlideError
+from ..constants import BACKENDS
 from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
 from .base import Slide
 
-BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # OpenSlide formats whose pixels our TIFF tile reader decodes identically (checked in tests).
 FAST_FORMATS = {"aperio", "generic-tiff"}

@@ -214,13 +214,12 @@ class TiffTileReader:
         out = np.empty((h, w, 3), np.uint8)
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out.fill(255)
-        for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
-            for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
-                tile = self.tile(level, ty, tx)
-                tx0, ty0 = tx * lv.tile_w, ty * lv.tile_h
-                a0, a1 = max(y0, ty0), min(y1, ty0 + tile.shape[0])
-                b0, b1 = max(x0, tx0), min(x1, tx0 + tile.shape[1])
-                out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
+        for _, ty, tx in self.tiles_for(level, x, y, w, h):
+            tile = self.tile(level, ty, tx)
+            tx0, ty0 = tx * lv.tile_w, ty * lv.tile_h
+            a0, a1 = max(y0, ty0), min(y1, ty0 + tile.shape[0])
+            b0, b1 = max(x0, tx0), min(x1, tx0 + tile.shape[1])
+            out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
         return out
 
     def tiles_for(self, level: int, x: int, y: int, w: int, h: int) -> list[tuple[int, int, int]]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-METHODS = ("otsu", "saturation", "none")
+from ..constants import TISSUE_METHODS
+
+METHODS = TISSUE_METHODS
 OTSU_CLAMP = (5, 20)  # saturation levels (of 255): 0.020-0.078
 FIXED_LEVEL = 20  # the `saturation` method's threshold
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import HistodgError
+from ..files import read_csv_rows
 from .codecs import registered_zarr
 from .schema import ARRAYS, FORMAT_VERSION, PROGRESS_FILE, StoreAttrs
 
@@ -191,10 +192,7 @@ def find_stores(paths) -> list[Path]:
 
 
 def _stores_from_csv(path: Path) -> list[Path]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(path)
     col = next((c for c in ("store", "path") if rows and c in rows[0]), None)
     if col is None:
         raise StoreError(path, "a CSV of stores needs a 'store' or 'path' column")

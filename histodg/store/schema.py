@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..constants import UNKNOWN
+from ..constants import COMPRESSIONS, UNKNOWN
 
 FORMAT_VERSION = 1
 PROGRESS_FILE = "histodg_progress.json"  # the resume journal of an unfinished store
-COMPRESSIONS = ("lz4", "none", "jpeg")
 ARRAYS = ("images", "masks", "coords", "tissue")
 
 # the settings a rerun of `histodg tile` must match to skip or resume an existing store

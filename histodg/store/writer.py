@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..batch import bad_window
 from ..files import atomic_write, write_json_atomic
 from .codecs import patch_encoder, registered_zarr, zarr_compressor, zarr_serializer
 from .reader import StoreError
@@ -210,7 +211,7 @@ class StoreWriter:
         self._last_commit = time.monotonic()
 
     def add_bad(self, xy, reason: str) -> None:
-        self.bad.append({"x": int(xy[0]), "y": int(xy[1]), "reason": reason})
+        self.bad.append(bad_window(xy, reason))
 
     def _journal(self) -> None:
         write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad,

@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..constants import TUMOR_CLASS
+from ..constants import TUMOR_CLASS, UNKNOWN
 from ..files import atomic_write, write_text_atomic
 from .profiles import EXTRA_PREFIX, ORGANS, scanner_profile
 from .tissue import Case, render_case
@@ -123,8 +123,8 @@ def make_case(job: CaseJob) -> dict:
     d, out = job.domain, Path(job.out_dir)
     scanner = scanner_profile(d.scanner)
     row = {
-        "organ": d.organ if d.task == "organ" else "unknown",
-        "scanner": d.scanner if d.task == "scanner" else "unknown",
+        "organ": d.organ if d.task == "organ" else UNKNOWN,
+        "scanner": d.scanner if d.task == "scanner" else UNKNOWN,
         "split": d.split,
         "task": d.task,
         "mpp": f"{case.mpp:g}",

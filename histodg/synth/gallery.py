@@ -1,13 +1,13 @@
 """`histodg synth --gallery`: one patch of every domain, with its tumour outline, in one PNG."""
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ..files import atomic_write, read_csv_rows
 from ..slides.annotation_files import load_annotations
 from ..slides.base import resize
 from ..slides.opening import open_slide
@@ -18,8 +18,7 @@ GALLERY_PX = 320  # shown at 1 um/px
 
 
 def read_manifest(manifest_path) -> list[dict]:
-    with open(manifest_path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    return read_csv_rows(manifest_path)
 
 
 def _gallery_patch(row: dict, base: Path):
@@ -94,7 +93,8 @@ def make_gallery(manifest_path, png_path) -> Path:
     buf.seek(0)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(buf) as im:  # a 256-colour palette keeps the file small
-        im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(png_path, optimize=True)
+        small = im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+        atomic_write(png_path, lambda tmp: small.save(tmp, format="PNG", optimize=True))
     return png_path
 
 

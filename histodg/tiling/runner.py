@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import HistodgError, SlideError
-from ..batch import BatchResult, gc_paused, recorded
-from ..files import source_changed, source_fingerprint
+from ..batch import BatchResult, check_bad_windows, gc_paused, recorded
+from ..files import setting_diffs, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
@@ -63,16 +63,15 @@ def requested(job: SlideJob, opts: TileOptions) -> dict:
 
 def reuse_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
     """Why an existing store cannot be reused for this job (None when it can)."""
-    attrs = read_attrs(path)
+    try:
+        attrs = StoreAttrs.from_attrs(read_attrs(path)).to_attrs()  # typed: the values as the schema reads them
+    except ValueError as exc:
+        raise StoreError(path, f"exists with malformed attributes ({exc}): use --overwrite") from None
     wanted = requested(job, opts)
     if attrs.get("magnification") is not None or wanted["magnification"] is not None:
         wanted.pop("mpp")  # with --magnification the stored mpp is the resolved one
-    diffs = [f"{k} {attrs.get(k)!r} -> {v!r}" for k, v in wanted.items() if attrs.get(k) != v]
-    if source_changed(attrs.get("source"), job.path):
-        diffs.append("the source file changed")
-    if (attrs.get("annotation") or None) != (str(job.annotation.resolve()) if job.annotation else None):
-        diffs.append("annotation file differs")
-    return "; ".join(diffs) or None
+    wanted["annotation"] = str(job.annotation.resolve()) if job.annotation else None
+    return setting_diffs(attrs, wanted, attrs.get("source"), job.path, {"annotation": "annotation file differs"})
 
 
 def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -> TileResult:
@@ -139,11 +138,11 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
             reader.cache_whole_tiles = False  # windows never share a tile: caching one only costs memory
         _read_and_write(PatchReader(slide, plan, ann, writer, source), writer, opts.workers, progress)
         n_bad = len(writer.bad)
-        if len(plan) and n_bad > opts.max_bad_fraction * len(plan):
-            shutil.rmtree(out, ignore_errors=True)
-            raise SlideError(job.path, f"{n_bad} of {len(plan)} windows ({n_bad / len(plan):.0%}) cannot be decoded, "
-                                       f"more than --max-bad-fraction {opts.max_bad_fraction:g}; "
-                                       f"first: {writer.bad[0]['reason']}")
+        try:
+            check_bad_windows(job.path, writer.bad, len(plan), opts.max_bad_fraction)
+        except SlideError:
+            shutil.rmtree(out, ignore_errors=True)  # a mostly unreadable slide never looks finished
+            raise
         extra = {"tissue_area_mm2": tissue_mm2}
         if source is not None and not source.ok:
             extra["source_tiles_not_copied"] = source.why

@@ -56,3 +56,9 @@ class TileOptions:
     max_bad_fraction: float = 0.1
     compression: str = "lz4"
     jpeg_quality: int = 90
+
+    def __post_init__(self):
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError("--max-bad-fraction must be between 0 and 1")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")

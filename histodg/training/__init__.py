@@ -3,7 +3,8 @@
 - `config`: `TrainConfig`, every setting, validated once, written to RUN_DIR/config.json;
 - `data` / `sampler` / `splits`: stores opened and checked, split into stages, domains,
   validation and held-out sets; domain-balanced batches;
-- `augment`: colour augmentation of batches on the device;
+- `augment`: acquisition augmentation of batches on the device (stain, colour, optics, noise,
+  JPEG, scale);
 - `trainer` / `stage` / `state` / `validation`: the run, one stage's loop, what a checkpoint
   carries, per-domain scores every epoch; `crossval`: leave-one-domain-out;
 - `methods`: the training methods (ERM, SDS and its peers), one file each, in a plain dict.

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..constants import AUGMENT_PRESETS
+
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB/residual), as in scikit-image.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
@@ -82,6 +84,9 @@ PRESETS = {
     "strong": AugmentSettings(scale=0.25, hed_scale=0.3, hed_bias=0.05, hed_vectors=0.15, white=0.05, jitter=0.2, hue=0.03,
                               gamma=0.25, blur=1.5, sharpen=1.0, noise=6.0, jpeg=40),
 }
+
+
+assert tuple(PRESETS) == AUGMENT_PRESETS
 
 
 def resolve_augment(preset: str, overrides: dict | None = None) -> AugmentSettings:
@@ -190,7 +195,13 @@ def stain_jitter(rgb255: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, 
     """Separate the stains (reference vectors), scale (N, 3) and shift (N, 3) them, and recombine
     with each stain's vector moved by `vectors` (N, 3, 3) (renormalised), or the reference ones."""
     dev = rgb255.device
-    od = -torch.log((rgb255.float() / 255.0).clamp(min=1e-6))
+    with torch.autocast(dev.type, enabled=False):  # colour maths in float32, also under bf16 autocast
+        return _stain_jitter(rgb255.float(), scale.float(), bias.float(), None if vectors is None else vectors.float())
+
+
+def _stain_jitter(rgb255, scale, bias, vectors):
+    dev = rgb255.device
+    od = -torch.log((rgb255 / 255.0).clamp(min=1e-6))
     stains = torch.einsum("nchw,cd->ndhw", od, HED_FROM_RGB.to(dev))
     stains = stains * scale.to(dev)[:, :, None, None] + bias.to(dev)[:, :, None, None]
     if vectors is None:

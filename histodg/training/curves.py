@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import atomic_write
+
 
 def plot_curves(history: list[dict], path: Path) -> Path:
     import matplotlib
@@ -31,6 +33,6 @@ def plot_curves(history: list[dict], path: Path) -> Path:
                 ax.axvline(i + 0.5, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return path

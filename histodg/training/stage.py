@@ -58,7 +58,7 @@ class StageRun:
         if rt.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            method.net = DDP(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            method.use_net(DDP(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None))
         if self.st.method_extra:
             own = {f"model.{k}": v for k, v in self.model.state_dict().items()}
             method.load_state_dict({**own, **self.st.method_extra})
@@ -112,7 +112,8 @@ class StageRun:
             micro += 1
             if len(step) < cfg.accumulate:
                 continue
-            self.method.begin_step(step)  # every micro-batch of the step, before their losses
+            with autocast(self.rt.placement):  # the same precision as the losses that follow
+                self.method.begin_step(step)  # every micro-batch of the step, before their losses
             for k, batches in enumerate(step):
                 loss, logs = self._backward(batches, last_micro=k == len(step) - 1)
                 losses.append(float(logs.get("loss", loss.item())))
@@ -136,7 +137,7 @@ class StageRun:
         x = images.float()
         aug = self.augmentation
         if aug.photometric or aug.scale:
-            jitter_gen.manual_seed(cfg.seed * 1_000_003 + self.st.global_step * 97 + micro)
+            jitter_gen.manual_seed(cfg.seed * 1_000_003 + self.st.global_step * 97 + micro + self.rt.rank * 7_919_111)
             x, masks = augment_batch(x, masks, aug, jitter_gen)
         x = self.normalizer(x)
         b = cfg.batch_size

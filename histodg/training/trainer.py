@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import HistodgError
+from ..device import place_model
 from ..files import write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
@@ -90,10 +91,7 @@ class Trainer:
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
         if self._resume_model_state is not None:
             model.load_state_dict(self._resume_model_state)
-        model.to(rt.device)
-        if rt.placement.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return model
+        return place_model(model, rt.placement)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -207,5 +205,5 @@ class Trainer:
 
             plot_curves(st.history, self.out / "curves.png")
         except Exception as exc:  # a plot must never fail a finished run
-            (self.out / "curves.error.txt").write_text(str(exc))
+            write_text_atomic(self.out / "curves.error.txt", str(exc))
         return result

@@ -9,10 +9,11 @@
             return loss, {"loss": float(loss), "domain_losses": [...], ...}
 
 The loop owns everything else (optimizer, AMP, accumulation, logging, checkpoints) and tells
-the method about it through three hooks: `start_stage(total_steps)` before a stage,
+the method about it through hooks: `start_stage(total_steps)` before a stage,
 `begin_step(micro_batches)` with every micro-batch of an optimizer step (all `--accumulate` of
 them, before their `loss` calls: a method can pool statistics over the whole step), and
-`end_of_step()` after each optimizer step (return True to have the optimizer's state reset).
+`end_of_step()` after each optimizer step (return True to have the optimizer's state reset),
+and `close()` when the stage ends (remove the hooks the method put on the model).
 Images arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
 `self.net` is what to call for a forward pass (the model, or its DDP wrapper), `self.model` the
 plain model for feature taps; `self.task` says binary/multi-class and the loss;
@@ -28,9 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...constants import IGNORE, TUMOR
-
-LOSSES = ("bce", "bce+dice")
+from ...constants import IGNORE, LOSSES, TUMOR
 
 
 @dataclass(frozen=True)
@@ -95,11 +94,20 @@ class Method(nn.Module):
     def __init__(self, model: nn.Module, num_domains: int, hparams=None, task: SegTask | None = None, normalizer=None):
         super().__init__()
         self.model = model
-        self.net = model
+        self.use_net(model)
         self.num_domains = num_domains
         self.hparams = hparams if hparams is not None else self.Hparams()
         self.task = task or SegTask()
         self.normalizer = normalizer
+
+    def use_net(self, net: nn.Module) -> None:
+        """Forward through `net` (the model, or the loop's DDP wrapper of it). Kept out of the
+        module tree, so the method's state holds the model's weights once."""
+        self.__dict__["_net"] = net
+
+    @property
+    def net(self) -> nn.Module:
+        return self.__dict__["_net"]
 
     def loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -127,8 +135,10 @@ class Method(nn.Module):
         sizes = [len(b[0]) for b in batches]
         return x, y, sizes
 
-    def per_domain(self, per_image: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-        return list(torch.split(per_image, sizes))
+    @staticmethod
+    def domain_losses(per_image: torch.Tensor, sizes: list[int]) -> list[float]:
+        """Each domain's mean loss (what the loop logs, and names when a loss turns NaN)."""
+        return [float(d.mean().detach()) for d in torch.split(per_image, sizes)]
 
 
 def parse_hparams(cls, items) -> object:

@@ -53,4 +53,4 @@ class Coral(Method):
         penalty = sum(coral_penalty(per_domain[i], per_domain[j]) for i, j in pairs) / max(len(pairs), 1)
         total = seg + self.hparams.weight * penalty
         return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "coral": float(penalty.detach()),
-                       "domain_losses": [float(d.mean().detach()) for d in self.per_domain(per_image, sizes)]}
+                       "domain_losses": self.domain_losses(per_image, sizes)}

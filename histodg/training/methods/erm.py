@@ -12,6 +12,5 @@ class ERM(Method):
     def loss(self, batches):
         x, y, sizes = self.concat(batches)
         per_image = seg_loss(self.net(x), y, self.task, reduction="none")
-        domain_losses = [d.mean() for d in self.per_domain(per_image, sizes)]
         loss = per_image.mean()
-        return loss, {"loss": float(loss.detach()), "domain_losses": [float(d.detach()) for d in domain_losses]}
+        return loss, {"loss": float(loss.detach()), "domain_losses": self.domain_losses(per_image, sizes)}

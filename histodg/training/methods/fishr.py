@@ -13,7 +13,9 @@ closed form - image i's gradient is mean over its pixels of (p - y) [F, 1] (thro
 upsampling) - so no per-sample backprop library is needed. scope=all: gradients of every
 parameter, one backward pass per image (create_graph), for small models only. With
 --loss bce+dice the gradients are those of the cross-entropy part. The head's gradients are
-made of what the head receives (after the decoder's dropout).
+made of what the head receives (after the decoder's dropout). The moving average is updated
+on every micro-batch (with `--accumulate K`, K times per step; DomainBed has no accumulation).
+Needs at least 2 images per domain in a micro-batch (a variance over one image is 0).
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ class FishrHparams:
 
 def head_sample_grads(model, feats, logits, masks, classes) -> torch.Tensor:
     """(N, K * (Cf + 1)): each image's gradient of its mean valid-pixel loss w.r.t. the head."""
+    with torch.autocast(feats.device.type, enabled=False):  # variances of small differences: in float32
+        return _head_sample_grads(model, feats.float(), logits.float(), masks, classes)
+
+
+def _head_sample_grads(model, feats, logits, masks, classes) -> torch.Tensor:
     valid = (masks != IGNORE).unsqueeze(1).float()
     r = residual(logits, masks, classes) * valid
     rr = upsample_adjoint(model, r, feats.shape[-2:])
@@ -114,4 +121,4 @@ class Fishr(Method):
         weight = hp.weight if int(self.steps) >= self.anneal_at else 0.0
         total = seg + weight * penalty
         return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "fishr": float(penalty.detach()),
-                       "domain_losses": [float(d.mean().detach()) for d in self.per_domain(per_image, sizes)]}
+                       "domain_losses": self.domain_losses(per_image, sizes)}

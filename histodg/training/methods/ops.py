@@ -30,6 +30,8 @@ def mixstyle(x: torch.Tensor, alpha: float, partner: torch.Tensor) -> torch.Tens
 def dsu(x: torch.Tensor, strength: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
     """DSU (Li et al., ICLR 2022): resample each instance's channel mean and std from a Gaussian
     whose spread is the batch variance of those statistics."""
+    if x.shape[0] < 2:  # no spread to estimate from one image
+        return x
     mu, sig = channel_stats(x, eps)
     sd_mu = (mu.var(dim=0, keepdim=True) + eps).sqrt()
     sd_sig = (sig.var(dim=0, keepdim=True) + eps).sqrt()
@@ -98,13 +100,20 @@ def class_sums(model, feats: torch.Tensor, head_input: torch.Tensor, logits: tor
       sq[n]        = sum_q |H(q)|^2,  size[n] = the number of values of H (for its RMS)
     Shapes (N, C), (N, C, Cf), (N, C, K, Cf + 1), (N,) and (N,). Everything is differentiable.
     """
+    with torch.autocast(feats.device.type, enabled=False):  # sums of small differences: in float32
+        return _class_sums(model, feats.float(), head_input.float(), logits.float(), masks, classes, class_ids)
+
+
+def _class_sums(model, feats, head_input, logits, masks, classes, class_ids):
     small = feats.shape[-2:]
     valid = (masks != IGNORE).unsqueeze(1).float()
     r = residual(logits, masks, classes)
-    head1 = torch.cat([head_input.float(), torch.ones_like(head_input[:, :1]).float()], 1)
+    head1 = torch.cat([head_input, torch.ones_like(head_input[:, :1])], 1)
     counts, fsums, gsums = [], [], []
     for c in class_ids:
-        m = ((masks == c).unsqueeze(1).float() * valid)
+        # binary models: class 0 is everything the loss calls background (any label but the tumour)
+        member = (masks != TUMOR) if classes == 1 and c == 0 else (masks == c)
+        m = member.unsqueeze(1).float() * valid
         counts.append(m.flatten(1).sum(1))
         w = upsample_adjoint(model, m, small)
         fsums.append(torch.einsum("nhw,nfhw->nf", w[:, 0], feats.float()))

@@ -117,12 +117,13 @@ class SDS(Method):
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        net, self.net = self.net, self.model  # no DDP hooks for a pass without gradients
+        net = self.net
+        self.use_net(self.model)  # no DDP hooks for a pass without gradients
         try:
             with torch.no_grad():
                 parts = [self.statistics(b)[0] for b in micro_batches]
         finally:
-            self.net = net
+            self.use_net(net)
         with torch.no_grad():  # BatchNorm's running statistics: as if this pass had not happened
             for k, v in self.model.named_buffers():
                 v.copy_(buffers[k])
@@ -171,7 +172,7 @@ class SDS(Method):
         logits = self.net(self.shallow_input(x))
         per_image = seg_loss(logits, y, self.task, reduction="none")
         seg = per_image.mean()
-        logs = {"seg": float(seg.detach()), "domain_losses": [float(d.mean().detach()) for d in self.per_domain(per_image, sizes)]}
+        logs = {"seg": float(seg.detach()), "domain_losses": self.domain_losses(per_image, sizes)}
         total = seg
         if self.aligns:
             own, _, _, _ = self.statistics(batches, logits)
