@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check histodg tests benchmarks
+	$(PY) -m ruff check histodg tests benchmarks examples
 	$(PY) -m pytest
 
 demo: $(STAMP)

@@ -194,20 +194,23 @@ class Plan:
                 for lr in lrs:
                     if self.key(row, seed, lr) not in self.results:
                         out.append((row, seed, lr))
-        return sorted(out, key=lambda t: (t[0].tier, t[1]))  # seed by seed: partial results have every row
+        # seed by seed, so that partial results have every row paired; the oracles' later seeds last
+        # (one oracle seed is the reference, the paired method seeds are the comparison)
+        return sorted(out, key=lambda t: (t[0].tier, t[1] if t[0].table != "oracle" or t[1] == 0 else 99))
 
 
 def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
     """Per-slide Dice on `stores`, averaged per domain (an image is a store)."""
     import torch
 
+    from histodg.device import resolve_device
     from histodg.evaluation.metrics import batch_counts, dice_from
     from histodg.model.checkpoint import load_checkpoint, model_from_checkpoint
     from histodg.model.normalize import Normalizer
     from histodg.store import find_stores, open_store
 
     model, config = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = resolve_device(device, "benchmark", lambda where, why: SystemExit(f"{where}: {why}"))
     model = model.eval().to(dev)
     norm = Normalizer(config.normalization.mean, config.normalization.std, dev)
     per_domain: dict[str, list[float]] = {}

@@ -65,6 +65,7 @@ def child_loop(a) -> dict:
 def child_memory(a) -> dict:
     import torch
 
+    from histodg.device import resolve_device
     from histodg.model.build import build_model
     from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
     from histodg.model.normalize import Normalizer
@@ -72,7 +73,7 @@ def child_memory(a) -> dict:
     from histodg.training.methods import METHODS, SegTask
 
     torch.set_num_threads(a.threads) if a.threads else None
-    dev = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = resolve_device(a.device, "benchmark", lambda where, why: SystemExit(f"{where}: {why}"))
     on_gpu = dev.type == "cuda"
     model = build_model(a.arch, a.encoder, "none", 1).to(dev)
     if on_gpu:

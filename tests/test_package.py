@@ -21,7 +21,7 @@ ALLOWED = {
     "tiling": {"constants", "files", "batch", "slides", "store"},
     "training": {"constants", "files", "device", "model", "store", "evaluation.metrics"},
     "inference": {"constants", "files", "device", "batch", "slides", "model"},
-    "evaluation": {"constants", "files", "inference", "slides", "store"},
+    "evaluation": {"constants", "files", "batch", "inference", "slides", "store"},
     "synth": {"constants", "files", "slides"},
 }
 

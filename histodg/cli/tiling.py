@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import HistodgError
+from ..batch import collected
 from ..constants import COMPRESSIONS
 from .options import BACKEND_CHOICE, CONTEXT, fail_line, label_option, magnification, resolve_jobs, slide_batch_options
 
@@ -27,22 +27,21 @@ def info(paths, backend, as_json):
     from ..store import describe_store
     from .views import print_info
 
-    out, failed = [], 0
+    out, errors = [], []
     for p in paths:
-        try:
+        with collected(errors, p):
             if (p / "zarr.json").is_file():
                 out.append(describe_store(p))
             else:
                 with open_slide(p, backend) as s:
                     out.append({"kind": "slide", **s.describe()})
-        except HistodgError as exc:
-            fail_line(str(exc))
-            failed += 1
+    for line in errors:
+        fail_line(line)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
         print_info(out)
-    if failed:
+    if errors:
         sys.exit(1)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import HistodgError
+from ..batch import collected
 from ..constants import UNKNOWN
 from ..inference.done import DONE, read_done
 from ..inference.prob_map import NAME as PROB
@@ -109,7 +109,7 @@ def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, thr
     if progress:
         progress(total=len(found), done=0)
     for d in found:
-        try:
+        with collected(ev.errors, d):
             done = read_done(d) or {}
             name = done.get("name") or d.name
             source = Path((done.get("source") or {}).get("path") or name)
@@ -118,8 +118,6 @@ def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, thr
             scanner = scanner if scanner != UNKNOWN else done.get("scanner")
             counts = score_prediction(d, annotation, labels, threshold)
             ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d))
-        except HistodgError as exc:
-            ev.errors.append(str(exc))
         if progress:
             progress(advance=1)
     return ev

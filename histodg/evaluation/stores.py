@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import HistodgError
+from ..batch import collected
 from ..inference.rasters import threshold_u8
 from ..store import StoreError, find_stores, open_store
 from .metrics import batch_counts
@@ -50,12 +50,10 @@ def evaluate_stores(predictor, paths, domain_axis: str | None = None, threshold:
     if progress:
         progress(total=len(stores), done=0)
     for path in stores:
-        try:
+        with collected(ev.errors, path):
             store = open_store(path)
             counts = score_store(predictor, store, cut)
             ev.add(store.name, domain_of(store.attrs.organ, store.attrs.scanner, domain_axis), *counts, source=str(path))
-        except HistodgError as exc:
-            ev.errors.append(str(exc))
         if progress:
             progress(advance=1)
     return ev

@@ -126,7 +126,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
     with open_slide(job.path, o.backend, mpp=job.mpp) as slide:
         plan = plan_prediction(slide, pred)
         res = plan.resolution
-        count = math.ceil(o.window_fraction * len(plan)) if o.window_fraction < 1 else len(plan)
+        count = math.ceil(o.window_fraction * len(plan) - 1e-9) if o.window_fraction < 1 else len(plan)
         timings["planning"] = time.perf_counter() - t_start
         out_mpp = slide.mpp * res.level0_per_px
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
