@@ -9,6 +9,7 @@ nothing) is told when each input starts, how far it got and how it ended.
 """
 from __future__ import annotations
 
+import errno
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,22 +30,31 @@ class BatchResult:
     resumed: bool = False  # an unfinished output was found and finished or redone
 
 
-def error_line(exc: Exception, path) -> str:
-    """The one line a bad input gives: `<path>: <reason>`."""
+# errors of writing, not of the input: the line names the output
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def error_line(exc: Exception, path, out=None) -> str:
+    """The one line a bad input gives: `<path>: <reason>`; for a full disk (or another write
+    error that names no file) `<out>: <reason> (writing the output of <path>)`."""
     if isinstance(exc, HistodgError):
         return str(exc)
-    return f"{path}: {getattr(exc, 'strerror', None) or exc}"
+    reason = getattr(exc, "strerror", None) or exc
+    if getattr(exc, "errno", None) in WRITE_ERRNOS and out is not None:
+        return f"{exc.filename or out}: {reason} (writing the output of {path})"
+    return f"{exc.filename or path}: {reason}" if isinstance(exc, OSError) else f"{path}: {reason}"
 
 
 @contextmanager
-def recorded(result: BatchResult, path):
-    """Run one input's work: bad input becomes `result.error` (status stays "failed" unless the
-    work set it), and `result.seconds` is the time taken, whatever happened."""
+def recorded(result: BatchResult, path, out=None):
+    """Run one input's work (its output going to `out`): bad input becomes `result.error`
+    (status stays "failed" unless the work set it), and `result.seconds` is the time taken,
+    whatever happened."""
     t0 = time.perf_counter()
     try:
         yield result
     except (HistodgError, OSError) as exc:
-        result.status, result.error = "failed", error_line(exc, path)
+        result.status, result.error = "failed", error_line(exc, path, out)
     finally:
         result.seconds = time.perf_counter() - t0
 

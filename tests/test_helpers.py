@@ -62,3 +62,15 @@ def test_check_bad_windows_fails_only_above_the_fraction():
     check_bad_windows("s.svs", bad, total=10, max_fraction=0.1)  # 1 of 10 is allowed at 0.1
     with pytest.raises(SlideError, match="1 of 5 windows"):
         check_bad_windows("s.svs", bad, total=5, max_fraction=0.1)
+
+
+def test_a_full_disk_names_the_output_not_the_input():
+    import errno
+
+    r = BatchResult("a", "a.svs", "done")
+    with recorded(r, "slides/a.svs", out="preds/a"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert r.error == "preds/a: No space left on device (writing the output of slides/a.svs)"
+    with recorded(r, "slides/a.svs", out="preds/a"):
+        raise OSError(errno.EACCES, "Permission denied", "slides/a.svs")
+    assert r.error == "slides/a.svs: Permission denied"

@@ -97,6 +97,19 @@ def test_annotations_are_rasterised_into_masks(cli, cmu, tmp_path):
         np.testing.assert_array_equal(m, (inside & ~hole).astype(np.uint8))
     assert masks.sum() == 800 * 800 - 200 * 200
 
+    # a rerun with another --label map, or after the annotation file was edited, never keeps the old masks
+    args = [cmu, "-o", tmp_path / "s", "--tile-size", "128", "--mpp", "0.499", "--min-tissue", "0", "--annotations", ann]
+    r = cli("tile", *args, "--label", "tumor=1", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "skipped"
+    r = cli("tile", *args, "--label", "tumor=2")
+    assert r.exit_code == 1 and "the --label map differs" in r.stderr
+    fc["features"][0]["geometry"]["coordinates"] = fc["features"][0]["geometry"]["coordinates"][:1]  # the hole removed
+    ann.write_text(json.dumps(fc) + " ")
+    r = cli("tile", *args, "--label", "tumor=1")
+    assert r.exit_code == 1 and "the annotation file cmu.geojson changed" in r.stderr
+    r = cli("tile", *args, "--label", "tumor=1", "--overwrite")
+    assert r.exit_code == 0 and _store(tmp_path / "s" / "cmu_small_region.zarr")[0]["masks"][:].sum() == 800 * 800
+
 
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_every_bad_file_gives_one_clear_line_and_fails(cli, bad_dir, tmp_path, name):

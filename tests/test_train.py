@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,72 @@ def test_augment_presets_are_recorded_and_old_run_configs_still_load(stores, tmp
     c = TrainConfig.from_dict(old)
     assert c.augment == "light" and c.augmentation.jitter == 0.3 and c.augmentation.flips
     assert TrainConfig.from_dict({**old, "augment": False}).augment == "none"
+
+
+def _train_cmd(stores, out):
+    return [sys.executable, "-m", "histodg", "train", str(stores), "-o", str(out), "--arch", "unet", "--encoder", "resnet18",
+            "--encoder-weights", "none", "--domains", "organ", "--steps", "2", "--batch-size", "2", "--workers", "0",
+            "--val-fraction", "0"]
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_starts_the_run_again(tmp_path):
+    """A file-size limit (what a full disk looks like to the writer: EFBIG/ENOSPC on write) stops
+    the first checkpoint: one line, nothing half-written, and a plain rerun then trains."""
+    import resource
+
+    root = tmp_path / "s"
+    make_store(root / "a.zarr", n=8, organ="colon", seed=0)
+    make_store(root / "b.zarr", n=8, organ="stomach", seed=1)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))  # 4 MB: a checkpoint is ~50 MB
+
+    r = subprocess.run(_train_cmd(root, out), capture_output=True, text=True, env=env, preexec_fn=small_disk)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "run/best.pt: cannot be written" in lines[0] and "disk full" in lines[0] and "Traceback" not in r.stderr
+    assert not list(out.glob("*.pt")) and not list(out.glob(".*tmp*"))  # nothing half-written
+    r = subprocess.run(_train_cmd(root, out), capture_output=True, text=True, env=env)  # no --overwrite needed
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "last.pt")["global_step"] == 2
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from histodg.model import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"model_state": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="last.pt: cannot be written"):
+        checkpoint.save_checkpoint(path, {"model_state": {"w": torch.zeros(3)}})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path, cli):
+    root = tmp_path / "s"
+    make_store(root / "a.zarr", n=8, organ="colon", seed=0)
+    out = tmp_path / "run"
+    args = ["--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--steps", "1", "--batch-size", "2",
+            "--workers", "0", "--val-fraction", "0"]
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a run killed inside its first epoch leaves
+    (out / "metrics.jsonl").write_text("")
+    r = cli("train", root, "-o", out, *args)  # no --overwrite, no "a run exists here"
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out / "last.pt")["global_step"] == 1
+    r = cli("train", root, "-o", out, *args)  # a run with a checkpoint is still protected
+    assert r.exit_code == 1 and "a run exists here" in r.stderr
+
+
+def test_val_domain_unknown_is_refused(tmp_path, cli):
+    a = make_store(tmp_path / "a.zarr", n=4, organ="colon")
+    line = _bad(tmp_path, cli, a, "--val-domain", "unknown", match="not a domain name")
+    assert "unknown" in line

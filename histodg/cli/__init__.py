@@ -30,6 +30,10 @@ class Group(click.Group):
         except HistodgError as exc:
             fail_line(str(exc))
             sys.exit(1)
+        except OSError as exc:  # the environment (disk full, permissions): one line naming the file
+            where = exc.filename or "histodg"
+            fail_line(f"{where}: {exc.strerror or exc}")
+            sys.exit(1)
         except KeyboardInterrupt:
             fail_line("interrupted; rerun the same command to resume")
             sys.exit(130)

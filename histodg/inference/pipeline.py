@@ -64,7 +64,7 @@ def predict_slide(predictor: Predictor, job: SlideJob, out_dir: Path, progress=N
     result = PredictResult(job.name, str(job.path), "failed", out_dir=str(out))
     created = False
     try:
-        with recorded(result, job.path):
+        with recorded(result, job.path, out):
             created = _prepare(predictor, job, out, result)
             if created:
                 _predict(predictor, job, out, result, progress)

@@ -30,7 +30,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     payload = {"format": FORMAT, "version": VERSION, "histodg_version": __version__, **payload}
     if isinstance(payload.get("model_config"), ModelConfig):
         payload["model_config"] = payload["model_config"].to_dict()
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(path, f"cannot be written ({reason}; is the disk full?); the previous "
+                                    f"{Path(path).name}, if any, is unchanged") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

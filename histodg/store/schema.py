@@ -53,6 +53,8 @@ class StoreAttrs:
     read_size: int | None = None
     source: dict | None = None  # files.source_fingerprint of the slide
     annotation: str | None = None  # resolved path of the annotation file
+    annotation_source: dict | None = None  # files.source_fingerprint of the annotation file
+    label_map: dict | None = None  # --label NAME=VALUE as {name: value} ({}: every annotation is 1)
     labels: dict | None = None  # {"0": "background", "1": "tumor", ...} when the store has masks
     backend: str | None = None
     slide_mpp: float | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import HistodgError, SlideError
 from ..batch import BatchResult, check_bad_windows, gc_paused, recorded
-from ..files import setting_diffs, source_fingerprint
+from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
@@ -71,14 +71,21 @@ def reuse_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
     if attrs.get("magnification") is not None or wanted["magnification"] is not None:
         wanted.pop("mpp")  # with --magnification the stored mpp is the resolved one
     wanted["annotation"] = str(job.annotation.resolve()) if job.annotation else None
-    return setting_diffs(attrs, wanted, attrs.get("source"), job.path, {"annotation": "annotation file differs"})
+    if job.annotation and attrs.get("label_map") is not None:  # stores made before label maps were recorded: not compared
+        wanted["label_map"] = dict(opts.labels.mapping)
+    why = setting_diffs(attrs, wanted, attrs.get("source"), job.path,
+                        {"annotation": "annotation file differs", "label_map": "the --label map differs"})
+    recorded = attrs.get("annotation_source")
+    if job.annotation and recorded and not why and source_changed(recorded, job.annotation):
+        why = f"the annotation file {job.annotation.name} changed since the store was made"
+    return why
 
 
 def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -> TileResult:
     """Tile one slide into `out_dir/<name>.zarr`. Never raises for bad input: returns a failed result."""
     out = Path(out_dir) / f"{job.name}.zarr"
     result = TileResult(job.name, str(job.path), "failed", store=str(out))
-    with recorded(result, job.path):
+    with recorded(result, job.path, out):
         if job.meta.get("missing_mask"):
             raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
         state = store_state(out)
@@ -107,6 +114,8 @@ def _store_attrs(job: SlideJob, opts: TileOptions, slide, plan: WindowPlan, ann)
         "read_size": res.read_size,
         "source": source_fingerprint(job.path),
         "annotation": str(job.annotation.resolve()) if job.annotation else None,
+        "annotation_source": source_fingerprint(job.annotation) if job.annotation else None,
+        "label_map": dict(opts.labels.mapping) if job.annotation else None,
         "labels": opts.labels.label_names() if ann is not None else None,
         "backend": slide.backend,
         "slide_mpp": mpp0,

@@ -53,6 +53,8 @@ def default_axis(stores: list[StoreRef]) -> str:
 def heldout_stores(stores: list[StoreRef], names) -> dict[str, list[StoreRef]]:
     out = {}
     for name in names:
+        if name == UNKNOWN:
+            raise DataError(name, "--val-domain: not a domain name (it marks stores without an organ or scanner)")
         hit = [s for s in stores if name in (s.organ, s.scanner)]
         if not hit:
             known = sorted(({s.organ for s in stores} | {s.scanner for s in stores}) - {UNKNOWN})

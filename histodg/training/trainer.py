@@ -66,7 +66,10 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def _prepare_dir(self, rt: Runtime) -> TrainState:
         last = self.out / "last.pt"
-        if self.resume:
+        # a run that stopped before its first last.pt saved nothing worth keeping: a rerun (or
+        # --resume) starts it again from the beginning
+        unsaved = (self.out / "config.json").exists() and not last.exists()
+        if self.resume and not unsaved:
             if not last.is_file():
                 raise TrainError(self.out, "nothing to resume: no last.pt here")
             ckpt = load_checkpoint(last)
@@ -75,7 +78,7 @@ class Trainer:
             self._resume_model_state = ckpt["model_state"]
             return TrainState.from_checkpoint(ckpt)
         if (self.out / "config.json").exists() or last.exists():
-            if not self.overwrite:
+            if not self.overwrite and not unsaved:
                 raise TrainError(self.out, "a run exists here: use --resume to continue it or --overwrite to start again")
             if rt.main:
                 for name in RUN_FILES:
@@ -149,9 +152,10 @@ class Trainer:
             dl = exc.logs.get("domain_losses") or []
             bad = [stage.domain_names[i] for i, v in enumerate(dl) if not math.isfinite(v)]
             where = f"batch of domain {', '.join(bad)}" if bad else "batch of every domain"
+            kept = ("last.pt (end of the previous epoch) is intact" if (self.out / "last.pt").is_file()
+                    else "no checkpoint was written yet (the same command starts it again)")
             raise TrainError(self.out, f"loss is not finite at stage {stage.index + 1} ({stage.axis}), step "
-                                       f"{st.global_step + 1}, {where}; stopped, last.pt (end of the previous epoch) "
-                                       f"is intact") from None
+                                       f"{st.global_step + 1}, {where}; stopped, {kept}") from None
 
     def _end_epoch(self, run: StageRun, epoch: int, record: dict, final_stage: bool) -> None:
         """Validate, keep the best, write last.pt and the metrics line (rank 0)."""
