@@ -49,6 +49,17 @@ def main():
       histodg train stores/ --pretrain organ --finetune scanner -o runs/a
       histodg predict runs/a/best.pt slides/*.svs -o preds/
     """
+    quiet_readers()
+
+
+def quiet_readers() -> None:
+    """Damaged files are reported once, as histodg's own line: the readers' own warnings about
+    them (tifffile's log, Pillow's EXIF warnings) would only repeat it, in their terms."""
+    import logging
+    import warnings
+
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 from .inference import evaluate, predict  # noqa: E402

@@ -12,7 +12,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 
 @click.command(context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for one <name>/ folder per input.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for one <name>/ folder per input.")
 @click.option("--mpp", type=float, default=None, help="Model resolution, um/px  [default: the checkpoint's]")
 @click.option("--tile-size", type=int, default=None, help="Window side in model pixels  [default: the checkpoint's]")
 @click.option("--overlap", type=float, default=0.5, show_default=True,

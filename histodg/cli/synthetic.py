@@ -9,7 +9,7 @@ from .options import CONTEXT
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--format", "fmt", type=click.Choice(["wsi", "cosas", "both"]), default="wsi", show_default=True,
               help="wsi: pyramidal TIFF + QuPath GeoJSON per case; cosas: COSAS-layout PNG image/mask folders.")

@@ -46,7 +46,7 @@ def info(paths, backend, as_json):
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the <name>.zarr stores.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the <name>.zarr stores.")
 @click.option("--mpp", type=float, default=None, help="Target microns per pixel  [default: 0.5 unless --magnification]")
 @click.option("--magnification", callback=magnification, default=None, help="Target magnification instead of --mpp, e.g. 20x.")
 @click.option("--mpp-tolerance", type=float, default=0.02, show_default=True,

@@ -12,7 +12,7 @@ from .options import CONTEXT, parse_hp, parse_pairs
 
 @click.command(context_settings=CONTEXT, epilog="Methods and their --hp settings: `histodg methods`.")
 @click.argument("stores", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--arch", default="FPN", show_default=True, help="smp architecture: FPN, Unet, UnetPlusPlus, DeepLabV3Plus, ...")
 @click.option("--encoder", default="mit_b2", show_default=True, help="smp encoder: mit_b2, resnet34, resnet18, ...")
 @click.option("--encoder-weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file.")

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import HistodgError
 from ..batch import BatchResult, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
@@ -65,6 +66,8 @@ def predict_slide(predictor: Predictor, job: SlideJob, out_dir: Path, progress=N
     created = False
     try:
         with recorded(result, job.path, out):
+            if job.problem:
+                raise HistodgError(job.path, job.problem)
             created = _prepare(predictor, job, out, result)
             if created:
                 _predict(predictor, job, out, result, progress)

@@ -70,4 +70,6 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint"):
         model.load_state_dict(ckpt["model_state"])
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(path, f"cannot rebuild the model ({str(exc).splitlines()[0][:160]})") from None
+    except HistodgError as exc:  # an architecture or encoder this smp does not know: name the file too
+        raise CheckpointError(path, f"cannot rebuild the model: {exc}") from None
     return model, mc

@@ -63,7 +63,15 @@ def _read_geojson(path: Path, labels: LabelMap):
     for i, feat in enumerate(features):
         if not isinstance(feat, dict) or "geometry" not in feat:
             raise AnnotationError(path, f"feature {i} has no geometry")
-        name = _class_name(feat.get("properties") or {})
+        props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise AnnotationError(path, f"feature {i}: properties must be an object, not {type(props).__name__}")
+        geom = feat["geometry"]
+        if geom is not None and not isinstance(geom, dict):
+            raise AnnotationError(path, f"feature {i}: geometry must be an object, not {type(geom).__name__}")
+        if isinstance(geom, dict) and geom.get("type") in ("Polygon", "MultiPolygon") and "coordinates" not in geom:
+            raise AnnotationError(path, f"feature {i}: {geom['type']} without coordinates")
+        name = _class_name(props)
         label = labels(name)
         if label is None:
             skipped[name or "(unclassified)"] += 1
@@ -85,10 +93,10 @@ class _Unsupported(Exception):
 def _class_name(props: dict) -> str | None:
     c = props.get("classification")
     if isinstance(c, dict):
-        return c.get("name")
-    if isinstance(c, str):
-        return c
-    return props.get("class") or props.get("label")
+        c = c.get("name")
+    if not isinstance(c, str):
+        c = props.get("class") or props.get("label")
+    return str(c) if c is not None and not isinstance(c, (dict, list)) else None
 
 
 def _geometry_polygons(geom):
@@ -102,7 +110,10 @@ def _geometry_polygons(geom):
         for poly in geom["coordinates"]:
             yield _rings(poly)
     elif kind == "GeometryCollection":
-        for g in geom.get("geometries", []):
+        parts = geom.get("geometries", [])
+        if not isinstance(parts, list) or not all(isinstance(g, dict) or g is None for g in parts):
+            raise ValueError("a GeometryCollection's geometries must be a list of geometry objects")
+        for g in parts:
             yield from _geometry_polygons(g)
     else:
         raise _Unsupported(str(kind))

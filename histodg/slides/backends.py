@@ -118,15 +118,19 @@ class TiffSlideSlide(Slide):
         except Exception as exc:
             raise SlideError(path, f"not a readable TIFF slide: {_clean(exc)}") from None
         self._ts = ts
-        p = ts.properties
-        self.properties = {k: str(v) for k, v in p.items() if v is not None}
+        try:  # tiffslide parses lazily: a truncated or damaged file fails here, in any way
+            p = ts.properties
+            self.properties = {k: str(v) for k, v in p.items() if v is not None}
+            self.level_dimensions = [tuple(int(v) for v in d) for d in ts.level_dimensions]
+            self.level_downsamples = [float(d) for d in ts.level_downsamples]
+            self.associated_images = sorted(ts.associated_images)
+        except Exception as exc:
+            ts.close()
+            raise SlideError(path, f"cannot read the slide's structure, truncated or damaged? ({_clean(exc)})") from None
         self.vendor = p.get("tiffslide.vendor")
-        self.level_dimensions = [tuple(int(v) for v in d) for d in ts.level_dimensions]
-        self.level_downsamples = [float(d) for d in ts.level_downsamples]
         self.mpp = _mpp_from(p, "tiffslide")
         self.mpp_source = "metadata" if self.mpp else None
         self.objective_power = _float(p.get("tiffslide.objective-power"))
-        self.associated_images = sorted(ts.associated_images)
         try:
             series = ts.ts_tifffile.series[int(p.get("tiffslide.series-index") or 0)]
             pages = [lv.keyframe for lv in series.levels]

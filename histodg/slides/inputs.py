@@ -39,6 +39,25 @@ class SlideJob:
     scanner: str = UNKNOWN
     mpp: float | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    problem: str | None = None  # why this input cannot be used: it fails alone, with this line
+
+
+def unusable(path: Path) -> str | None:
+    """Why `path` cannot be opened as an input, checked before anything reads it (a FIFO would
+    block the batch on open), or None."""
+    if path.is_symlink() and not path.exists():
+        return f"a dangling symlink (to {os.readlink(path)})"
+    if not path.exists():
+        return "no such file or folder"
+    if not (path.is_file() or path.is_dir()):
+        return "not a regular file (a pipe, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def failed_job(path: Path, problem: str) -> SlideJob:
+    return SlideJob(path, _safe_name(path.stem), problem=problem)
 
 
 def _safe_name(text: str) -> str:
@@ -95,36 +114,36 @@ def manifest_jobs(path: Path, organ: str, scanner: str) -> list[SlideJob]:
     if "path" not in header:
         raise InputError(path, f"manifest needs a 'path' column (found: {', '.join(header) or 'none'})")
     jobs = []
-    base = path.parent
     for i, raw in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
-        if not row.get("path"):
-            raise InputError(path, f"line {i}: empty path")
-        p = Path(row["path"])
-        p = p if p.is_absolute() else base / p
-        ann = row.get("annotation")
-        ann_path = None
-        if ann:
-            ann_path = Path(ann) if Path(ann).is_absolute() else base / ann
-        mpp = None
-        if row.get("mpp"):
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                raise InputError(path, f"line {i}: mpp {row['mpp']!r} is not a number") from None
-        meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k}
-        jobs.append(
-            SlideJob(
-                path=p,
-                name=_safe_name(row.get("name") or p.stem),
-                annotation=ann_path,
-                organ=row.get("organ") or organ,
-                scanner=row.get("scanner") or scanner,
-                mpp=mpp,
-                meta=meta,
-            )
-        )
+        try:
+            jobs.append(_manifest_row(raw, i, path, organ, scanner))
+        except InputError as exc:  # a bad row fails alone
+            jobs.append(SlideJob(path, _safe_name(f"{path.stem}-line{i}"), problem=exc.reason))
     return jobs
+
+
+def _manifest_row(raw: dict, i: int, path: Path, organ: str, scanner: str) -> SlideJob:
+    if None in raw:  # csv puts the fields past the header under None
+        raise InputError(path, f"line {i}: {len(raw[None])} more field(s) than the header (an unquoted comma?)")
+    row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}  # short rows: empty fields
+    if not row.get("path"):
+        raise InputError(path, f"line {i}: empty path")
+    base = path.parent
+    p = Path(row["path"])
+    p = p if p.is_absolute() else base / p
+    ann = row.get("annotation")
+    ann_path = None
+    if ann:
+        ann_path = Path(ann) if Path(ann).is_absolute() else base / ann
+    mpp = None
+    if row.get("mpp"):
+        try:
+            mpp = float(row["mpp"])
+        except ValueError:
+            raise InputError(path, f"line {i}: mpp {row['mpp']!r} is not a number") from None
+    meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k}
+    return SlideJob(path=p, name=_safe_name(row.get("name") or p.stem), annotation=ann_path,
+                    organ=row.get("organ") or organ, scanner=row.get("scanner") or scanner, mpp=mpp, meta=meta)
 
 
 def resolve_inputs(
@@ -139,26 +158,43 @@ def resolve_inputs(
     jobs: list[SlideJob] = []
     for item in inputs:
         p = Path(item)
-        if not p.exists():
-            raise InputError(p, "no such file or folder")
-        if p.is_file() and p.suffix.lower() == ".csv":
-            jobs.extend(manifest_jobs(p, organ, scanner))
-        elif p.is_dir() and p.suffix.lower() != ".zarr" and (
-            is_cosas_domain(p) or any(is_cosas_domain(d) for d in p.iterdir() if d.is_dir())
-        ):
-            jobs.extend(cosas_jobs(p, domain_axis, organ, scanner))
-        elif p.is_dir() and not (p.suffix.lower() == ".dcm" or any(p.glob("*.dcm"))):
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
-            if not files:
-                raise InputError(p, "folder holds no slides or images")
-            jobs.extend(SlideJob(f, _safe_name(f.stem), organ=organ, scanner=scanner) for f in files)
-        else:
-            jobs.append(SlideJob(p, _safe_name(p.stem), organ=organ, scanner=scanner))
+        try:
+            jobs.extend(_input_jobs(p, organ, scanner, domain_axis))
+        except (InputError, OSError) as exc:  # this input fails alone; the others still run
+            jobs.append(failed_job(p, _reason(exc)))
     if annotations is not None:
         jobs = attach_annotations(jobs, Path(annotations))
     if mpp is not None:
         jobs = [replace(j, mpp=j.mpp if j.mpp is not None else mpp) for j in jobs]
     return uniquify(jobs)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, InputError):
+        return exc.reason
+    return f"{getattr(exc, 'strerror', None) or exc}"
+
+
+def _input_jobs(p: Path, organ: str, scanner: str, domain_axis: str | None) -> list[SlideJob]:
+    """The jobs of one input path; an unusable input raises InputError."""
+    problem = unusable(p)
+    if problem:
+        raise InputError(p, problem)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        return manifest_jobs(p, organ, scanner)
+    if p.is_dir() and p.suffix.lower() != ".zarr" and (
+        is_cosas_domain(p) or any(is_cosas_domain(d) for d in p.iterdir() if d.is_dir())
+    ):
+        return cosas_jobs(p, domain_axis, organ, scanner)
+    if p.is_dir() and not (p.suffix.lower() == ".dcm" or any(p.glob("*.dcm"))):
+        # every entry named like a slide is an input, also the ones that cannot be opened (named,
+        # not skipped in silence); sub-folders are not
+        entries = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES and not f.is_dir())
+        if not entries:
+            raise InputError(p, "folder holds no slides or images")
+        return [failed_job(f, why) if (why := unusable(f)) else SlideJob(f, _safe_name(f.stem), organ=organ, scanner=scanner)
+                for f in entries]
+    return [SlideJob(p, _safe_name(p.stem), organ=organ, scanner=scanner)]
 
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".png", ".tif", ".tiff")

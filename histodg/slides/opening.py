@@ -35,7 +35,9 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
     if backend not in BACKENDS:
         raise SlideError(path, f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if not path.exists():
-        raise SlideError(path, "no such file")
+        raise SlideError(path, "no such file" if not path.is_symlink() else "a dangling symlink")
+    if not (path.is_file() or path.is_dir()):  # opening a FIFO would block
+        raise SlideError(path, "not a regular file (a pipe, socket or device)")
     if path.is_dir() and path.suffix.lower() != ".dcm" and not any(path.glob("*.dcm")):
         raise SlideError(path, "is a directory, not a slide")
     if path.is_file() and path.stat().st_size == 0:

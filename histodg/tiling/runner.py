@@ -86,6 +86,8 @@ def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -
     out = Path(out_dir) / f"{job.name}.zarr"
     result = TileResult(job.name, str(job.path), "failed", store=str(out))
     with recorded(result, job.path, out):
+        if job.problem:
+            raise HistodgError(job.path, job.problem)
         if job.meta.get("missing_mask"):
             raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
         state = store_state(out)
