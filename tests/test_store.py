@@ -13,6 +13,7 @@ from histodg.store import (
     StoreAttrs,
     StoreError,
     StoreWriter,
+    check_store,
     describe_store,
     find_stores,
     open_store,
@@ -140,3 +141,48 @@ def test_the_schema_owns_every_attribute(tmp_path):
     zarr.open_group(str(p), mode="r+").attrs["tile_size"] = "big"
     with pytest.raises(StoreError, match="malformed store attributes"):
         open_store(p)
+
+
+@pytest.fixture
+def sharded(tmp_path, monkeypatch):
+    """A complete store of 20 patches with masks, 8 patches per shard (3 shards per array)."""
+    monkeypatch.setattr("histodg.store.writer.SHARD_BYTES", 8 * 16 * 16 * 3)
+    img, mask = _patches(20, 16, seed=2)
+    w = StoreWriter(tmp_path / "s.zarr", StoreAttrs(tile_size=16, mpp=1.0, organ="colon"), 20, True).create()
+    for i in range(20):
+        w.append(w.encode(img[i], mask[i]), (0, 0), 1.0)
+    w.finish()
+    return tmp_path / "s.zarr"
+
+
+def test_a_deleted_shard_is_never_read_as_black_patches(sharded, cli):
+    assert check_store(sharded) == (20, [])
+    (sharded / "images" / "c" / "1" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match=r"damaged: images shard images/c/1/0/0/0 \(patches 8-15\) is missing"):
+        open_store(sharded)
+    r = cli("info", "--check", sharded)
+    assert r.exit_code == 1 and "damaged: images shard images/c/1/0/0/0 (patches 8-15) is missing" in r.stderr
+    r = cli("train", sharded, "-o", sharded.parent / "run", "--steps", "1")
+    assert r.exit_code == 1 and r.stderr.count("error") == 1 and "damaged" in r.stderr  # refused before training
+
+
+def test_a_truncated_mask_shard_is_an_error_naming_the_store(sharded):
+    f = sharded / "masks" / "c" / "2" / "0" / "0"
+    f.write_bytes(f.read_bytes()[:-30])
+    with pytest.raises(StoreError, match=r"s.zarr: damaged: masks shard masks/c/2/0/0 \(patches 16-19\) is truncated"):
+        open_store(sharded)
+
+
+def test_check_decodes_every_chunk(sharded):
+    """A chunk whose bytes were overwritten (the shard index intact) passes the cheap check on
+    open but not `check_store`, which decodes everything."""
+    from histodg.store.integrity import read_index, shard_file
+
+    f = shard_file(sharded / "images", 0)
+    offset, nbytes = (int(v) for v in read_index(f, 8)[3])
+    data = bytearray(f.read_bytes())
+    data[offset:offset + 16] = bytes(16)  # the chunk's blosc header
+    f.write_bytes(bytes(data))
+    open_store(sharded)  # the index still holds
+    n, problems = check_store(sharded)
+    assert n == 20 and len(problems) == 1 and problems[0].startswith("images patch 3: cannot be decoded")

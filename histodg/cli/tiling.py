@@ -16,22 +16,29 @@ from .options import BACKEND_CHOICE, CONTEXT, fail_line, label_option, magnifica
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of tables.")
-def info(paths, backend, as_json):
+@click.option("--check", is_flag=True, help="Stores: decode every patch and mask and report what is missing or damaged.")
+def info(paths, backend, as_json, check):
     """What is in slides, images and patch stores.
 
     For a slide: reader backend, vendor, dimensions, levels and downsamples, mpp, objective
     power, associated images. For a store: patch count, tile size, mpp, organ, scanner, labels,
-    complete or not.
+    complete or not; with --check, whether every shard is there and every chunk decodes (exit
+    status 1 if not).
     """
     from ..slides.opening import open_slide
-    from ..store import describe_store
+    from ..store import check_store, describe_store
     from .views import print_info
 
     out, errors = [], []
     for p in paths:
         with collected(errors, p):
             if (p / "zarr.json").is_file():
-                out.append(describe_store(p))
+                d = describe_store(p, verify=not check)
+                if check and d["complete"]:
+                    n, problems = check_store(p)
+                    d["check"] = f"ok: {n} patches decoded" if not problems else problems
+                    errors.extend(f"{p}: damaged: {line}" for line in problems)
+                out.append(d)
             else:
                 with open_slide(p, backend) as s:
                     out.append({"kind": "slide", **s.describe()})

@@ -152,6 +152,8 @@ def print_info(items: list[dict]) -> None:
         else:
             keys = ["backend", "vendor", "dimensions", "level_count", "level_dimensions", "level_downsamples", "mpp",
                     "mpp_source", "objective_power", "associated_images"]
+        if "check" in d:
+            keys.append("check")
         for k in keys:
             v = d.get(k)
             table.add_row(k, escape(json.dumps(v) if isinstance(v, (list, dict)) else str(v)))

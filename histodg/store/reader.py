@@ -17,6 +17,7 @@ import numpy as np
 from .. import HistodgError
 from ..files import read_csv_rows
 from .codecs import registered_zarr
+from .integrity import shard_problem
 from .schema import ARRAYS, FORMAT_VERSION, PROGRESS_FILE, StoreAttrs
 
 
@@ -109,8 +110,9 @@ class PatchStore:
         return StoreRef(self.path, len(self), self.attrs)
 
 
-def open_store(path, require_complete: bool = True) -> PatchStore:
-    """Open a store for reading, with one clear error for each way it can be unusable."""
+def open_store(path, require_complete: bool = True, verify: bool = True) -> PatchStore:
+    """Open a store for reading, with one clear error for each way it can be unusable (`verify`:
+    also that every shard of a complete store is there and whole, `integrity.shard_problem`)."""
     path = Path(path)
     if not path.exists():
         raise StoreError(path, "no such store")
@@ -139,16 +141,20 @@ def open_store(path, require_complete: bool = True) -> PatchStore:
         attrs = StoreAttrs.from_attrs(raw)
     except ValueError as exc:
         raise StoreError(path, f"malformed store attributes: {exc}") from None
+    if verify and raw.get("complete") is True:  # zarr would read what is missing as black patches
+        problem = shard_problem(path, g)
+        if problem:
+            raise StoreError(path, f"damaged: {problem}; re-tile its slide with `histodg tile --overwrite`")
     return PatchStore(path, attrs, g)
 
 
-def describe_store(path) -> dict:
+def describe_store(path, verify: bool = True) -> dict:
     """Plain-data summary of a store (for `histodg info`), complete or not."""
     path = Path(path)
     state = store_state(path)
     if state == "broken":
         raise StoreError(path, "not a readable histodg patch store")
-    s = open_store(path, require_complete=False)
+    s = open_store(path, require_complete=False, verify=verify)
     a = s.attrs
     out = {
         "path": str(path),

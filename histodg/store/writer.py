@@ -27,6 +27,7 @@ from .. import __version__
 from ..batch import bad_window
 from ..files import atomic_write, write_json_atomic
 from .codecs import patch_encoder, registered_zarr, zarr_compressor, zarr_serializer
+from .integrity import MISSING, shard_file
 from .reader import StoreError
 from .schema import FORMAT_VERSION, PROGRESS_FILE, StoreAttrs
 
@@ -47,14 +48,7 @@ class ShardEncoder:
     pairs with its crc32c appended (the `sharding_indexed` codec with index_location "end").
     """
 
-    MISSING = 2**64 - 1
-
     def __init__(self, array_dir: Path, shard: int, encoder):
-        meta = json.loads((array_dir / "zarr.json").read_text())
-        enc = meta["chunk_key_encoding"]
-        self.sep = (enc.get("configuration") or {}).get("separator", "/")
-        self.prefix = "c" if enc["name"] == "default" else None
-        self.ndim = len(meta["shape"])
         self.array_dir = array_dir
         self.shard = shard
         self.encoder = encoder
@@ -63,13 +57,12 @@ class ShardEncoder:
         return self.encoder.encode(np.ascontiguousarray(chunk))
 
     def key(self, shard_index: int) -> Path:
-        parts = [str(shard_index)] + ["0"] * (self.ndim - 1)
-        return self.array_dir / self.sep.join(([self.prefix] if self.prefix else []) + parts)
+        return shard_file(self.array_dir, shard_index)
 
     def write(self, shard_index: int, chunks: list[bytes]) -> None:
         import google_crc32c
 
-        index = np.full((self.shard, 2), self.MISSING, dtype="<u8")
+        index = np.full((self.shard, 2), MISSING, dtype="<u8")
         offset = 0
         for i, c in enumerate(chunks):
             index[i] = (offset, len(c))

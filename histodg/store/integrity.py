@@ -1,0 +1,133 @@
+"""Is a store's data all there? Shard files, their indexes, and (deep) every chunk.
+
+zarr reads a missing shard or chunk as its fill value (a black patch, an all-background mask)
+without a word, and reports a truncated shard as a checksum error deep in its codec pipeline.
+histodg's shards (written by `writer.ShardEncoder`) are the compressed chunks followed by an
+index of (offset, nbytes) little-endian uint64 pairs and the index's crc32c, so what makes a
+store whole can be checked cheaply, without decoding:
+
+- `shard_problem(path, group)`: every shard file of `images` and `masks` is present, its index
+  checksum holds, and every patch of the store has an entry that lies inside the file. Readers
+  run it when they open a complete store (`reader.open_store`): a few hundred bytes per shard.
+- `chunk_problems(store)`: decode every patch of every array (`histodg info --check`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SHARDED = ("images", "masks")
+MISSING = 2**64 - 1  # an index entry for a chunk that was never written
+
+
+def shard_file(array_dir: Path, index: int) -> Path:
+    """Where shard `index` (along the patch axis) of the array in `array_dir` is stored."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    enc = meta["chunk_key_encoding"]
+    sep = (enc.get("configuration") or {}).get("separator", "/")
+    prefix = ["c"] if enc["name"] == "default" else []
+    return array_dir / sep.join(prefix + [str(index)] + ["0"] * (len(meta["shape"]) - 1))
+
+
+def read_index(path: Path, chunks: int) -> np.ndarray | None:
+    """The (chunks, 2) index at the end of a shard file, or None if its checksum fails."""
+    import google_crc32c
+
+    size = chunks * 16 + 4
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < size:
+            return None
+        f.seek(-size, 2)
+        tail = f.read(size)
+    raw, crc = tail[:-4], np.frombuffer(tail[-4:], "<u4")[0]
+    if google_crc32c.value(raw) != int(crc):
+        return None
+    return np.frombuffer(raw, "<u8").reshape(chunks, 2)
+
+
+def shard_problem(path: Path, group) -> str | None:
+    """The first thing missing or damaged in the shards of a complete store, or None."""
+    return next(shard_problems(path, group), None)
+
+
+def shard_problems(path: Path, group):
+    """Yield what is missing or damaged in the shards of a complete store (one line per shard)."""
+    for name in SHARDED:
+        if name not in group:
+            continue
+        arr = group[name]
+        n, rows = arr.shape[0], (arr.shards or arr.chunks)[0]
+        for s in range(-(-n // rows)):
+            first, last = s * rows, min(n, (s + 1) * rows) - 1
+            f = shard_file(path / name, s)
+            where = f"{name} shard {f.relative_to(path)} (patches {first}-{last})"
+            if not f.is_file():
+                yield f"{where} is missing"
+                continue
+            index = read_index(f, rows)
+            if index is None:
+                yield f"{where} is truncated or damaged (its index checksum fails)"
+                continue
+            data_end = f.stat().st_size - (rows * 16 + 4)
+            for k in range(last - first + 1):
+                offset, nbytes = (int(v) for v in index[k])
+                if offset == MISSING:
+                    yield f"{name} patch {first + k} was never written ({where})"
+                    break
+                if offset + nbytes > data_end:
+                    yield f"{name} patch {first + k} lies past the end of {where}: truncated"
+                    break
+
+
+def check_store(path) -> tuple[int, list[str]]:
+    """(patches, problems) of a complete store: its shards, then every chunk decoded."""
+    from .reader import StoreError, open_store
+
+    path = Path(path)
+    try:
+        store = open_store(path, require_complete=True, verify=False)
+    except StoreError as exc:
+        return 0, [exc.reason]
+    problems = list(shard_problems(path, store.group))
+    if not problems:
+        problems = chunk_problems(store)
+    return len(store), problems
+
+
+def chunk_problems(store, limit: int = 20) -> list[str]:
+    """Decode every patch of every array of an open store; what fails (at most `limit` lines)."""
+    problems = []
+    for name in ("images", "masks", "coords", "tissue"):
+        if name not in store.group:
+            continue
+        arr = store.group[name]
+        step = 16 if name in SHARDED else arr.shape[0]  # 16 patches at a time: bounded memory
+        for a in range(0, arr.shape[0], max(step, 1)):
+            if _decodes(arr, a, a + step):
+                continue
+            for i in range(a, min(arr.shape[0], a + step)):  # name each patch that fails
+                why = _decode_error(arr, i)
+                if why:
+                    problems.append(f"{name} patch {i}: cannot be decoded ({why})")
+                    if len(problems) >= limit:
+                        return problems
+    return problems
+
+
+def _decodes(arr, a: int, b: int) -> bool:
+    try:
+        arr[a:b]
+        return True
+    except Exception:  # whatever the codecs raise
+        return False
+
+
+def _decode_error(arr, i: int) -> str | None:
+    try:
+        arr[i:i + 1]
+        return None
+    except Exception as exc:
+        return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
