@@ -19,3 +19,26 @@ TTA_MODES = ("none", "flip")  # inference.predictor
 LOSSES = ("bce", "bce+dice")  # training.methods.base
 AUGMENT_PRESETS = ("none", "light", "strong")  # training.augment
 DEVICE_MODES = ("auto", "on", "off")  # device: --amp, --channels-last
+
+# plain images (PNG, JPEG, untiled TIFF) and label-mask images are decoded whole into memory:
+# above this many megapixels (3 bytes each as RGB) they are refused; HISTODG_MAX_IMAGE_MPX changes it
+MAX_IMAGE_MPX = 256
+
+
+def max_image_pixels() -> int:
+    import os
+
+    try:
+        return int(float(os.environ.get("HISTODG_MAX_IMAGE_MPX", MAX_IMAGE_MPX)) * 1e6)
+    except ValueError:
+        return int(MAX_IMAGE_MPX * 1e6)
+
+
+def too_large(width: int, height: int, what: str = "plain image") -> str | None:
+    """Why an image of this size is not decoded into memory, or None."""
+    limit = max_image_pixels()
+    if width * height <= limit:
+        return None
+    return (f"{width} x {height} px {what} ({width * height / 1e6:.0f} Mpx, {width * height * 3 / 2**30:.1f} GiB as RGB): "
+            f"over the {limit / 1e6:.0f} Mpx histodg decodes into memory; convert it to a tiled pyramidal TIFF "
+            f"(vips tiffsave in.png out.tif --tile --pyramid) or raise HISTODG_MAX_IMAGE_MPX")

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,48 @@ def test_inputs_that_cannot_be_resolved_fail_alone_in_predict(cli, cmu, unusable
     assert rows["cmu_small_region"]["status"] == "done"
     assert [rows[n]["status"] for n in ("dangling", "fifo", "truncated")] == ["failed"] * 3
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["cmu_small_region"]  # nothing for the failed ones
+
+
+def _png_header_bomb(path, width, height):
+    """A PNG of a few hundred bytes whose header declares width x height RGB pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_png_that_declares_a_huge_size_is_refused_before_decoding(cli, cmu, tmp_path):
+    bomb = _png_header_bomb(tmp_path / "bomb.png", 100_000, 100_000)
+    r = cli("tile", bomb, cmu, "-o", tmp_path / "out", *TILE, "--json")
+    assert r.exit_code == 1
+    rows = _rows(r)
+    assert rows["cmu_small_region"]["status"] == "done"
+    err = rows["bomb"]["error"]
+    assert err.startswith(f"{bomb}: 100000 x 100000 px plain image (10000 Mpx") and "tiled pyramidal TIFF" in err
+
+
+def test_the_image_size_limit_is_settable_and_covers_mask_images(cli, tmp_path, monkeypatch):
+    from PIL import Image
+
+    img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(img)
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(mask)
+    args = ["tile", img, "-o", tmp_path / "out", "--mpp", "1", "--mpp-override", "1", "--tile-size", "64", "--min-tissue", "0",
+            "--json"]
+    monkeypatch.setenv("HISTODG_MAX_IMAGE_MPX", "0.1")  # 400 x 300 = 0.12 Mpx: over
+    r = cli(*args)
+    assert r.exit_code == 1 and "400 x 300 px plain image" in _rows(r)["a"]["error"]
+    monkeypatch.setenv("HISTODG_MAX_IMAGE_MPX", "1")
+    assert cli(*args).exit_code == 0
+    from histodg.slides.annotation_files import read_label_mask
+    from histodg.slides.annotations import AnnotationError
+
+    monkeypatch.setenv("HISTODG_MAX_IMAGE_MPX", "0.1")
+    with pytest.raises(AnnotationError, match="400 x 300 px mask image"):
+        read_label_mask(mask)

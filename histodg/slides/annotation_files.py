@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import too_large
 from .annotations import AnnotationError, LabelMap, MaskAnnotations, Polygon, PolygonAnnotations
 
 MASK_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
@@ -177,9 +178,15 @@ def read_label_mask(path: Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                if why := too_large(int(page.imagewidth), int(page.imagelength), "mask image"):
+                    raise AnnotationError(path, why)
+                arr = page.asarray()
         else:
             with Image.open(path) as im:
+                if why := too_large(*im.size, "mask image"):
+                    raise AnnotationError(path, why)
                 arr = np.asarray(im.convert("L") if im.mode in ("P", "LA", "1") else im)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise AnnotationError(path, f"not a readable mask image ({exc})") from None

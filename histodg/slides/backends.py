@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from .. import SlideError
+from ..constants import too_large
 from .base import MPP_RANGE, Slide
 from .tiffread import TiffTileReader, check_page, to_rgb
 
@@ -219,10 +220,14 @@ def _load_image(path: Path) -> tuple[np.ndarray, float | None]:
 
             with tifffile.TiffFile(path) as tf:
                 page = tf.pages[0]
+                if why := too_large(int(page.imagewidth), int(page.imagelength)):
+                    raise SlideError(path, why)
                 arr = page.asarray()
                 mpp = _tiff_mpp(page)
         else:
             with Image.open(path) as im:
+                if why := too_large(*im.size):  # the header's size, before anything is decoded
+                    raise SlideError(path, why)
                 im.load()
                 dpi = im.info.get("dpi")
                 mode = im.mode
