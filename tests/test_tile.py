@@ -373,6 +373,27 @@ def test_shards_split_the_inputs(monkeypatch):
     assert parse_shard(None) == (1, 4)
 
 
+def test_a_stepped_slurm_array_does_every_input_once(monkeypatch):
+    """--array=1-7:2 runs tasks 1, 3, 5, 7: shards 0-3 of 4, each input exactly once."""
+    jobs = list(range(10))
+    env = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+           "SLURM_ARRAY_TASK_STEP": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    done = []
+    for tid in (1, 3, 5, 7):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(tid))
+        done += take_shard(jobs, parse_shard(None))
+    assert sorted(done) == jobs
+    # a resubmission of some tasks (--array=1,3 of an original 0-3) cannot know the original array
+    for k, v in {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3",
+                 "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_ID": "3"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="pass --shard I/N"):
+        parse_shard(None)
+    assert parse_shard("4/4") == (3, 4)  # what the README's recipe passes: the task's own shard
+
+
 def test_duplicate_names_are_made_unique(tmp_path):
     for d in ("a", "b"):
         (tmp_path / d).mkdir()

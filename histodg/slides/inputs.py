@@ -242,15 +242,29 @@ def uniquify(jobs: list[SlideJob]) -> list[SlideJob]:
 def parse_shard(text: str | None) -> tuple[int, int]:
     """'I/N' (1-based I) -> (i, n) 0-based; None -> from SLURM_ARRAY_TASK_ID / _COUNT, else (0, 1)."""
     if text is None:
-        tid, cnt = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
-        if tid is not None and cnt is not None:
-            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return int(tid) - first, int(cnt)
-        return 0, 1
+        return slurm_shard()
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
         raise ValueError(f"--shard {text!r}: expected I/N with 1 <= I <= N, such as 2/8")
     return int(m.group(1)) - 1, int(m.group(2))
+
+
+def slurm_shard() -> tuple[int, int]:
+    """The shard of this Slurm array task: its position in the array (a stepped array such as
+    --array=1-7:2 included), or (0, 1) outside an array. An array given as a list of task IDs
+    (--array=1,3: a resubmission of some tasks) says nothing of the array it came from, so it
+    is refused: pass --shard I/N."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_TASK_ID") is None or env.get("SLURM_ARRAY_TASK_COUNT") is None:
+        return 0, 1
+    tid, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", tid))
+    last = int(env.get("SLURM_ARRAY_TASK_MAX", first + count - 1))
+    step = max(int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1), 1)
+    if (last - first) // step + 1 != count or (tid - first) % step:
+        raise ValueError(f"this Slurm array (tasks {first}-{last}, {count} of them) is not one range: the shard of task "
+                         f"{tid} cannot be derived; pass --shard I/N (for example --shard $((SLURM_ARRAY_TASK_ID + 1))/N)")
+    return (tid - first) // step, count
 
 
 def take_shard(jobs: list, shard: tuple[int, int]) -> list:
