@@ -113,6 +113,8 @@ def _brief(res, spec: SummarySpec) -> str:
         parts.append(f"[yellow]{res.bad_windows} bad windows skipped[/]")
     if getattr(res, "resumed", False):
         parts.append("resumed")
+    if getattr(res, "note", None):
+        parts.append(escape(res.note))
     return ", ".join(parts)
 
 
@@ -126,7 +128,7 @@ def print_summary(results, verb: str, spec: SummarySpec) -> None:
     style = {"done": "green", "skipped": "cyan", "failed": "bold red"}
     for r in results:
         area = "" if getattr(r, area_attr) is None else f"{getattr(r, area_attr):.1f}"
-        note = r.error or (spec.resumed_note if r.resumed else "")
+        note = r.error or r.note or (spec.resumed_note if r.resumed else "")
         if r.bad_windows and not r.error:
             note = f"{r.bad_windows} {spec.bad_note}"
         table.add_row(escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(getattr(r, count_attr)), area,

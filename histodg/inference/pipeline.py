@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import HistodgError
-from ..batch import BatchResult, recorded
+from ..batch import BatchResult, output_lock, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
@@ -63,19 +63,26 @@ def predict_slide(predictor: Predictor, job: SlideJob, out_dir: Path, progress=N
     """Predict one slide into `out_dir/<name>/`. Never raises for bad input: returns a failed result."""
     out = Path(out_dir) / job.name
     result = PredictResult(job.name, str(job.path), "failed", out_dir=str(out))
+    with recorded(result, job.path, out):
+        if job.problem:
+            raise HistodgError(job.path, job.problem)
+        with output_lock(out) as stale:  # no other process writes (or cleans up) this folder meanwhile
+            if stale:
+                result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+            _predict_locked(predictor, job, out, result, progress)
+    return result
+
+
+def _predict_locked(predictor: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
     created = False
     try:
-        with recorded(result, job.path, out):
-            if job.problem:
-                raise HistodgError(job.path, job.problem)
-            created = _prepare(predictor, job, out, result)
-            if created:
-                _predict(predictor, job, out, result, progress)
-                result.status = "done"
+        created = _prepare(predictor, job, out, result)
+        if created:
+            _predict(predictor, job, out, result, progress)
+            result.status = "done"
     finally:
-        if result.status == "failed" and created:
-            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
-    return result
+        if result.status != "done" and created:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind (only what this process made)
 
 
 def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResult) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import HistodgError, SlideError
-from ..batch import BatchResult, check_bad_windows, gc_paused, recorded
+from ..batch import BatchResult, check_bad_windows, gc_paused, output_lock, recorded
 from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
@@ -90,19 +90,27 @@ def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -
             raise HistodgError(job.path, job.problem)
         if job.meta.get("missing_mask"):
             raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
-        state = store_state(out)
-        if state in ("complete", "partial") and not opts.overwrite:
-            why = reuse_mismatch(out, job, opts)
-            if why:
-                raise StoreError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
-            if state == "complete":
-                a = StoreAttrs.from_attrs(read_attrs(out))
-                result.status, result.patches = "skipped", int(a.n_patches or 0)
-                result.tissue_area_mm2, result.bad_windows = a.tissue_area_mm2, len(a.bad_windows)
-                return result
-        _tile(job, out, opts, state, result, progress)
-        result.status = "done"
+        with output_lock(out) as stale:
+            if stale:
+                result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+            _tile_locked(job, out, opts, result, progress)
     return result
+
+
+def _tile_locked(job: SlideJob, out: Path, opts: TileOptions, result: TileResult, progress) -> None:
+    """tile_slide's work, with the store's lock held."""
+    state = store_state(out)
+    if state in ("complete", "partial") and not opts.overwrite:
+        why = reuse_mismatch(out, job, opts)
+        if why:
+            raise StoreError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
+        if state == "complete":
+            a = StoreAttrs.from_attrs(read_attrs(out))
+            result.status, result.patches = "skipped", int(a.n_patches or 0)
+            result.tissue_area_mm2, result.bad_windows = a.tissue_area_mm2, len(a.bad_windows)
+            return
+    _tile(job, out, opts, state, result, progress)
+    result.status = "done"
 
 
 def _store_attrs(job: SlideJob, opts: TileOptions, slide, plan: WindowPlan, ann) -> StoreAttrs:
