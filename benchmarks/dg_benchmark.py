@@ -430,28 +430,34 @@ def bootstrap_ci(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[floa
 def summarise(results: dict) -> str:
     sel = selected(results)
     erm = sel.get("erm", {})
-    cols = [("seen (val)", None)] + [(d, d) for d in UNSEEN]
+    cols = [("seen (val)", None)] + [(d, d) for d in UNSEEN] + [("unseen mean", "mean")]
+    deltas_of = [*UNSEEN, "mean"]
+
+    def test(run, d):
+        return float(np.mean([run["test"][u] for u in UNSEEN])) if d == "mean" else run["test"][d]
+
     lines = []
     for table in ("methods", "ablations", "protocols", "from scratch", "oracle"):
         names = [r.name for r in rows() if r.table == table and r.name in sel]
         if not names:
             continue
         lines += [f"\n**{table}** (Dice; mean ± s.e. over seeds; Δ: paired difference to ERM, bootstrap 95% interval)\n",
-                  "| run | seeds | lr chosen | " + " | ".join(c for c, _ in cols) + " | " + " | ".join(f"Δ {d}" for d in UNSEEN) + " |",
-                  "|---|---|---|" + "---|" * (len(cols) + len(UNSEEN))]
+                  "| run | seeds | lr chosen | " + " | ".join(c for c, _ in cols) + " | "
+                  + " | ".join(f"Δ {d.replace('mean', 'unseen mean')}" for d in deltas_of) + " |",
+                  "|---|---|---|" + "---|" * (len(cols) + len(deltas_of))]
         for name in names:
             runs = sel[name]
             seeds = sorted(runs)
-            vals = {c: np.array([np.mean([runs[s]["val"][d] for d in SEEN]) if d is None else runs[s]["test"][d] for s in seeds])
+            vals = {c: np.array([np.mean([runs[s]["val"][d] for d in SEEN]) if d is None else test(runs[s], d) for s in seeds])
                     for c, d in cols}
             cells = [f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan'):.3f}" for v in vals.values()]
             deltas = []
-            for d in UNSEEN:
+            for d in deltas_of:
                 paired = [s for s in seeds if s in erm]
                 if name == "erm" or len(paired) < 2 or table == "oracle":
                     deltas.append("")
                     continue
-                diff = np.array([runs[s]["test"][d] - erm[s]["test"][d] for s in paired])
+                diff = np.array([test(runs[s], d) - test(erm[s], d) for s in paired])
                 lo, hi = bootstrap_ci(diff)
                 mark = " **+**" if lo > 0 else (" **−**" if hi < 0 else "")
                 deltas.append(f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}")

@@ -111,6 +111,17 @@ def test_modules_stay_small():
     assert not big
 
 
+def test_functions_stay_short_and_keep_no_nonlocal_state():
+    long, closures = [], []
+    for f in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}")
+            if isinstance(node, ast.Nonlocal):
+                closures.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not long and not closures, (long, closures)
+
+
 def test_the_readme_python_example_imports():
     text = (ROOT / "README.md").read_text()
     block = text[text.index("```python", text.index("## Python")) + 9 :]
