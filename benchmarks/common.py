@@ -24,3 +24,13 @@ def ensure_slide(size: int, out: Path) -> Path:
         while f.read(1 << 24):
             pass
     return path
+
+
+def run_child(cmd: list[str], kind: str) -> dict:
+    """Run a measurement in a fresh process; its last stdout line is its JSON result."""
+    import json
+
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{kind} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -29,14 +29,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_slide, maxrss_mb  # noqa: E402
+from common import ensure_slide, maxrss_mb, run_child  # noqa: E402
 
 
 def rss_now_mb() -> float:
@@ -138,10 +137,7 @@ def measure(kind: str, slide: Path, args, **extra) -> dict:
            "--scratch", str(args.out / f"scratch_{kind}")]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{kind} failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_child(cmd, kind)
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_slide, maxrss_mb  # noqa: E402
+from common import ensure_slide, maxrss_mb, run_child  # noqa: E402
 
 
 def plan(slide_path: Path, mpp: float, tile: int):
@@ -135,10 +134,7 @@ def child(args) -> None:
 def measure(kind: str, slide: Path, mpp: float, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--slide", str(slide), "--mpp", str(mpp),
            "--tile-size", str(args.tile_size), "--workers", str(args.workers), "--scratch", str(args.out / f"scratch_{kind}")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{kind} failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_child(cmd, kind)
 
 
 def main() -> None:
