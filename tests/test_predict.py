@@ -329,3 +329,25 @@ def test_predict_an_in_memory_slide(fake_slides, tmp_path):
     np.testing.assert_array_equal((prob >= threshold_u8(0.5))[ran & clear], (brightness <= 0.5)[ran & clear])
     dark = brightness < 0.4
     assert ran[dark].mean() > 0.99  # every dark (tissue) pixel was predicted
+
+
+def test_done_json_only_after_every_output_reads_back(tmp_path, monkeypatch):
+    """An output that was written but does not open (here: a GeoJSON cut short) fails the slide
+    with one line naming the file; no done.json, so a rerun redoes it instead of skipping it."""
+    rgb = np.full((120, 160, 3), (230, 180, 210), np.uint8)
+    rgb[30:90, 40:120] = (80, 30, 120)
+    job = SlideJob(write_png(tmp_path / "img.png", rgb), "img", mpp=1.0)
+    import histodg.inference.outputs as outputs
+
+    real = outputs.write_geojson
+
+    def cut_short(path, data):
+        real(path, data)
+        path.write_text(path.read_text()[:-5])
+
+    monkeypatch.setattr(outputs, "write_geojson", cut_short)
+    r = predict_slide(predictor(DarkModel()), job, tmp_path / "out")
+    assert r.status == "failed" and r.error.startswith(str(tmp_path / "out" / "img" / "tumor.geojson"))
+    assert "cannot be read back" in r.error and not (tmp_path / "out" / "img").exists()
+    monkeypatch.setattr(outputs, "write_geojson", real)
+    assert predict_slide(predictor(DarkModel()), job, tmp_path / "out").status == "done"

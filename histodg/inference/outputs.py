@@ -52,3 +52,32 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float,
     write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
     files.append("overlay.png")
     return {"files": files, "geojson_factor": f, "polygons": len(polygons)}
+
+
+def verify_outputs(out: Path, files: list[str]) -> None:
+    """Read back every output file (done.json, written after this, promises that they open):
+    the probability map's first row of chunks, the OME-TIFF's smallest level, the GeoJSON, the PNGs."""
+    import json
+
+    import tifffile
+    from PIL import Image
+
+    from .predictor import PredictError
+    from .prob_map import open_probability
+
+    for name in files:
+        path = out / name
+        try:
+            if name == PROB:
+                arr = open_probability(out)
+                arr[: min(arr.shape[0], arr.chunks[0])]
+            elif name.endswith(".ome.tiff"):
+                with tifffile.TiffFile(path) as tf:
+                    tf.series[0].levels[-1].asarray()
+            elif name.endswith(".geojson"):
+                json.loads(path.read_text())
+            else:
+                with Image.open(path) as im:
+                    im.verify()
+        except Exception as exc:  # any reader's error: the file is not what a user could open
+            raise PredictError(path, f"written but cannot be read back ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None

@@ -24,7 +24,7 @@ from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
-from .outputs import MapGeometry, write_outputs
+from .outputs import MapGeometry, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
 from .prob_map import NAME as PROB
 from .prob_map import ProbabilityMap
@@ -147,6 +147,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
         written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
                                 plan.thumbnail.downsample, isinstance(slide, ImageSlide))
+        verify_outputs(out, written["files"])
         timings["writing"] = time.perf_counter() - t
         area = prob.tumor_px * out_mpp**2 / 1e6
         result.windows, result.bad_windows, result.tumor_area_mm2 = count - len(bad), len(bad), area
