@@ -175,3 +175,21 @@ def test_evaluate_predictions_errors(cli, predictions, tmp_path):
     assert "unfinished prediction" in r.stderr and "no ground truth named after rect" in r.stderr
     r = cli("evaluate", predictions / "out")
     assert r.exit_code == 2 and "--truth" in r.output
+
+
+def test_a_damaged_probability_map_is_one_line_and_the_rest_is_scored(cli, predictions, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(predictions / "out", out)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for name in ("rect", "blank"):
+        (truth / f"{name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [_rectangle(64, 64, 192, 160)]}))
+    chunks = sorted(p for p in (out / "rect" / "prob.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert chunks
+    chunks[0].write_bytes(b"\x00" * 7)  # a chunk that no codec can decode
+    r = cli("evaluate", out, "--truth", truth, "--json")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: {out / 'rect' / 'prob.zarr'}: damaged: the region at (0, 0) cannot be read" in r.stderr
+    assert [x["name"] for x in json.loads(r.stdout)["images"]] == ["blank"]

@@ -93,7 +93,11 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
     total = np.zeros(3, np.int64)
     for y in range(0, h, chunk):
         for x in range(0, w, chunk):
-            p = np.asarray(prob[y : y + chunk, x : x + chunk]) >= cut
+            try:
+                p = np.asarray(prob[y : y + chunk, x : x + chunk]) >= cut
+            except Exception as exc:  # the codecs' own errors: a damaged probability map
+                raise EvaluateError(pred_dir / PROB, f"damaged: the region at ({x}, {y}) cannot be read "
+                                                     f"({str(exc).splitlines()[0][:120]}); rerun `histodg predict --overwrite`") from None
             t = ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]
             total += counts(p, binarise_truth(t))
     return int(total[0]), int(total[1]), int(total[2])
