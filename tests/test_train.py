@@ -367,3 +367,24 @@ def test_val_domain_unknown_is_refused(tmp_path, cli):
     a = make_store(tmp_path / "a.zarr", n=4, organ="colon")
     line = _bad(tmp_path, cli, a, "--val-domain", "unknown", match="not a domain name")
     assert "unknown" in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_patch_that_does_not_decode_stops_training_with_one_line(tmp_path, cli, workers):
+    """The shard index intact (so the store opens) but a chunk's bytes overwritten: the read in
+    the DataLoader (in a worker process or not) fails with one line naming the store and patch."""
+    from histodg.store.integrity import read_index, shard_file
+
+    root = tmp_path / "s"
+    store = make_store(root / "a.zarr", n=8, organ="colon", seed=0)
+    f = shard_file(store / "images", 0)
+    rows = zarr.open_array(str(store / "images"), mode="r").shards[0]
+    data = bytearray(f.read_bytes())
+    for offset, _ in read_index(f, rows)[:8]:
+        data[int(offset):int(offset) + 16] = bytes(16)  # every chunk's blosc header
+    f.write_bytes(bytes(data))
+    r = cli("train", root, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
+            "--steps", "1", "--batch-size", "2", "--workers", str(workers), "--val-fraction", "0")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    err = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert len(err) == 1 and err[0].startswith(f"error: {store}: damaged: patch ") and "histodg info --check" in err[0]

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,25 @@ class _Reader:
             s = open_store(store.path)
             arrs = self._arrays[store.path] = (s.images, s.masks)
         images, masks = arrs
-        return np.asarray(images[i]), np.asarray(masks[i])
+        try:
+            return np.asarray(images[i]), np.asarray(masks[i])
+        except Exception as exc:  # the codecs' own errors: a chunk that does not decode
+            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise DataError(store.path, f"damaged: patch {i} cannot be read ({why}); `histodg info --check` lists "
+                                        f"what is damaged, `histodg tile --overwrite` remakes the store") from None
+
+
+def loaded(loader):
+    """Iterate a DataLoader; a `DataError` raised in a worker process (which torch re-raises as a
+    RuntimeError carrying the worker's traceback) comes out as the one-line error it was."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        last = [x for x in str(exc).splitlines() if x.strip()][-1:]
+        m = re.search(r"DataError: (.+?): (.*)$", last[0]) if last else None
+        if m is None:
+            raise
+        raise DataError(m.group(1), m.group(2)) from None
 
 
 class PatchDataset(Dataset, _Reader):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ..device import autocast
 from ..model.normalize import Normalizer
 from .augment import augment_batch
-from .data import PatchDataset, collate
+from .data import PatchDataset, collate, loaded
 from .methods import METHODS, parse_hparams
 from .sampler import BalancedBatchSampler
 from .splits import Stage
@@ -107,7 +107,7 @@ class StageRun:
         jitter_gen = torch.Generator()
         losses, micro, logs, step = [], 0, {}, []
         self.optimizer.zero_grad(set_to_none=True)
-        for images, masks in self._loader(epoch, steps):
+        for images, masks in loaded(self._loader(epoch, steps)):
             step.append(self._batches(images, masks, jitter_gen, micro))
             micro += 1
             if len(step) < cfg.accumulate:

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from ..device import autocast
 from ..evaluation.metrics import ScoreBoard, batch_counts
-from .data import PickDataset, collate
+from .data import PickDataset, collate, loaded
 from .splits import capped_indices
 
 
@@ -30,7 +30,7 @@ def score_domains(model, parts_by_domain: dict, normalizer, runtime, binary: boo
     for domain, parts in parts_by_domain.items():
         loader = DataLoader(PickDataset(capped_indices(parts, max_patches)), batch_size=batch_size, collate_fn=collate,
                             num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
-        for images, masks in loader:
+        for images, masks in loaded(loader):
             x = normalizer(images.to(device).float())
             with autocast(runtime.placement):
                 logits = model(x)
