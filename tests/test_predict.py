@@ -351,3 +351,23 @@ def test_done_json_only_after_every_output_reads_back(tmp_path, monkeypatch):
     assert "cannot be read back" in r.error and not (tmp_path / "out" / "img").exists()
     monkeypatch.setattr(outputs, "write_geojson", real)
     assert predict_slide(predictor(DarkModel()), job, tmp_path / "out").status == "done"
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(cmu, tmp_path):
+    """A file-size limit (EFBIG, as a full disk gives ENOSPC) while writing the outputs: one line
+    naming the output folder, not the slide, and nothing left that a rerun would skip."""
+    import resource
+    import subprocess
+    import sys
+
+    ck = tiny_checkpoint(tmp_path / "ck.pt")
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = tmp_path / "p"
+    r = subprocess.run([sys.executable, "-m", "histodg", "predict", str(ck), str(cmu), "-o", str(out)], capture_output=True,
+                       text=True, preexec_fn=small_disk)
+    err = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert r.returncode == 1 and err == [f"error: {out / 'cmu_small_region'}: File too large (writing the output of {cmu})"]
+    assert list(out.iterdir()) == []
