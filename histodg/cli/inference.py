@@ -18,10 +18,13 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @click.option("--overlap", type=float, default=0.5, show_default=True,
               help="Overlap of neighbouring windows: a fraction of the tile (< 1) or pixels (>= 1).")
 @model_run_options()
+@click.option("--devices", default=None, metavar="LIST",
+              help="Several devices at once: cuda:0,cuda:1 (or all: every GPU), one worker process each, slides "
+                   "handed out as they finish; cpu,cpu works too.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
-def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, threshold, inputs, tissue_method,
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, devices, threshold, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -34,9 +37,12 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
     redone; a bad input fails alone and the batch goes on.
     """
+    from dataclasses import replace
+
     from ..batch import run_jobs
     from ..device import reader_threads
     from ..inference import PredictOptions, Predictor, predict_slide
+    from ..inference.devices import parse_devices, predict_on_devices
     from .views import PREDICT_SUMMARY, BatchView
 
     try:
@@ -46,10 +52,17 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)
-    predictor = Predictor.from_checkpoint(checkpoint, opts)
+    device_list = parse_devices(devices) if devices else [device]
+    if len(device_list) == 1:
+        opts = replace(opts, device=device_list[0])
+    predictor = Predictor.from_checkpoint(checkpoint, opts if len(device_list) == 1 else replace(opts, device="cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with BatchView("predict", PREDICT_SUMMARY, as_json) as view:
-        results = run_jobs(jobs, lambda job, progress: predict_slide(predictor, job, out_dir, progress), view)
+        if len(device_list) > 1:  # the checkpoint was checked above; each worker loads it on its device
+            del predictor
+            results = predict_on_devices(checkpoint, opts, jobs, out_dir, device_list, view)
+        else:
+            results = run_jobs(jobs, lambda job, progress: predict_slide(predictor, job, out_dir, progress), view)
     if any(r.status == "failed" for r in results):
         sys.exit(1)
 

@@ -53,6 +53,7 @@ class BatchView:
         self.verb, self.spec, self.as_json = verb, spec, as_json
         self.bar = _progress()
         self.overall = self.item = None
+        self.items = {}  # job name -> its bar (several run at once with predict --devices)
         self.results = []
 
     def __enter__(self):
@@ -70,7 +71,7 @@ class BatchView:
     def start(self, job, total_jobs: int) -> None:
         if self.overall is None:
             self.overall = self.bar.add_task(f"{self.verb} {total_jobs} input(s)", total=total_jobs)
-        self.item = self.bar.add_task(f"  {escape(job.name)}", total=None)
+        self.item = self.items[job.name] = self.bar.add_task(f"  {escape(job.name)}", total=None)
 
     def progress(self, total=None, done=None, advance=None) -> None:
         if total is not None:
@@ -80,7 +81,11 @@ class BatchView:
 
     def finish(self, job, res) -> None:
         self.results.append(res)
-        self.bar.remove_task(self.item)
+        if self.overall is None:  # finished without a start (a device worker that died first)
+            self.overall = self.bar.add_task(f"{self.verb} input(s)", total=None)
+        task = self.items.pop(job.name, None)
+        if task is not None:
+            self.bar.remove_task(task)
         self.bar.advance(self.overall)
         if res.status == "failed":
             self.bar.console.print(error_markup(res.error or "failed"))
