@@ -24,7 +24,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
-def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, devices, threshold, inputs, tissue_method,
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, devices, threshold, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -46,7 +46,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     from .views import PREDICT_SUMMARY, BatchView
 
     try:
-        opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta,
+        opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
                               threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
                               tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
     except ValueError as exc:
@@ -77,7 +77,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 @click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
 @model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, device, as_json):
+def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, device, adapt, as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
 
     \b
@@ -106,6 +106,8 @@ def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, de
             raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
         if with_checkpoint and len(sources) < 2:
             raise ValueError("give the stores to score after the checkpoint")
+        if not with_checkpoint and adapt != "none":
+            raise ValueError("--adapt is for a checkpoint run on stores (predictions were adapted, or not, by predict)")
         if not with_checkpoint and truth is None:
             raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")
     except ValueError as exc:
@@ -114,7 +116,7 @@ def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, de
         from ..inference import PredictOptions, Predictor
 
         try:
-            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device,
+            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device, adapt=adapt,
                                   **({"threshold": threshold} if threshold is not None else {}))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES, BACKENDS, TISSUE_METHODS, TTA_MODES, UNKNOWN
+from ..constants import ADAPT_MODES, AXES, BACKENDS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BACKEND_CHOICE = click.Choice(BACKENDS)
@@ -52,12 +52,15 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
 
 
 def model_run_options(*, purpose: str = ""):
-    """--batch-size, --tta and --device of anything that runs a model (`predict`, `evaluate`)."""
+    """--batch-size, --tta, --device and --adapt of anything that runs a model (`predict`, `evaluate`)."""
     options = [
         click.option("--batch-size", type=int, default=8, show_default=True, help=f"{purpose}Windows per forward pass."),
         click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
                      help=f"{purpose}flip: mean of the 4 flipped predictions (4x the model time)."),
         click.option("--device", default="auto", show_default=True, help=f"{purpose}auto, cpu, cuda, cuda:1, ..."),
+        click.option("--adapt", type=click.Choice(ADAPT_MODES), default="none", show_default=True,
+                     help=f"{purpose}bn: re-estimate the model's BatchNorm statistics on each slide's own tissue "
+                          "(test-time adaptation to a new scanner; the checkpoint is not changed)."),
     ]
 
     def decorate(f):

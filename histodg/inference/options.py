@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 
 
@@ -16,6 +16,7 @@ class PredictOptions:
     overlap: float = 0.5  # < 1: fraction of the tile; >= 1: pixels
     batch_size: int = 8
     tta: str = "none"
+    adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt)
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"
@@ -43,6 +44,8 @@ class PredictOptions:
             bad("--batch-size must be at least 1")
         if self.tta not in TTA_MODES:
             bad(f"--tta {self.tta!r}: choose {' or '.join(TTA_MODES)}")
+        if self.adapt not in ADAPT_MODES:
+            bad(f"--adapt {self.adapt!r}: choose {' or '.join(ADAPT_MODES)}")
         if not 0 < self.threshold < 1:
             bad(f"--threshold {self.threshold} must be between 0 and 1 (exclusive)")
         if self.amp not in MODES:

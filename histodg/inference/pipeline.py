@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
+from .adapt import MIN_WINDOWS, adaptation_windows, adapted_batchnorm, window_batches
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
@@ -41,6 +43,7 @@ class PredictResult(BatchResult):
     windows: int = 0
     tumor_area_mm2: float | None = None
     timings: dict = field(default_factory=dict)
+    adaptation: str | None = None  # --adapt: what was done for this slide
 
 
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
@@ -103,8 +106,28 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
     return True
 
 
+@contextmanager
+def adaptation(pred: Predictor, slide, plan: WindowPlan, timings: dict, result: PredictResult):
+    """`--adapt bn`: the model's BatchNorm statistics re-estimated on this slide's tissue windows
+    while it is predicted (and put back after); `result.adaptation` says what was done."""
+    if pred.options.adapt != "bn":
+        yield
+        return
+    picks = adaptation_windows(plan.tissue)
+    if len(picks) < MIN_WINDOWS:
+        result.adaptation = f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)"
+        yield
+        return
+    t = time.perf_counter()
+    with adapted_batchnorm(pred, window_batches(lambda i: plan.resolution.read(slide, plan.level0_xy[i]), picks,
+                                                pred.options.batch_size)):
+        timings["adaptation"] = time.perf_counter() - t
+        result.adaptation = f"bn: statistics of {len(picks)} windows"
+        yield
+
+
 def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path, progress,
-            timings: dict) -> tuple[list[dict], dict]:
+            timings: dict, result: PredictResult) -> tuple[list[dict], dict]:
     """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats)."""
     o = pred.options
     h, w = plan.out_shape
@@ -114,8 +137,9 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
     if progress:
         progress(total=count, done=0)
     try:
-        runner = WindowRunner(pred, slide, plan, count, acc, progress)
-        bad = runner.run()
+        with adaptation(pred, slide, plan, timings, result):
+            runner = WindowRunner(pred, slide, plan, count, acc, progress)
+            bad = runner.run()
         timings.update(runner.clock)
         t = time.perf_counter()
         acc.close()
@@ -142,7 +166,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching = _stitch(pred, slide, plan, count, prob, out, progress, timings)
+        bad, stitching = _stitch(pred, slide, plan, count, prob, out, progress, timings, result)
         t = time.perf_counter()
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
         written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
@@ -167,6 +191,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": count - len(bad), "bad": len(bad),
                         "bad_list": bad[:100]},
             "stitching": stitching,
+            "adaptation": result.adaptation,
             "tumor_pixels": prob.tumor_px,
             "tumor_area_mm2": area,
             "timings": result.timings,

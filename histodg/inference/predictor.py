@@ -59,6 +59,12 @@ class Predictor:
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self._check_shapes()
+        if options.adapt == "bn":
+            from .adapt import batchnorm_layers
+
+            if not batchnorm_layers(self.model):
+                raise PredictError(where, f"--adapt bn: this model ({config.arch}-{config.encoder}) has no BatchNorm layers "
+                                          f"(transformer encoders such as MiT normalise with LayerNorm); predict without --adapt")
 
     @classmethod
     def from_checkpoint(cls, path, options: PredictOptions = PredictOptions()) -> Predictor:
@@ -136,4 +142,4 @@ class Predictor:
         mc = self.config
         return {"checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256, "arch": mc.arch,
                 "encoder": mc.encoder, "classes": self.classes, "labels": mc.labels, "method": mc.method,
-                "trained_mpp": mc.mpp, "trained_tile_size": mc.tile_size}
+                "trained_mpp": mc.mpp, "trained_tile_size": mc.tile_size, "adapt": self.options.adapt}

@@ -1,0 +1,73 @@
+"""Test-time adaptation of BatchNorm statistics to one slide (`--adapt bn`, AdaBN: Li et al.,
+"Revisiting Batch Normalization for Practical Domain Adaptation", 2016).
+
+A slide comes from one scanner and one organ: before predicting it, every BatchNorm layer's
+running mean and variance are re-estimated from that slide's own tissue windows (a cumulative
+average over up to `ADAPT_WINDOWS` windows, the most tissue first), the model's weights are not
+touched, and the checkpoint's statistics are put back when the slide is done, so the next slide
+starts from the checkpoint again and the order of slides changes nothing.
+
+When it hurts: with few tissue windows (the statistics of a handful of patches are noise; below
+`MIN_WINDOWS` the slide is predicted without adaptation, and done.json says so), and under label
+shift (a slide that is nearly all tumour or all stroma moves the statistics away from what the
+model's later layers expect). Models without BatchNorm (MiT / SegFormer encoders use LayerNorm)
+are refused with one line.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+ADAPT_WINDOWS = 64  # windows the statistics are estimated from (at most)
+MIN_WINDOWS = 8  # fewer tissue windows than this: no adaptation
+
+
+def batchnorm_layers(model) -> list:
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def adaptation_windows(tissue: np.ndarray, limit: int = ADAPT_WINDOWS) -> np.ndarray:
+    """Indices of the windows to adapt on: the `limit` with the most tissue (stable order)."""
+    order = np.argsort(-np.asarray(tissue, dtype=np.float64), kind="stable")
+    return np.sort(order[:limit])
+
+
+@contextmanager
+def adapted_batchnorm(predictor, batches):
+    """Inside: every BatchNorm of `predictor.model` uses statistics estimated on `batches`
+    ((N, T, T, 3) uint8 tensors); after: the checkpoint's statistics, exactly."""
+    import torch
+
+    layers = batchnorm_layers(predictor.model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over every batch below
+                m.train()
+            for batch in batches:
+                x = predictor.normalizer(batch.to(predictor.device).permute(0, 3, 1, 2))
+                predictor.model(x if predictor.placement.channels_last else x.contiguous())
+        for m in layers:
+            m.eval()
+        yield len(layers)
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, tracked, momentum) in zip(layers, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(tracked)
+                m.momentum = momentum
+                m.eval()
+
+
+def window_batches(read, indices, batch_size: int):
+    """Batches of (N, T, T, 3) uint8 tensors of the windows `read(i)` returns."""
+    import torch
+
+    for a in range(0, len(indices), batch_size):
+        yield torch.from_numpy(np.stack([read(int(i)) for i in indices[a:a + batch_size]]))
