@@ -228,8 +228,12 @@ def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
     return {d: float(np.mean(v)) for d, v in per_domain.items()}
 
 
+def run_dir_of(table: str, name: str, seed: int, lr: str) -> Path:
+    return OUT / "runs" / "-".join(x for x in (table, name, f"s{seed}", f"lr{lr}")).replace(" ", "_").replace(":", "")
+
+
 def run_one(row: Row, seed: int, lr: str, args) -> dict:
-    run_dir = OUT / "runs" / "-".join(x for x in (row.table, row.name, f"s{seed}", f"lr{lr}")).replace(" ", "_").replace(":", "")
+    run_dir = run_dir_of(row.table, row.name, seed, lr)
     train_args = [*row.model, *COMMON, *row.args, "--seed", seed, "--device", args.device, "--overwrite"]
     if "--lr" not in row.args:
         train_args += ["--lr", lr]
