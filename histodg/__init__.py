@@ -3,6 +3,13 @@
 __version__ = "0.1.0"
 
 
+def exc_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, at most `limit` characters (its type's name
+    when the message is empty): what a library's error adds to histodg's one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class HistodgError(Exception):
     """An error about one input that the CLI prints as a single line: `<path>: <reason>`."""
 

@@ -178,6 +178,19 @@ def output_lock(out):
             lock.unlink(missing_ok=True)
 
 
+@contextmanager
+def claimed(result: BatchResult, job, out):
+    """Start an input's work on its output `out`: an input that could not be resolved fails here
+    (`job.problem`), and the output's lock is held inside (`output_lock`; a lock taken over from
+    a dead process goes into `result.note`)."""
+    if job.problem:
+        raise HistodgError(job.path, job.problem)
+    with output_lock(out) as stale:
+        if stale:
+            result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+        yield
+
+
 def run_jobs(jobs, run_one, view=None) -> list[BatchResult]:
     """Every job in order, each through `run_one(job, view.progress)`; one result each."""
     view = view or QuietView()

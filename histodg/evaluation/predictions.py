@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import exc_line
 from ..batch import collected
 from ..constants import UNKNOWN
 from ..inference.done import DONE, read_done
@@ -87,7 +88,7 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
         dims = tuple(done["slide"]["dimensions"])
         cut = threshold_u8(threshold if threshold is not None else done["settings"]["threshold"])
     except Exception as exc:
-        raise EvaluateError(pred_dir, f"not a readable prediction ({str(exc).splitlines()[0][:160]})") from None
+        raise EvaluateError(pred_dir, f"not a readable prediction ({exc_line(exc)})") from None
     ann = load_annotations(annotation, dims, labels)
     h, w = prob.shape
     total = np.zeros(3, np.int64)
@@ -97,7 +98,7 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
                 p = np.asarray(prob[y : y + chunk, x : x + chunk]) >= cut
             except Exception as exc:  # the codecs' own errors: a damaged probability map
                 raise EvaluateError(pred_dir / PROB, f"damaged: the region at ({x}, {y}) cannot be read "
-                                                     f"({str(exc).splitlines()[0][:120]}); rerun `histodg predict --overwrite`") from None
+                                                     f"({exc_line(exc, 120)}); rerun `histodg predict --overwrite`") from None
             t = ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]
             total += counts(p, binarise_truth(t))
     return int(total[0]), int(total[1]), int(total[2])

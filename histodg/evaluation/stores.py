@@ -5,12 +5,10 @@ image's Dice for a tiling without overlap (a COSAS image, a slide tiled with `--
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from ..batch import collected
-from ..inference.adapt import MIN_WINDOWS, adaptation_windows, adapted_batchnorm, window_batches
+from ..inference.adapt import adapted_to
 from ..inference.rasters import threshold_u8
 from ..store import StoreError, find_stores, open_store
 from .metrics import batch_counts
@@ -24,24 +22,8 @@ def score_store(predictor, store, cut: int) -> tuple[int, int, int]:
     if abs(store.attrs.mpp / predictor.mpp - 1) > predictor.options.mpp_tolerance:
         raise EvaluateError(store.path, f"patches are at {store.attrs.mpp:g} um/px but the model runs at {predictor.mpp:g} um/px: "
                                         f"tile the images at the model's resolution")
-    with store_adaptation(predictor, store):
+    with adapted_to(predictor, store.tissue, lambda i: np.asarray(store.images[i])):  # --adapt bn: per store
         return _score_patches(predictor, store, cut)
-
-
-@contextmanager
-def store_adaptation(predictor, store):
-    """`--adapt bn` on a store: BatchNorm statistics from its own patches (the most tissue first),
-    as `predict` does on a slide's windows; nothing otherwise."""
-    if predictor.options.adapt != "bn":
-        yield
-        return
-    picks = adaptation_windows(store.tissue)
-    if len(picks) < MIN_WINDOWS:
-        yield
-        return
-    with adapted_batchnorm(predictor, window_batches(lambda i: np.asarray(store.images[i]), picks,
-                                                     predictor.options.batch_size)):
-        yield
 
 
 def _score_patches(predictor, store, cut: int) -> tuple[int, int, int]:

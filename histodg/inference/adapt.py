@@ -65,6 +65,22 @@ def adapted_batchnorm(predictor, batches):
                 m.eval()
 
 
+@contextmanager
+def adapted_to(predictor, tissue, read):
+    """Inside: with `--adapt bn`, the model adapted to one slide (or store) whose windows have
+    these `tissue` fractions and are read by `read(i)`; yields what was done (for done.json), or
+    None without `--adapt`."""
+    if predictor.options.adapt != "bn":
+        yield None
+        return
+    picks = adaptation_windows(tissue)
+    if len(picks) < MIN_WINDOWS:
+        yield f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)"
+        return
+    with adapted_batchnorm(predictor, window_batches(read, picks, predictor.options.batch_size)):
+        yield f"bn: statistics of {len(picks)} windows"
+
+
 def window_batches(read, indices, batch_size: int):
     """Batches of (N, T, T, 3) uint8 tensors of the windows `read(i)` returns."""
     import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import exc_line
 from .mask_tiff import OmeTiffMask
 from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, write_geojson
 from .prob_map import NAME as PROB
@@ -80,4 +81,4 @@ def verify_outputs(out: Path, files: list[str]) -> None:
                 with Image.open(path) as im:
                     im.verify()
         except Exception as exc:  # any reader's error: the file is not what a user could open
-            raise PredictError(path, f"written but cannot be read back ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+            raise PredictError(path, f"written but cannot be read back ({exc_line(exc, 120)})") from None

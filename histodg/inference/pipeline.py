@@ -14,17 +14,15 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import HistodgError
-from ..batch import BatchResult, output_lock, recorded
+from ..batch import BatchResult, claimed, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
-from .adapt import MIN_WINDOWS, adaptation_windows, adapted_batchnorm, window_batches
+from .adapt import adapted_to
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
@@ -67,11 +65,7 @@ def predict_slide(predictor: Predictor, job: SlideJob, out_dir: Path, progress=N
     out = Path(out_dir) / job.name
     result = PredictResult(job.name, str(job.path), "failed", out_dir=str(out))
     with recorded(result, job.path, out):
-        if job.problem:
-            raise HistodgError(job.path, job.problem)
-        with output_lock(out) as stale:  # no other process writes (or cleans up) this folder meanwhile
-            if stale:
-                result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+        with claimed(result, job, out):  # no other process writes (or cleans up) this folder meanwhile
             _predict_locked(predictor, job, out, result, progress)
     return result
 
@@ -106,26 +100,6 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
     return True
 
 
-@contextmanager
-def adaptation(pred: Predictor, slide, plan: WindowPlan, timings: dict, result: PredictResult):
-    """`--adapt bn`: the model's BatchNorm statistics re-estimated on this slide's tissue windows
-    while it is predicted (and put back after); `result.adaptation` says what was done."""
-    if pred.options.adapt != "bn":
-        yield
-        return
-    picks = adaptation_windows(plan.tissue)
-    if len(picks) < MIN_WINDOWS:
-        result.adaptation = f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)"
-        yield
-        return
-    t = time.perf_counter()
-    with adapted_batchnorm(pred, window_batches(lambda i: plan.resolution.read(slide, plan.level0_xy[i]), picks,
-                                                pred.options.batch_size)):
-        timings["adaptation"] = time.perf_counter() - t
-        result.adaptation = f"bn: statistics of {len(picks)} windows"
-        yield
-
-
 def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path, progress,
             timings: dict, result: PredictResult) -> tuple[list[dict], dict]:
     """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats)."""
@@ -137,7 +111,10 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
     if progress:
         progress(total=count, done=0)
     try:
-        with adaptation(pred, slide, plan, timings, result):
+        t = time.perf_counter()
+        with adapted_to(pred, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
+            if result.adaptation and result.adaptation.startswith("bn"):
+                timings["adaptation"] = time.perf_counter() - t
             runner = WindowRunner(pred, slide, plan, count, acc, progress)
             bad = runner.run()
         timings.update(runner.clock)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import HistodgError
+from .. import HistodgError, exc_line
 from ..device import autocast, place_model, resolve_device, resolve_placement
 from ..files import file_sha256
 from ..model.config import ModelConfig
@@ -83,7 +83,7 @@ class Predictor:
             out = self._logits(x.to(self.device))
         except RuntimeError as exc:
             raise PredictError(where, f"the model cannot take {self.tile} px windows "
-                                      f"({str(exc).splitlines()[0][:160]}); try a multiple of 32") from None
+                                      f"({exc_line(exc)}); try a multiple of 32") from None
         if tuple(out.shape[-2:]) != (self.tile, self.tile) or out.shape[1] != self.classes:
             raise PredictError(where, f"the model maps a {self.tile} px window to {tuple(out.shape)}, "
                                       f"expected (1, {self.classes}, {self.tile}, {self.tile})")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import HistodgError
+from .. import HistodgError, exc_line
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
          "manet": "MAnet", "linknet": "Linknet", "pspnet": "PSPNet", "pan": "PAN", "segformer": "Segformer", "upernet": "UPerNet"}
@@ -47,7 +47,7 @@ def build_model(arch: str = "FPN", encoder: str = "mit_b2", weights: str | None 
         if pretrained:
             raise ModelError(
                 encoder,
-                f"cannot load ImageNet weights ({str(exc).splitlines()[0][:160]}); without internet use "
+                f"cannot load ImageNet weights ({exc_line(exc)}); without internet use "
                 "--encoder-weights none, or a local file: --encoder-weights path/to/weights.pth",
             ) from None
         raise ModelError(encoder, f"cannot build {name}: {exc}") from None
@@ -73,7 +73,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelError(path, f"not a PyTorch weights file ({str(exc).splitlines()[0][:120]})") from None
+        raise ModelError(path, f"not a PyTorch weights file ({exc_line(exc, 120)})") from None
     if isinstance(state, dict) and "model_state" in state:
         state = state["model_state"]
     if isinstance(state, dict) and "state_dict" in state:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import HistodgError, __version__
+from .. import HistodgError, __version__, exc_line
 from ..files import atomic_write
 from .config import ModelConfig
 
@@ -33,7 +33,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = exc_line(exc)
         raise CheckpointError(path, f"cannot be written ({reason}; is the disk full?); the previous "
                                     f"{Path(path).name}, if any, is unchanged") from None
 
@@ -45,7 +45,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise CheckpointError(path, f"not a readable checkpoint ({str(exc).splitlines()[0][:120]})") from None
+        raise CheckpointError(path, f"not a readable checkpoint ({exc_line(exc, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(path, "not a histodg checkpoint (train one with `histodg train`)")
     if ckpt.get("version") != VERSION:
@@ -69,7 +69,7 @@ def model_from_checkpoint(ckpt: dict, path="checkpoint"):
         model = build_model(mc.arch, mc.encoder, "none", mc.classes)
         model.load_state_dict(ckpt["model_state"])
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(path, f"cannot rebuild the model ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(path, f"cannot rebuild the model ({exc_line(exc)})") from None
     except HistodgError as exc:  # an architecture or encoder this smp does not know: name the file too
         raise CheckpointError(path, f"cannot rebuild the model: {exc}") from None
     return model, mc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import exc_line
 from .build import ModelError
 
 TIMM_NAME = "efficientnet_lite0"
@@ -30,7 +31,7 @@ def efficientnet_lite0_imagenet() -> dict[str, torch.Tensor]:
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(path, f"cannot read the packaged weights ({str(exc).splitlines()[0][:120]})") from None
+        raise ModelError(path, f"cannot read the packaged weights ({exc_line(exc, 120)})") from None
     names = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
     if len(source) != len(names):
         raise ModelError(path, f"{len(source)} tensors, but timm's {TIMM_NAME} has {len(names)}")

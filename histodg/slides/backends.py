@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import SlideError
+from .. import SlideError, exc_line
 from ..constants import too_large
 from .base import MPP_RANGE, Slide
 from .tiffread import TiffTileReader, check_page, to_rgb
@@ -266,5 +266,4 @@ def _tiff_mpp(page) -> float | None:
 
 def _clean(exc: Exception) -> str:
     """One line from an exception, without library noise."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.rstrip(".")
+    return exc_line(exc, 10_000).rstrip(".")

@@ -13,6 +13,7 @@ from .. import SlideError
 from ..constants import BACKENDS
 from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
 from .base import Slide
+from .inputs import unusable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # OpenSlide formats whose pixels our TIFF tile reader decodes identically (checked in tests).
@@ -34,10 +35,8 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
     path = Path(path)
     if backend not in BACKENDS:
         raise SlideError(path, f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if not path.exists():
-        raise SlideError(path, "no such file" if not path.is_symlink() else "a dangling symlink")
-    if not (path.is_file() or path.is_dir()):  # opening a FIFO would block
-        raise SlideError(path, "not a regular file (a pipe, socket or device)")
+    if why := unusable(path):  # missing, a dangling symlink, a FIFO (opening it would block), unreadable
+        raise SlideError(path, why)
     if path.is_dir() and path.suffix.lower() != ".dcm" and not any(path.glob("*.dcm")):
         raise SlideError(path, "is a directory, not a slide")
     if path.is_file() and path.stat().st_size == 0:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import exc_line
+
 SHARDED = ("images", "masks")
 MISSING = 2**64 - 1  # an index entry for a chunk that was never written
 
@@ -130,4 +132,4 @@ def _decode_error(arr, i: int) -> str | None:
         arr[i:i + 1]
         return None
     except Exception as exc:
-        return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return exc_line(exc, 120)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import HistodgError
+from .. import HistodgError, exc_line
 from ..files import read_csv_rows
 from .codecs import registered_zarr
 from .integrity import shard_problem
@@ -120,7 +120,7 @@ def open_store(path, require_complete: bool = True, verify: bool = True) -> Patc
         g = registered_zarr().open_group(str(path), mode="r")
         raw = dict(g.attrs)
     except Exception as exc:
-        raise StoreError(path, f"not a zarr v3 patch store ({str(exc).splitlines()[0]})") from None
+        raise StoreError(path, f"not a zarr v3 patch store ({exc_line(exc, 10_000)})") from None
     version = raw.get("format_version")
     if version is None:
         raise StoreError(path, "not a histodg patch store (no format_version attribute)")

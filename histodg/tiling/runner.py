@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import HistodgError, SlideError
-from ..batch import BatchResult, check_bad_windows, gc_paused, output_lock, recorded
+from ..batch import BatchResult, check_bad_windows, claimed, gc_paused, recorded
 from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
@@ -86,13 +86,9 @@ def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -
     out = Path(out_dir) / f"{job.name}.zarr"
     result = TileResult(job.name, str(job.path), "failed", store=str(out))
     with recorded(result, job.path, out):
-        if job.problem:
-            raise HistodgError(job.path, job.problem)
-        if job.meta.get("missing_mask"):
-            raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
-        with output_lock(out) as stale:
-            if stale:
-                result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+        with claimed(result, job, out):
+            if job.meta.get("missing_mask"):
+                raise HistodgError(job.path, "no mask beside this image in the COSAS layout (expected mask/<same name>)")
             _tile_locked(job, out, opts, result, progress)
     return result
 

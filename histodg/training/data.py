@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .. import HistodgError
+from .. import HistodgError, exc_line
 from ..constants import AXES, UNKNOWN
 from ..store import StoreRef, find_stores, open_store
 
@@ -123,7 +123,7 @@ class _Reader:
         try:
             return np.asarray(images[i]), np.asarray(masks[i])
         except Exception as exc:  # the codecs' own errors: a chunk that does not decode
-            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            why = exc_line(exc, 120)
             raise DataError(store.path, f"damaged: patch {i} cannot be read ({why}); `histodg info --check` lists "
                                         f"what is damaged, `histodg tile --overwrite` remakes the store") from None
 
