@@ -14,12 +14,12 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ensure_slide(size: int, out: Path) -> Path:
-    """bench_out/slide_<size>.tiff from ../shared/tools/make_large_slide.py, built when missing."""
-    path = out / f"slide_{size}.tiff"
+def ensure_slide(size: int, out: Path, seed: int = 0) -> Path:
+    """bench_out/slide_<size>[_s<seed>].tiff from ../shared/tools/make_large_slide.py, built when missing."""
+    path = out / (f"slide_{size}.tiff" if seed == 0 else f"slide_{size}_s{seed}.tiff")
     if not path.exists():
         print(f"building {path} ...", file=sys.stderr)
-        subprocess.run([sys.executable, str(MAKE_SLIDE), str(path), "--size", str(size)], check=True)
+        subprocess.run([sys.executable, str(MAKE_SLIDE), str(path), "--size", str(size), "--seed", str(seed)], check=True)
     with open(path, "rb") as f:  # warm the page cache so every contender reads from memory
         while f.read(1 << 24):
             pass
@@ -34,3 +34,7 @@ def run_child(cmd: list[str], kind: str) -> dict:
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20

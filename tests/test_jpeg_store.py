@@ -95,7 +95,8 @@ def test_source_tiles_are_copied_pixel_exact_and_the_rest_encoded(cli, cmu, tmp_
         else:
             assert 0 < diff.mean() < 4, f"edge patch {i}"  # re-encoded, white padding kept
     # the same job with lz4 has the same windows in a store several times bigger
-    r = cli("tile", cmu, "-o", tmp_path / "l", "--tile-size", str(TILE), "--mpp", "0.499", "--min-tissue", "0.1")
+    r = cli("tile", cmu, "-o", tmp_path / "l", "--tile-size", str(TILE), "--mpp", "0.499", "--min-tissue", "0.1",
+            "--compression", "lz4")
     assert r.exit_code == 0, r.output
     lz = open_store(tmp_path / "l" / "cmu_small_region.zarr")
     np.testing.assert_array_equal(lz.coords, coords)
@@ -115,7 +116,8 @@ def test_resampled_windows_are_encoded_and_say_why_nothing_was_copied(cmu, tmp_p
     assert st.attrs.jpeg_quality == 95
     meta = json.loads((tmp_path / "cmu.zarr" / "images" / "zarr.json").read_text())
     assert meta["codecs"][0]["configuration"]["codecs"][0]["configuration"] == {"quality": 95}
-    assert tile_slide(SlideJob(cmu, "ref"), tmp_path, TileOptions(TileSettings(tile_size=128, mpp=1.0))).status == "done"
+    ref = TileOptions(TileSettings(tile_size=128, mpp=1.0), compression="lz4")
+    assert tile_slide(SlideJob(cmu, "ref"), tmp_path, ref).status == "done"
     lossless = open_store(tmp_path / "ref.zarr")
     assert 0 < np.abs(st.images[:].astype(int) - lossless.images[:]).mean() < 4
 
@@ -155,3 +157,37 @@ def test_resumed_jpeg_store_counts_copies_across_the_interruption(cmu, tmp_path,
     a, b = open_store(tmp_path / "ref.zarr"), open_store(tmp_path / "cut.zarr")
     assert a.attrs.source_tiles_copied == b.attrs.source_tiles_copied > 0
     np.testing.assert_array_equal(a.images[:], b.images[:])
+
+
+def test_auto_compression_is_jpeg_for_lossy_sources_and_lz4_for_lossless_ones(cli, cmu, data_dir, tmp_path):
+    import tifffile
+    from PIL import Image
+
+    from histodg.slides.opening import lossy_source
+
+    rgb = np.asarray(Image.open(data_dir / "he_carcinoma_1000.png").convert("RGB"))[:300, :300]
+    tifffile.imwrite(tmp_path / "lzw.tif", rgb, compression="lzw")
+    tifffile.imwrite(tmp_path / "jpeg.tif", rgb, compression="jpeg", tile=(128, 128))
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    expected = {cmu: True, tmp_path / "lzw.tif": False, tmp_path / "jpeg.tif": True,
+                tmp_path / "photo.jpg": True, tmp_path / "plain.png": False}
+    assert {p: lossy_source(p) for p in expected} == expected
+    assert TileOptions().compression == "auto" and TileOptions(compression="lz4").for_source(cmu).compression == "lz4"
+    r = cli("tile", cmu, "-o", tmp_path / "s", "--tile-size", str(TILE), "--mpp", "0.499")
+    assert r.exit_code == 0, r.stderr
+    r = cli("tile", tmp_path / "plain.png", "-o", tmp_path / "s", "--tile-size", "128", "--mpp-override", "0.5")
+    assert r.exit_code == 0, r.stderr
+    assert open_store(tmp_path / "s" / "cmu_small_region.zarr").attrs.compression == "jpeg"
+    assert open_store(tmp_path / "s" / "plain.zarr").attrs.compression == "lz4"
+    # a rerun with the compression auto chose reuses the store; another one is refused
+    r = cli("tile", cmu, "-o", tmp_path / "s", "--tile-size", str(TILE), "--mpp", "0.499", "--compression", "jpeg", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "skipped"
+    r = cli("tile", cmu, "-o", tmp_path / "s", "--tile-size", str(TILE), "--mpp", "0.499", "--compression", "lz4")
+    assert r.exit_code == 1 and "compression 'jpeg' -> 'lz4'" in r.stderr
+    # auto keeps the compression of a store made before (an lz4 store from an older default is reused)
+    r = cli("tile", cmu, "-o", tmp_path / "old", "--tile-size", str(TILE), "--mpp", "0.499", "--compression", "lz4")
+    assert r.exit_code == 0, r.stderr
+    r = cli("tile", cmu, "-o", tmp_path / "old", "--tile-size", str(TILE), "--mpp", "0.499", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["status"] == "skipped"
+    assert open_store(tmp_path / "old" / "cmu_small_region.zarr").attrs.compression == "lz4"

@@ -63,9 +63,11 @@ def info(paths, backend, as_json, check):
 @click.option("--min-tissue", type=float, default=0.25, show_default=True, help="Keep windows with at least this tissue fraction (0 keeps all).")
 @click.option("--annotations", type=click.Path(path_type=Path), default=None, help="GeoJSON / ASAP XML / mask image, or a folder of them named after the slides.")
 @label_option("every polygon is 1.")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default="lz4", show_default=True,
-              help="Patch compression: lz4 (lossless); none; jpeg (5-10x smaller, fastest: patches that are one "
-                   "JPEG tile of the slide are copied as they are, others encoded at --jpeg-quality). See BENCHMARKS.md.")
+@click.option("--compression", type=click.Choice(("auto", *COMPRESSIONS)), default="auto", show_default=True,
+              help="Patch compression: jpeg (8x smaller than lz4, fastest: patches that are one JPEG tile of the "
+                   "slide are copied as they are, others encoded at --jpeg-quality); lz4 (lossless); none; auto: "
+                   "jpeg when the source is JPEG/JPEG 2000 (whole slides), lz4 when it is lossless (PNG, LZW "
+                   "TIFF). See BENCHMARKS.md.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="Quality of the patches --compression jpeg has to encode.")
 @slide_batch_options(recorded="(a manifest column or COSAS folder wins)", overwrite_help="Rewrite stores that exist.")

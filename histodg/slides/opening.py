@@ -30,6 +30,31 @@ def _sniff(path: Path) -> str:
     return "other"
 
 
+# TIFF compressions that keep every pixel (tifffile.COMPRESSION): none, LZW, deflate, PackBits, zstd, LZMA
+LOSSLESS_TIFF = {1, 5, 8, 32946, 32773, 50000, 34925}
+
+
+def lossy_source(path) -> bool:
+    """Whether a slide's or image's pixels are stored with a lossy codec (JPEG, JPEG 2000, WebP...),
+    read from the header only. PNG/BMP and TIFFs of LOSSLESS_TIFF are lossless; OpenSlide's other
+    formats (NDPI, MRXS, SCN, BIF, DICOM) store JPEG. A file that cannot be read counts as lossy:
+    opening it reports the problem."""
+    path = Path(path)
+    kind = _sniff(path) if path.is_file() else "other"
+    if kind == "image":
+        with open(path, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+    if kind == "tiff":
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tf:
+                return int(tf.pages.first.compression) not in LOSSLESS_TIFF
+        except Exception:
+            return True
+    return True
+
+
 def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
     """Open a slide or image; `mpp` overrides (or supplies) the microns per pixel."""
     path = Path(path)

@@ -96,7 +96,9 @@ def tile_slide(job: SlideJob, out_dir: Path, opts: TileOptions, progress=None) -
 def _tile_locked(job: SlideJob, out: Path, opts: TileOptions, result: TileResult, progress) -> None:
     """tile_slide's work, with the store's lock held."""
     state = store_state(out)
-    if state in ("complete", "partial") and not opts.overwrite:
+    reused = state in ("complete", "partial") and not opts.overwrite
+    opts = opts.for_source(job.path, _stored_compression(out) if reused else None)
+    if reused:
         why = reuse_mismatch(out, job, opts)
         if why:
             raise StoreError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
@@ -107,6 +109,13 @@ def _tile_locked(job: SlideJob, out: Path, opts: TileOptions, result: TileResult
             return
     _tile(job, out, opts, state, result, progress)
     result.status = "done"
+
+
+def _stored_compression(out: Path) -> str | None:
+    try:
+        return StoreAttrs.from_attrs(read_attrs(out)).compression  # stores older than the field: lz4
+    except (ValueError, OSError, StoreError):
+        return None  # reuse_mismatch names what is wrong with it
 
 
 def _store_attrs(job: SlideJob, opts: TileOptions, slide, plan: WindowPlan, ann) -> StoreAttrs:

@@ -1,8 +1,9 @@
 """What `histodg tile` is asked to do: the window settings and the run options, validated once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ..constants import COMPRESSIONS
 from ..slides.annotations import LabelMap
 from ..slides.tissue import METHODS
 
@@ -54,11 +55,23 @@ class TileOptions:
     labels: LabelMap = field(default_factory=LabelMap)
     overwrite: bool = False
     max_bad_fraction: float = 0.1
-    compression: str = "lz4"
+    compression: str = "auto"  # auto: jpeg for a lossy source (JPEG slides), lz4 for a lossless one
     jpeg_quality: int = 90
+
+    def for_source(self, path, existing: str | None = None) -> TileOptions:
+        """These options with `auto` compression resolved for one input: the compression of the
+        store it already has (`existing`: a rerun resumes or reuses it), else `jpeg` when the
+        source's pixels are lossy (copying its JPEG tiles loses nothing), else lossless `lz4`."""
+        if self.compression != "auto":
+            return self
+        from ..slides.opening import lossy_source
+
+        return replace(self, compression=existing or ("jpeg" if lossy_source(path) else "lz4"))
 
     def __post_init__(self):
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError("--max-bad-fraction must be between 0 and 1")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.compression not in ("auto", *COMPRESSIONS):
+            raise ValueError(f"--compression must be auto or one of {', '.join(COMPRESSIONS)}")
