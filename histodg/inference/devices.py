@@ -40,6 +40,7 @@ def _worker(checkpoint: str, options: PredictOptions, out_dir: str, jobs, result
     """One device's process: load the model, then predict slides until the queue says stop."""
     import torch
 
+    from ..batch import release_memory
     from .pipeline import predict_slide
     from .predictor import Predictor
 
@@ -53,6 +54,7 @@ def _worker(checkpoint: str, options: PredictOptions, out_dir: str, jobs, result
         index, job = item
         results.put(("start", index, os.getpid()))
         results.put(("done", index, predict_slide(predictor, job, Path(out_dir))))
+        release_memory()
 
 
 def predict_on_devices(checkpoint, options: PredictOptions, jobs: list, out_dir, devices: list[str], view) -> list:
