@@ -198,3 +198,32 @@ def test_overlay_tints_the_mask(tmp_path):
     assert img.shape == (300, 400, 3)
     assert img[150, 200, 0] > img[150, 200, 1] + 50  # red inside
     assert (img[10, 10] == 255).all()  # untouched outside
+
+
+def test_geojson_regions_carry_qupath_measurements_and_read_back(tmp_path):
+    """One annotation per region with its area and tumour probability; the file reads back to the mask."""
+    prob = np.zeros((300, 400), np.uint8)
+    prob[20:120, 30:130] = 200  # a 100 x 100 px square
+    prob[60:80, 70:90] = 0  # with a 20 x 20 hole
+    prob[150:250, 200:260] = 140  # a 100 x 60 bar, one hot pixel in it
+    prob[200, 230] = 250
+    geo = MapGeometry(4.0, (1600, 1200), 0.25)  # 4 level-0 px per map px at 0.25 um/px: 1 um per map px
+    write_outputs(tmp_path, prob, None, geo, 0.5, "m", np.full((30, 40, 3), 255, np.uint8), 40.0, mask_png=False)
+    feats = json.loads((tmp_path / "tumor.geojson").read_text())["features"]
+    assert len(feats) == 2
+    by_area = sorted((f["properties"] for f in feats), key=lambda p: p["measurements"]["Area µm^2"])
+    bar, square = (p["measurements"] for p in by_area)
+    assert square["Area µm^2"] == pytest.approx(100 * 100 - 20 * 20, rel=1e-6)
+    assert bar["Area µm^2"] == pytest.approx(100 * 60, abs=1.0)  # the simplified outline's area (0.35 px tolerance)
+    for f in feats:  # the area is the written polygon's, exterior minus holes, in um^2
+        rings = [np.array(r) / 4.0 for r in f["geometry"]["coordinates"]]
+        areas = [abs(np.dot(r[:, 0], np.roll(r[:, 1], -1)) - np.dot(r[:, 1], np.roll(r[:, 0], -1))) / 2 for r in rings]
+        assert f["properties"]["measurements"]["Area µm^2"] == pytest.approx(areas[0] - sum(areas[1:]), abs=0.02)
+    assert square["Tumor probability mean"] == pytest.approx(200 / 255, abs=1e-4)
+    assert square["Tumor probability max"] == pytest.approx(200 / 255, abs=1e-4)
+    assert bar["Tumor probability max"] == pytest.approx(250 / 255, abs=1e-4)
+    assert bar["Tumor probability mean"] == pytest.approx((140 * 5999 + 250) / 6000 / 255, abs=1e-4)
+    for p in by_area:
+        assert p["objectType"] == "annotation" and p["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+    back = rasterise_geojson(tmp_path / "tumor.geojson", (1600, 1200), 4.0, prob.shape)
+    np.testing.assert_array_equal(back, prob >= threshold_u8(0.5))

@@ -77,7 +77,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 @click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
 @model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, device, adapt, as_json):
+def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
 
     \b
@@ -99,7 +99,7 @@ def evaluate(sources, truth, domain_axis, labels, threshold, batch_size, tta, de
     first = sources[0]
     with_checkpoint = first.is_file() and first.suffix.lower() != ".csv"
     try:
-        label_map = LabelMap.parse(labels)
+        label_map = LabelMap.parse(labels, objects)
         if threshold is not None and not 0 < threshold < 1:
             raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
         if with_checkpoint and truth is not None:

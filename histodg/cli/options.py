@@ -72,8 +72,15 @@ def model_run_options(*, purpose: str = ""):
 
 
 def label_option(default_help: str):
-    return click.option("--label", "labels", multiple=True, metavar="NAME=VALUE",
-                        help=f"Map an annotation class to a label (repeat); '*' matches any class. Default: {default_help}")
+    """--label NAME=VALUE (repeatable) and --objects TYPES: the `labels` and `objects` parameters."""
+    def deco(f):
+        f = click.option("--objects", default="annotation", show_default=True, metavar="TYPES",
+                         help="QuPath object types read from GeoJSON, comma-separated: annotation, detection, "
+                              "cell, tile.")(f)
+        return click.option("--label", "labels", multiple=True, metavar="NAME=VALUE",
+                            help=f"Map an annotation class to a label (repeat); '*' matches any class. "
+                                 f"Default: {default_help}")(f)
+    return deco
 
 
 def resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard):

@@ -71,7 +71,7 @@ def info(paths, backend, as_json, check):
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="Quality of the patches --compression jpeg has to encode.")
 @slide_batch_options(recorded="(a manifest column or COSAS folder wins)", overwrite_help="Rewrite stores that exist.")
-def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, annotations, labels,
+def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, annotations, labels, objects,
          compression, jpeg_quality, tissue_method, backend, workers, organ, scanner, mpp_override, domain_axis,
          max_bad_fraction, shard, overwrite, as_json):
     """Cut slides and image data sets into zarr patch stores, keeping tissue.
@@ -94,7 +94,7 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
         settings = TileSettings(tile_size=tile_size, mpp=None if magnification is not None else (mpp if mpp is not None else 0.5),
                                 magnification=magnification, overlap=overlap, min_tissue=min_tissue,
                                 tissue_method=tissue_method, mpp_tolerance=mpp_tolerance)
-        opts = TileOptions(settings, backend, workers or reader_threads(), LabelMap.parse(labels), overwrite, max_bad_fraction,
+        opts = TileOptions(settings, backend, workers or reader_threads(), LabelMap.parse(labels, objects), overwrite, max_bad_fraction,
                            compression, jpeg_quality)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

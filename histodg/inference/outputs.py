@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import exc_line
 from .mask_tiff import OmeTiffMask
-from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, write_geojson
+from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, region_measurements, write_geojson
 from .prob_map import NAME as PROB
 from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
 
@@ -48,7 +48,8 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float,
         files.append("mask.png")
     scale = f * geo.level0_per_px
     polygons = mask_polygons(inside_only(low >= cut, scale, geo.level0_size), epsilon_px=GEOJSON_EPSILON)
-    write_geojson(out / "tumor.geojson", polygons_to_geojson(polygons, scale, geo.level0_size))
+    measured = [region_measurements(rings, low, scale, geo.mpp) for rings in polygons]
+    write_geojson(out / "tumor.geojson", polygons_to_geojson(polygons, scale, geo.level0_size, measurements=measured))
     files.append("tumor.geojson")
     write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
     files.append("overlay.png")

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..constants import TUMOR_CLASS
 from ..files import write_text_atomic
+from ..slides.annotations import fill_rings
 
 # Douglas-Peucker tolerance of the outlines, in traced-mask pixels (see above)
 GEOJSON_EPSILON = 0.35
@@ -121,15 +122,32 @@ def inside_only(mask: np.ndarray, scale: float, bounds: tuple[float, float]) -> 
     return out
 
 
+def region_measurements(rings: list[np.ndarray], prob_u8: np.ndarray, scale: float, mpp: float | None) -> dict:
+    """QuPath `measurements` of one region: its area (um^2 when the slide's mpp is known, else
+    level-0 px^2) and the mean and max tumour probability over the map pixels whose centres
+    it covers. `rings` are in `prob_u8` pixel units; `scale` is level-0 px per map px."""
+    area = (abs(_signed_area(rings[0])) - sum(abs(_signed_area(r)) for r in rings[1:])) * scale**2
+    h, w = prob_u8.shape
+    x0, y0 = (max(0, int(np.floor(v))) for v in rings[0].min(0))
+    x1, y1 = (min(n, int(np.ceil(v))) for v, n in zip(rings[0].max(0), (w, h)))
+    inside = fill_rings([r - (x0 + 0.5, y0 + 0.5) for r in rings], max(0, y1 - y0), max(0, x1 - x0))
+    values = prob_u8[y0:y1, x0:x1][inside]  # the pixels whose centres the region covers, holes left out
+    values = values if values.size else prob_u8[y0:y1, x0:x1].ravel()
+    key = "Area µm^2" if mpp else "Area px^2"
+    return {key: round(area * (mpp**2 if mpp else 1), 2),
+            "Tumor probability mean": round(float(values.mean()) / 255, 4) if values.size else 0.0,
+            "Tumor probability max": round(float(values.max()) / 255, 4) if values.size else 0.0}
+
+
 def polygons_to_geojson(polygons, scale: float, bounds: tuple[float, float], properties: dict | None = None,
-                        ndigits: int = 2) -> dict:
+                        ndigits: int = 2, measurements: list[dict] | None = None) -> dict:
     """A QuPath-importable FeatureCollection: one annotation per polygon, coordinates multiplied by
     `scale` (mask px -> level-0 px) and clipped to [0, width] x [0, height]; rings that clipping
-    flattens are dropped."""
+    flattens are dropped. `measurements[i]` (QuPath's per-object measurements) goes with polygon i."""
     bw, bh = bounds
     props = {"objectType": "annotation", "classification": dict(TUMOR_CLASS), **(properties or {})}
     features = []
-    for rings in polygons:
+    for i, rings in enumerate(polygons):
         coords = []
         for k, r in enumerate(rings):
             pts = np.empty_like(r)
@@ -143,8 +161,11 @@ def polygons_to_geojson(polygons, scale: float, bounds: tuple[float, float], pro
             coords.append(pts.tolist() + [pts[0].tolist()])  # rings are closed
         if not coords:
             continue
+        feature_props = {**props, "classification": dict(props["classification"])}
+        if measurements is not None:
+            feature_props["measurements"] = measurements[i]
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": coords},
-                         "properties": {**props, "classification": dict(props["classification"])}})
+                         "properties": feature_props})
     return {"type": "FeatureCollection", "features": features}
 
 

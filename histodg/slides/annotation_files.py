@@ -1,25 +1,47 @@
-"""Annotation files -> the label rasters of `annotations`: QuPath GeoJSON, ASAP XML, label masks.
+"""Annotation files -> the label rasters of `annotations`: QuPath GeoJSON, ASAP and Aperio XML, label masks.
 
-`load_annotations(path, slide_dimensions, labels)` picks the reader by extension and checks the
-annotations overlap the slide. GeoJSON: a FeatureCollection, a Feature or a list of features;
-Polygon, MultiPolygon and GeometryCollection geometries (others are counted as skipped); the
-class from `properties.classification` (a dict with `name`, or a string), `class` or `label`.
-ASAP XML: every <Annotation> a polygon (rectangles expanded), its group its class. A label mask
+`load_annotations(path, slide_dimensions, labels)` picks the reader by the file's content (JSON,
+XML, or an image), not its extension, and checks the annotations overlap the slide.
+
+GeoJSON as QuPath writes it: a FeatureCollection, a Feature or a bare list of features; Polygon,
+MultiPolygon and GeometryCollection geometries (others are counted as skipped). The class is
+`properties.classification` as `{"name", "color"}`, as `{"names": [...]}` (a derived class such
+as `Tumor: Positive`, looked up whole, then by its first name), or as a string; else `class` or
+`label`. Only objects of `labels.objects` count (default: annotations; `objectType` detection,
+cell and tile objects are counted as skipped unless asked for with `--objects`); `isLocked`,
+`measurements` and other properties are ignored. XML: `annotation_xml`. A label mask
 (PNG/TIFF/...) covers the slide at any downsample.
 """
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..constants import too_large
+from .annotation_xml import read_xml
 from .annotations import AnnotationError, LabelMap, MaskAnnotations, Polygon, PolygonAnnotations
 
 MASK_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
+# QuPath 0.2 named the object type by the feature's "id"
+QUPATH_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
+              "PathTileObject": "tile"}
+
+
+def annotation_format(path: Path) -> str:
+    """"geojson", "xml" or "mask", from the first bytes of the file (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text[:1] in (b"{", b"["):
+        return "geojson"
+    if text[:1] == b"<":
+        return "xml"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"BM")):
+        return "mask"
+    return {".geojson": "geojson", ".json": "geojson", ".xml": "xml"}.get(path.suffix.lower(), "unknown")
 
 
 def load_annotations(path, dimensions: tuple[int, int], labels: LabelMap | None = None):
@@ -28,15 +50,15 @@ def load_annotations(path, dimensions: tuple[int, int], labels: LabelMap | None 
     labels = labels or LabelMap()
     if not path.is_file():
         raise AnnotationError(path, "annotation file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".geojson", ".json"):
-        ann = PolygonAnnotations(*_read_geojson(path, labels), )
-    elif suffix == ".xml":
-        ann = PolygonAnnotations(*_read_asap(path, labels))
-    elif suffix in MASK_SUFFIXES:
+    kind = annotation_format(path)
+    if kind == "geojson":
+        ann = PolygonAnnotations(*_read_geojson(path, labels))
+    elif kind == "xml":
+        ann = PolygonAnnotations(*read_xml(path, labels))
+    elif kind == "mask":
         ann = MaskAnnotations(read_label_mask(path), path, dimensions)
     else:
-        raise AnnotationError(path, "unknown annotation format (expected .geojson, .json, .xml or a mask image)")
+        raise AnnotationError(path, "unknown annotation format (expected GeoJSON, ASAP or Aperio XML, or a mask image)")
     ann.check_fits(dimensions)
     return ann
 
@@ -72,8 +94,11 @@ def _read_geojson(path: Path, labels: LabelMap):
             raise AnnotationError(path, f"feature {i}: geometry must be an object, not {type(geom).__name__}")
         if isinstance(geom, dict) and geom.get("type") in ("Polygon", "MultiPolygon") and "coordinates" not in geom:
             raise AnnotationError(path, f"feature {i}: {geom['type']} without coordinates")
-        name = _class_name(props)
-        label = labels(name)
+        kind = _object_type(feat, props)
+        if kind not in labels.objects:
+            skipped[f"{kind} object"] += 1
+            continue
+        name, label = _class_label(props, labels)
         if label is None:
             skipped[name or "(unclassified)"] += 1
             continue
@@ -91,13 +116,29 @@ class _Unsupported(Exception):
     pass
 
 
-def _class_name(props: dict) -> str | None:
+def _object_type(feat: dict, props: dict) -> str:
+    kind = props.get("objectType") or props.get("object_type") or QUPATH_IDS.get(feat.get("id"))
+    return kind.strip().lower() if isinstance(kind, str) else "annotation"
+
+
+def _class_label(props: dict, labels: LabelMap) -> tuple[str | None, int | None]:
+    """The feature's class name and its label (a derived class: the whole name, then its first part)."""
     c = props.get("classification")
+    names = []
     if isinstance(c, dict):
-        c = c.get("name")
-    if not isinstance(c, str):
-        c = props.get("class") or props.get("label")
-    return str(c) if c is not None and not isinstance(c, (dict, list)) else None
+        if isinstance(c.get("name"), str):
+            names = [c["name"]]
+        elif isinstance(c.get("names"), list) and all(isinstance(n, str) for n in c["names"]) and c["names"]:
+            names = [": ".join(c["names"]), c["names"][0]]
+    elif isinstance(c, str):
+        names = [c]
+    if not names:
+        other = props.get("class") or props.get("label")
+        names = [str(other)] if other is not None and not isinstance(other, (dict, list)) else []
+    if not names:
+        return None, labels(None)
+    label = next((v for v in map(labels, names) if v is not None), None)
+    return names[0], label
 
 
 def _geometry_polygons(geom):
@@ -133,40 +174,6 @@ def _rings(coords) -> list[np.ndarray]:
     if not rings:
         raise ValueError("polygon without rings")
     return rings
-
-
-def _read_asap(path: Path, labels: LabelMap):
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise AnnotationError(path, f"not valid XML ({exc})") from None
-    annotations = root.findall(".//Annotation")
-    if root.tag != "ASAP_Annotations" and not annotations:
-        raise AnnotationError(path, "not an ASAP annotation file (no <Annotation> elements)")
-    polygons, skipped = [], Counter()
-    for i, ann in enumerate(annotations):
-        group = ann.get("PartOfGroup") or ""
-        kind = (ann.get("Type") or "Polygon").lower()
-        if kind in ("dot", "point", "measurement"):
-            skipped[f"{kind} annotation"] += 1
-            continue
-        label = labels(group)
-        if label is None:
-            skipped[group or "(no group)"] += 1
-            continue
-        try:
-            pts = sorted(ann.findall(".//Coordinate"), key=lambda c: float(c.get("Order", 0)))
-            ring = np.array([[float(c.get("X")), float(c.get("Y"))] for c in pts])
-        except (TypeError, ValueError) as exc:
-            raise AnnotationError(path, f"annotation {i} has malformed coordinates ({exc})") from None
-        if kind == "rectangle" and len(ring) == 2:
-            (ax, ay), (bx, by) = ring
-            ring = np.array([[ax, ay], [bx, ay], [bx, by], [ax, by]])
-        if len(ring) < 3:
-            skipped["degenerate polygon"] += 1
-            continue
-        polygons.append(Polygon([ring], label, group))
-    return polygons, path, skipped
 
 
 def read_label_mask(path: Path) -> np.ndarray:

@@ -25,6 +25,8 @@ import numpy as np
 from .. import HistodgError
 from ..constants import IGNORE
 
+OBJECT_TYPES = ("annotation", "detection", "cell", "tile")  # QuPath's objectType values
+
 
 class AnnotationError(HistodgError):
     """An annotation file is malformed or does not fit its slide."""
@@ -53,12 +55,16 @@ class Polygon:
 
 @dataclass
 class LabelMap:
-    """Class name -> label. Empty map: everything is 1."""
+    """Class name -> label (empty map: everything is 1), and which QuPath object types count."""
 
     mapping: dict[str, int] = field(default_factory=dict)
+    objects: tuple[str, ...] = ("annotation",)  # GeoJSON objectType values that are read
 
     @classmethod
-    def parse(cls, items) -> LabelMap:
+    def parse(cls, items, objects: str | None = None) -> LabelMap:
+        kinds = tuple(dict.fromkeys(k.strip().lower() for k in (objects or "annotation").split(",") if k.strip()))
+        if not kinds or not set(kinds) <= set(OBJECT_TYPES):
+            raise ValueError(f"--objects {objects!r}: a comma-separated list of {', '.join(OBJECT_TYPES)}")
         mapping = {}
         for item in items or ():
             name, sep, value = str(item).rpartition("=")
@@ -71,7 +77,7 @@ class LabelMap:
             if not 0 <= v <= 255:
                 raise ValueError(f"--label {item!r}: labels are 0-255 (255 = ignore)")
             mapping[name.strip().lower()] = v
-        return cls(mapping)
+        return cls(mapping, kinds)
 
     def __call__(self, name: str | None) -> int | None:
         if not self.mapping:

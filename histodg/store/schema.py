@@ -27,7 +27,7 @@ ARRAYS = ("images", "masks", "coords", "tissue")
 REUSE_KEYS = ("tile_size", "mpp", "magnification", "overlap", "min_tissue", "tissue_method", "mpp_tolerance", "organ",
               "scanner", "compression", "jpeg_quality")
 # attributes left out of zarr.json when they have no value
-OMITTED_WHEN_NONE = ("annotations_skipped", "source_tiles_copied", "source_tiles_not_copied")
+OMITTED_WHEN_NONE = ("annotation_objects", "annotations_skipped", "source_tiles_copied", "source_tiles_not_copied")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class StoreAttrs:
     annotation: str | None = None  # resolved path of the annotation file
     annotation_source: dict | None = None  # files.source_fingerprint of the annotation file
     label_map: dict | None = None  # --label NAME=VALUE as {name: value} ({}: every annotation is 1)
+    annotation_objects: list | None = None  # --objects: the GeoJSON object types read
     labels: dict | None = None  # {"0": "background", "1": "tumor", ...} when the store has masks
     backend: str | None = None
     slide_mpp: float | None = None

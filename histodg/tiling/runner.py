@@ -73,8 +73,11 @@ def reuse_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
     wanted["annotation"] = str(job.annotation.resolve()) if job.annotation else None
     if job.annotation and attrs.get("label_map") is not None:  # stores made before label maps were recorded: not compared
         wanted["label_map"] = dict(opts.labels.mapping)
+    if job.annotation and attrs.get("annotation_objects") is not None:
+        wanted["annotation_objects"] = list(opts.labels.objects)
     why = setting_diffs(attrs, wanted, attrs.get("source"), job.path,
-                        {"annotation": "annotation file differs", "label_map": "the --label map differs"})
+                        {"annotation": "annotation file differs", "label_map": "the --label map differs",
+                         "annotation_objects": "the --objects differ"})
     recorded = attrs.get("annotation_source")
     if job.annotation and recorded and not why and source_changed(recorded, job.annotation):
         why = f"the annotation file {job.annotation.name} changed since the store was made"
@@ -131,6 +134,7 @@ def _store_attrs(job: SlideJob, opts: TileOptions, slide, plan: WindowPlan, ann)
         "annotation": str(job.annotation.resolve()) if job.annotation else None,
         "annotation_source": source_fingerprint(job.annotation) if job.annotation else None,
         "label_map": dict(opts.labels.mapping) if job.annotation else None,
+        "annotation_objects": list(opts.labels.objects) if job.annotation else None,
         "labels": opts.labels.label_names() if ann is not None else None,
         "backend": slide.backend,
         "slide_mpp": mpp0,
