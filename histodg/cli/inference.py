@@ -43,7 +43,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     from ..device import reader_threads
     from ..inference import PredictOptions, Predictor, predict_slide
     from ..inference.devices import parse_devices, predict_on_devices
-    from .views import PREDICT_SUMMARY, BatchView
+    from .views import PREDICT_SUMMARY, BatchView, err, error_markup
 
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
@@ -57,12 +57,20 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
         opts = replace(opts, device=device_list[0])
     predictor = Predictor.from_checkpoint(checkpoint, opts if len(device_list) == 1 else replace(opts, device="cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with BatchView("predict", PREDICT_SUMMARY, as_json) as view:
+    from ..inference.report import write_report
+    from ..summary import BatchSummary
+
+    summary = BatchSummary(out_dir, "predict")
+    with BatchView("predict", PREDICT_SUMMARY, as_json, summary) as view:
         if len(device_list) > 1:  # the checkpoint was checked above; each worker loads it on its device
             del predictor
             results = predict_on_devices(checkpoint, opts, jobs, out_dir, device_list, view)
         else:
             results = run_jobs(jobs, lambda job, progress: predict_slide(predictor, job, out_dir, progress), view)
+    try:
+        write_report(out_dir, summary.rows())
+    except OSError as exc:
+        err.print(error_markup(f"{out_dir / 'report.html'}: not written ({exc.strerror or exc})"))
     if any(r.status == "failed" for r in results):
         sys.exit(1)
 

@@ -100,7 +100,9 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with BatchView("tile", TILE_SUMMARY, as_json) as view:
+    from ..summary import BatchSummary
+
+    with BatchView("tile", TILE_SUMMARY, as_json, BatchSummary(out_dir, "tile")) as view:
         results = run_jobs(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), view)
     if any(r.status == "failed" for r in results):
         sys.exit(1)

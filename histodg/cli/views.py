@@ -49,8 +49,9 @@ class BatchView:
     """Progress of a batch (`batch.run_jobs`'s view): a bar for the batch and one for the input
     running, one line per finished input, then the summary table (or JSON with `as_json`)."""
 
-    def __init__(self, verb: str, spec: SummarySpec, as_json: bool = False):
+    def __init__(self, verb: str, spec: SummarySpec, as_json: bool = False, summary=None):
         self.verb, self.spec, self.as_json = verb, spec, as_json
+        self.summary = summary  # a summary.BatchSummary: told of each finished input
         self.bar = _progress()
         self.overall = self.item = None
         self.items = {}  # job name -> its bar (several run at once with predict --devices)
@@ -81,6 +82,12 @@ class BatchView:
 
     def finish(self, job, res) -> None:
         self.results.append(res)
+        if self.summary is not None:
+            try:
+                self.summary.add(res)
+            except OSError as exc:  # the batch goes on; the summary says it could not be written, once
+                self.bar.console.print(error_markup(f"{self.summary.out_dir}: summary not written ({exc.strerror or exc})"))
+                self.summary = None
         if self.overall is None:  # finished without a start (a device worker that died first)
             self.overall = self.bar.add_task(f"{self.verb} input(s)", total=None)
         task = self.items.pop(job.name, None)
