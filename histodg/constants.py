@@ -17,6 +17,7 @@ TISSUE_METHODS = ("otsu", "saturation", "none")  # slides.tissue
 COMPRESSIONS = ("lz4", "none", "jpeg")  # store.codecs
 TTA_MODES = ("none", "flip")  # inference.predictor
 ADAPT_MODES = ("none", "bn")  # inference.adapt
+STAIN_METHODS = ("none", "macenko", "reinhard")  # model.stain
 LOSSES = ("bce", "bce+dice")  # training.methods.base
 AUGMENT_PRESETS = ("none", "light", "strong")  # training.augment
 DEVICE_MODES = ("auto", "on", "off")  # device: --amp, --channels-last

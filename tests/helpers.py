@@ -119,3 +119,11 @@ def tissue_field(h: int, w: int, seed: int = 0) -> np.ndarray:
     tissue[spots] = (90, 40, 130)
     rgb[inside] = tissue[inside]
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+BATCH_REPORT = {"summary.csv", "summary.json", ".summary.lock", "report.html"}  # what every batch leaves in OUT_DIR
+
+
+def outputs(folder: Path) -> list[str]:
+    """The names in an output folder, less the batch report."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in BATCH_REPORT)

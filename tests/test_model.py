@@ -13,7 +13,8 @@ def test_model_config_round_trips_and_reads_old_checkpoints():
     mc = ModelConfig(arch="FPN", encoder="resnet18", mpp=1.0, tile_size=128, labels={"0": "background", "1": "tumor"},
                      method="sds", hparams={"grad_align": 0.5})
     d = mc.to_dict()
-    assert d["version"] == 1 and d["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert d["version"] == 1 and d["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                                       "stain": None}
     assert ModelConfig.from_dict(d) == mc
     old = {k: v for k, v in d.items() if k != "version"}  # checkpoints written before the version field
     assert ModelConfig.from_dict(old) == mc

@@ -24,7 +24,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
-def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, devices, threshold, inputs, tissue_method,
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -35,7 +35,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     tumor.geojson (polygons with holes in level-0 pixels: QuPath > File > Import objects),
     overlay.png, mask.png (plain images: same size as the input) and done.json (settings,
     timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
-    redone; a bad input fails alone and the batch goes on.
+    redone; a bad input fails alone and the batch goes on. OUT/summary.csv and summary.json
+    list every input; OUT/report.html shows every slide on one self-contained page.
     """
     from dataclasses import replace
 
@@ -47,6 +48,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
+                              stain_norm=stain_norm, stain_ref=stain_ref,
                               threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
                               tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
     except ValueError as exc:
@@ -85,7 +87,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 @click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
 @model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, as_json):
+def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, stain_norm, stain_ref,
+             as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
 
     \b
@@ -108,23 +111,15 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
     with_checkpoint = first.is_file() and first.suffix.lower() != ".csv"
     try:
         label_map = LabelMap.parse(labels, objects)
-        if threshold is not None and not 0 < threshold < 1:
-            raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
-        if with_checkpoint and truth is not None:
-            raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
-        if with_checkpoint and len(sources) < 2:
-            raise ValueError("give the stores to score after the checkpoint")
-        if not with_checkpoint and adapt != "none":
-            raise ValueError("--adapt is for a checkpoint run on stores (predictions were adapted, or not, by predict)")
-        if not with_checkpoint and truth is None:
-            raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")
+        _check_evaluate_args(with_checkpoint, len(sources), truth, threshold, adapt, stain_norm, stain_ref)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if with_checkpoint:
         from ..inference import PredictOptions, Predictor
 
         try:
-            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device, adapt=adapt,
+            opts = PredictOptions(batch_size=batch_size, tta=tta, device=device, adapt=adapt, stain_norm=stain_norm,
+                                  stain_ref=stain_ref,
                                   **({"threshold": threshold} if threshold is not None else {}))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
@@ -145,3 +140,19 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
         if not ev.images:
             fail_line("nothing could be scored")
         sys.exit(1)
+
+
+def _check_evaluate_args(with_checkpoint: bool, n_sources: int, truth, threshold, adapt, stain_norm, stain_ref) -> None:
+    """The option combinations `evaluate` refuses (ValueError: a usage error)."""
+    if threshold is not None and not 0 < threshold < 1:
+        raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
+    if with_checkpoint and truth is not None:
+        raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
+    if with_checkpoint and n_sources < 2:
+        raise ValueError("give the stores to score after the checkpoint")
+    if not with_checkpoint and adapt != "none":
+        raise ValueError("--adapt is for a checkpoint run on stores (predictions were adapted, or not, by predict)")
+    if not with_checkpoint and (stain_norm != "checkpoint" or stain_ref):
+        raise ValueError("--stain-norm is for a checkpoint run on stores (predict normalised, or not, its slides)")
+    if not with_checkpoint and truth is None:
+        raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import ADAPT_MODES, AXES, BACKENDS, TISSUE_METHODS, TTA_MODES, UNKNOWN
+from ..constants import ADAPT_MODES, AXES, BACKENDS, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BACKEND_CHOICE = click.Choice(BACKENDS)
@@ -52,7 +52,7 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
 
 
 def model_run_options(*, purpose: str = ""):
-    """--batch-size, --tta, --device and --adapt of anything that runs a model (`predict`, `evaluate`)."""
+    """--batch-size, --tta, --device, --adapt and --stain-norm/--stain-ref of anything that runs a model (`predict`, `evaluate`)."""
     options = [
         click.option("--batch-size", type=int, default=8, show_default=True, help=f"{purpose}Windows per forward pass."),
         click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
@@ -61,6 +61,11 @@ def model_run_options(*, purpose: str = ""):
         click.option("--adapt", type=click.Choice(ADAPT_MODES), default="none", show_default=True,
                      help=f"{purpose}bn: re-estimate the model's BatchNorm statistics on each slide's own tissue "
                           "(test-time adaptation to a new scanner; the checkpoint is not changed)."),
+        click.option("--stain-norm", type=click.Choice(("checkpoint", *STAIN_METHODS)), default="checkpoint",
+                     show_default=True, help=f"{purpose}checkpoint: the stain normalisation the model was trained "
+                                             "with (none if it had none); none: off; macenko / reinhard: to --stain-ref."),
+        click.option("--stain-ref", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help=f"{purpose}Reference image of --stain-norm macenko|reinhard."),
     ]
 
     def decorate(f):

@@ -80,7 +80,8 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
     them, CSV manifests (path, annotation, organ, scanner, mpp) or COSAS-layout folders
     (<task>/<domain>/image/*.png with mask/ beside). One store per input; complete stores are
     skipped, interrupted ones resumed. Windows that cannot be decoded are skipped and listed in
-    the store's bad_windows attribute and in the summary.
+    the store's bad_windows attribute and in the summary (also on disk: OUT/summary.csv and
+    summary.json, one row per input).
     """
     from ..batch import run_jobs
     from ..device import reader_threads

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AUGMENT_PRESETS, AXES, DEVICE_MODES, LOSSES
+from ..constants import AUGMENT_PRESETS, AXES, DEVICE_MODES, LOSSES, STAIN_METHODS
 from .options import CONTEXT, parse_hp, parse_pairs
 
 
@@ -41,6 +41,11 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.option("--aug", "aug", multiple=True, metavar="KEY=VALUE", help="Change one augmentation setting of the preset (repeatable).")
 @click.option("--jitter", type=float, default=None, help="Same as --aug jitter=VALUE.")
 @click.option("--no-augment", is_flag=True, help="Same as --augment none.")
+@click.option("--stain-norm", type=click.Choice(STAIN_METHODS), default="none", show_default=True,
+              help="Normalise every patch's stain to a reference (fitted on --stain-ref, else on the training "
+                   "stores), in training and, from the checkpoint, in predict.")
+@click.option("--stain-ref", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reference image of --stain-norm  [default: the training stores' patches with most tissue]")
 @click.option("--amp", type=click.Choice(DEVICE_MODES), default="auto", show_default=True, help="bf16 autocast (auto: on CUDA).")
 @click.option("--channels-last", type=click.Choice(DEVICE_MODES), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
@@ -51,7 +56,7 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, domains, union, val_domains, cv,
           val_fraction, val_max_patches, method, hp, epochs, steps, steps_per_epoch, batch_size, accumulate, lr,
-          weight_decay, warmup, loss, augment, aug, jitter, no_augment, amp, channels_last, device, workers, seed, resume,
+          weight_decay, warmup, loss, augment, aug, jitter, no_augment, stain_norm, stain_ref, amp, channels_last, device, workers, seed, resume,
           overwrite,
           as_json):
     """Train a tumour segmentation model on patch stores, stage by stage.
@@ -81,6 +86,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
                 accumulate=accumulate, lr=lr, weight_decay=weight_decay, warmup=warmup, loss=loss,
                 augment="none" if no_augment else augment,
                 aug={**parse_pairs(aug, "--aug"), **({"jitter": jitter} if jitter is not None else {})},
+                stain_norm=stain_norm, stain_ref=stain_ref,
                 amp=amp, channels_last=channels_last, device=device,
                 workers=loader_processes() if workers is None else workers, seed=seed)
         except ValueError as exc:

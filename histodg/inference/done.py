@@ -8,12 +8,13 @@ a changed slide (`source`), which are refused with one line. Keys:
 | --- | --- |
 | `histodg_version`, `name`, `source` (path, size, mtime), `organ`, `scanner`, `meta` | the input |
 | `model` | the checkpoint, its sha256, arch, encoder, classes, labels, method, trained mpp and tile |
-| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
+| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference; compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
 | `slide` | dimensions, mpp, backend, read_level, read_size |
 | `output` | shape (H, W) and mpp of prob.zarr, level0_per_px, chunk, geojson_factor, polygons |
 | `windows` | grid, tissue, run, bad, bad_list (first 100: level-0 x, y, reason) |
 | `stitching` | chunk, cache_chunks, max_alive, spilled, reloaded |
 | `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result |
+| `stain_unnormalised` | windows stain normalisation left as they were (too little tissue), when it is on |
 """
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ def compared_settings(predictor, options) -> dict:
     return {"checkpoint": predictor.checkpoint, "checkpoint_sha256": predictor.checkpoint_sha256,
             "mpp": predictor.mpp, "tile_size": predictor.tile, "overlap_px": predictor.overlap, "tta": options.tta,
             "threshold": options.threshold, "tissue_method": options.tissue_method,
-            "window_fraction": options.window_fraction, "adapt": options.adapt}
+            "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain}
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
-    have = {"adapt": "none", **(done.get("settings") or {})}  # made before --adapt existed: without it
+    have = {"adapt": "none", "stain": None, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
     return setting_diffs(have, compared_settings(predictor, predictor.options), done.get("source"),
-                         job.path, {"checkpoint_sha256": "the checkpoint file's contents differ"})
+                         job.path, {"checkpoint_sha256": "the checkpoint file's contents differ",
+                                    "stain": "the stain normalisation differs"})
 
 
 def read_done(out: Path) -> dict | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 
 
@@ -17,6 +17,8 @@ class PredictOptions:
     batch_size: int = 8
     tta: str = "none"
     adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt)
+    stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
+    stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"
@@ -42,6 +44,8 @@ class PredictOptions:
             bad(f"--overlap {self.overlap} must not be negative")
         if self.batch_size < 1:
             bad("--batch-size must be at least 1")
+        if self.stain_norm not in ("checkpoint", *STAIN_METHODS):
+            bad(f"--stain-norm {self.stain_norm!r}: choose checkpoint, {', '.join(STAIN_METHODS)}")
         if self.tta not in TTA_MODES:
             bad(f"--tta {self.tta!r}: choose {' or '.join(TTA_MODES)}")
         if self.adapt not in ADAPT_MODES:

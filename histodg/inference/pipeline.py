@@ -134,6 +134,8 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
 def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
     o, timings = pred.options, {}
     t_start = time.perf_counter()
+    stain = pred.normalizer.stain
+    stain_before = (stain.fallbacks, stain.seen) if stain is not None else None
     with open_slide(job.path, o.backend, mpp=job.mpp) as slide:
         plan = plan_prediction(slide, pred)
         res = plan.resolution
@@ -169,6 +171,8 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
                         "bad_list": bad[:100]},
             "stitching": stitching,
             "adaptation": result.adaptation,
+            "stain_unnormalised": None if stain is None else {"patches": stain.fallbacks - stain_before[0],
+                                                              "of": stain.seen - stain_before[1]},
             "tumor_pixels": prob.tumor_px,
             "tumor_area_mm2": area,
             "timings": result.timings,

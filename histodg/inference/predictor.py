@@ -16,6 +16,7 @@ from .. import HistodgError, exc_line
 from ..device import autocast, place_model, resolve_device, resolve_placement
 from ..files import file_sha256
 from ..model.config import ModelConfig
+from ..model.stain import resolve_stain
 from .options import PredictOptions
 from .stitching import gaussian_map
 
@@ -54,7 +55,11 @@ class Predictor:
             raise PredictError(where, str(exc)) from None
         self.stride = self.tile - self.overlap
         norm = config.normalization
-        self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last)
+        try:
+            self.stain = resolve_stain(options.stain_norm, options.stain_ref, norm.stain)
+        except ValueError as exc:
+            raise PredictError(options.stain_ref or where, str(exc)) from None
+        self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last, self.stain)
         self.model = place_model(model.eval(), self.placement)
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)

@@ -22,10 +22,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel mean and std of RGB in [0, 1]: x' = (x / 255 - mean) / std."""
+    """Per-channel mean and std of RGB in [0, 1]: x' = (x / 255 - mean) / std, after the stain
+    normalisation `stain` (a `model.stain` reference, or None) when there is one."""
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    stain: dict | None = None
 
     def __post_init__(self):
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
@@ -55,7 +57,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["normalization"] = {"mean": list(self.normalization.mean), "std": list(self.normalization.std)}
+        d["normalization"] = {"mean": list(self.normalization.mean), "std": list(self.normalization.std),
+                              "stain": self.normalization.stain}
         return d
 
     @classmethod
@@ -67,7 +70,8 @@ class ModelConfig:
             if key not in values:
                 raise ValueError(f"model config has no {key!r}")
         norm = values.get("normalization") or {}
-        values["normalization"] = Normalization(tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD)))
+        values["normalization"] = Normalization(tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD)),
+                                                norm.get("stain"))
         values.setdefault("mpp", None)
         values.setdefault("tile_size", None)
         values["classes"] = int(values.get("classes", 1))

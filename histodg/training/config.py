@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..constants import AXES
+from ..constants import AXES, STAIN_METHODS
 from ..device import MODES
 from .augment import resolve_augment
 from .methods import METHODS, parse_hparams
@@ -39,6 +39,8 @@ class TrainConfig:
     loss: str = "bce"
     augment: str = "light"  # preset: none | light | strong (training.augment)
     aug: dict = field(default_factory=dict)  # --aug KEY=VALUE overrides of the preset
+    stain_norm: str = "none"  # none | macenko | reinhard (model.stain), fitted on stain_ref or the training stores
+    stain_ref: str | None = None
     amp: str = "auto"
     channels_last: str = "auto"
     device: str = "auto"
@@ -49,6 +51,10 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(msg)
 
+        if self.stain_norm not in STAIN_METHODS:
+            bad(f"--stain-norm {self.stain_norm!r}: choose {', '.join(STAIN_METHODS)}")
+        if self.stain_ref and self.stain_norm == "none":
+            bad("--stain-ref needs --stain-norm macenko or reinhard")
         for name in ("pretrain", "finetune", "domains"):
             v = getattr(self, name)
             if v is not None and v not in AXES:

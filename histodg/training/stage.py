@@ -33,7 +33,8 @@ class StageRun:
     def __init__(self, cfg, stage: Stage, model, task, runtime, state: TrainState, normalization):
         self.cfg, self.stage, self.model, self.task, self.rt, self.st = cfg, stage, model, task, runtime, state
         self.domains = stage.domain_names
-        self.normalizer = Normalizer(normalization.mean, normalization.std, runtime.device, runtime.placement.channels_last)
+        self.normalizer = Normalizer(normalization.mean, normalization.std, runtime.device, runtime.placement.channels_last,
+                                     normalization.stain)
         self.method = self._method()
         parts = [p for d in self.domains for p in stage.train[d]]
         self.augmentation = cfg.augmentation

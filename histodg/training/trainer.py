@@ -29,12 +29,13 @@ from ..device import place_model
 from ..files import write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, Normalization
 from .config import TrainConfig
 from .data import label_set, load_stores
 from .methods import SegTask
 from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
+from .stain_reference import stain_reference
 from .state import Runtime, TrainState, params_checksum, resolve_runtime
 from .validation import score_domains
 
@@ -113,7 +114,8 @@ class Trainer:
         self.model_config = ModelConfig(
             arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
-            loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()})
+            loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
+            normalization=Normalization(stain=stain_reference(cfg, stages, TrainError)))
         if rt.main:
             write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
                 "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),
