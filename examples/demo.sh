@@ -49,6 +49,7 @@ histodg evaluate "$OUT/predictions" --truth "$OUT/synth/heldout.csv"
 echo
 echo "Outputs:"
 echo "  training run          $OUT/run (metrics.jsonl, curves.png, best.pt)"
+echo "  batch report          $OUT/predictions/report.html (open it in a browser), summary.csv"
 for d in "$OUT"/predictions/*/; do
   echo "  $(basename "$d")  overlay: ${d}overlay.png  QuPath: ${d}mask.ome.tiff, ${d}tumor.geojson"
 done
