@@ -129,3 +129,35 @@ def test_formats_are_told_apart_by_content_not_name(tmp_path):
     assert r[20, 20] == 1
     r = load_annotations(tmp_path / "geo.xml", (100, 100)).rasterize(0, 0, 1.0, 16)
     assert r[5, 5] == 1 and r[12, 12] == 0
+
+
+def test_predict_geojson_tiles_are_a_measurement_map_of_the_probability(cli, cmu, tmp_path):
+    import zarr
+
+    from helpers import tiny_checkpoint
+
+    ck = tiny_checkpoint(tmp_path / "ck.pt")
+    r = cli("predict", ck, cmu, "-o", tmp_path / "p", "--geojson-tiles")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "p" / "cmu_small_region"
+    done = json.loads((out / "done.json").read_text())
+    assert "tiles.geojson" in done["files"] and done["settings"]["geojson_tiles"] is True
+    feats = json.loads((out / "tiles.geojson").read_text())["features"]
+    assert feats
+    side = done["output"]["level0_per_px"] * (64 - done["settings"]["overlap_px"])  # the window stride, level 0
+    prob = zarr.open_array(str(out / "prob.zarr"), mode="r")[:]
+    scale = done["output"]["level0_per_px"]
+    for f in feats:
+        props = f["properties"]
+        assert props["objectType"] == "tile" and props["isLocked"] is True
+        m = props["measurements"]
+        assert m["Tumor probability"] + m["Background probability"] == pytest.approx(1, abs=1e-3)
+        (x0, y0), _, (x1, y1) = f["geometry"]["coordinates"][0][:3]
+        assert x1 - x0 <= side + 1e-6 and x0 % side == pytest.approx(0, abs=1e-6)
+        cell = prob[round(y0 / scale):round(y1 / scale), round(x0 / scale):round(x1 / scale)]
+        assert m["Tumor probability"] == pytest.approx(cell.mean() / 255, abs=2e-4)  # the map's mean over the tile
+    # every predicted window lies in tiles, and tiles are not read back as annotations
+    assert len(feats) >= done["windows"]["run"] // 4
+    ann = load_annotations(out / "tiles.geojson", (2220, 2967))
+    assert ann.skipped == {"tile object": len(feats)}
+    assert cli("predict", ck, cmu, "-o", tmp_path / "p").exit_code == 1  # without tiles: other settings

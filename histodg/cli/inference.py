@@ -22,9 +22,12 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
               help="Several devices at once: cuda:0,cuda:1 (or all: every GPU), one worker process each, slides "
                    "handed out as they finish; cpu,cpu works too.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
+@click.option("--geojson-tiles", is_flag=True,
+              help="Also write tiles.geojson: the probability map as locked QuPath tiles with a measurement per class.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
-def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold, inputs, tissue_method,
+def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
+            geojson_tiles, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -48,7 +51,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
-                              stain_norm=stain_norm, stain_ref=stain_ref,
+                              stain_norm=stain_norm, stain_ref=stain_ref, geojson_tiles=geojson_tiles,
                               threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
                               tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
     except ValueError as exc:

@@ -8,7 +8,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 | --- | --- |
 | `histodg_version`, `name`, `source` (path, size, mtime), `organ`, `scanner`, `meta` | the input |
 | `model` | the checkpoint, its sha256, arch, encoder, classes, labels, method, trained mpp and tile |
-| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference; compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
+| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
 | `slide` | dimensions, mpp, backend, read_level, read_size |
 | `output` | shape (H, W) and mpp of prob.zarr, level0_per_px, chunk, geojson_factor, polygons |
 | `windows` | grid, tissue, run, bad, bad_list (first 100: level-0 x, y, reason) |
@@ -32,12 +32,13 @@ def compared_settings(predictor, options) -> dict:
     return {"checkpoint": predictor.checkpoint, "checkpoint_sha256": predictor.checkpoint_sha256,
             "mpp": predictor.mpp, "tile_size": predictor.tile, "overlap_px": predictor.overlap, "tta": options.tta,
             "threshold": options.threshold, "tissue_method": options.tissue_method,
-            "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain}
+            "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain,
+            "geojson_tiles": options.geojson_tiles}
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
-    have = {"adapt": "none", "stain": None, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
+    have = {"adapt": "none", "stain": None, "geojson_tiles": False, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
     return setting_diffs(have, compared_settings(predictor, predictor.options), done.get("source"),
                          job.path, {"checkpoint_sha256": "the checkpoint file's contents differ",
                                     "stain": "the stain normalisation differs"})

@@ -19,6 +19,7 @@ class PredictOptions:
     adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt)
     stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
     stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
+    geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"

@@ -14,6 +14,7 @@ from .mask_tiff import OmeTiffMask
 from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, region_measurements, write_geojson
 from .prob_map import NAME as PROB
 from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
+from .tiles_geojson import tile_features
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class MapGeometry:
 
 
 def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float, name: str, thumbnail,
-                  thumbnail_downsample: float, mask_png: bool) -> dict:
-    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}."""
+                  thumbnail_downsample: float, mask_png: bool, tiles: tuple | None = None) -> dict:
+    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}.
+    `tiles`: (cells, side) of `tiles_geojson` to write tiles.geojson too (`--geojson-tiles`)."""
     h, w = prob.shape
     cut = threshold_u8(threshold)
     f = contour_factor((h, w))
@@ -51,6 +53,9 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float,
     measured = [region_measurements(rings, low, scale, geo.mpp) for rings in polygons]
     write_geojson(out / "tumor.geojson", polygons_to_geojson(polygons, scale, geo.level0_size, measurements=measured))
     files.append("tumor.geojson")
+    if tiles is not None:
+        write_geojson(out / "tiles.geojson", tile_features(low, scale, tiles[0], tiles[1], geo.level0_size))
+        files.append("tiles.geojson")
     write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
     files.append("overlay.png")
     return {"files": files, "geojson_factor": f, "polygons": len(polygons)}

@@ -30,6 +30,7 @@ from .prob_map import NAME as PROB
 from .prob_map import ProbabilityMap
 from .rasters import threshold_u8
 from .stitching import ChunkAccumulator
+from .tiles_geojson import covered_cells
 from .windows import WindowRunner
 
 SCRATCH = ".scratch"  # spilled stitching chunks, removed when the slide is done
@@ -131,6 +132,14 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
     return bad, stats
 
 
+def _tile_grid(pred: Predictor, plan: WindowPlan, count: int, slide) -> tuple | None:
+    """--geojson-tiles: the cells (a window stride on a side) the predicted windows cover, and their side."""
+    if not pred.options.geojson_tiles:
+        return None
+    res, side = plan.resolution, pred.stride * plan.resolution.level0_per_px
+    return covered_cells(plan.level0_xy[:count], res.level0_size, side, slide.dimensions), side
+
+
 def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
     o, timings = pred.options, {}
     t_start = time.perf_counter()
@@ -149,7 +158,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         t = time.perf_counter()
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
         written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
-                                plan.thumbnail.downsample, isinstance(slide, ImageSlide))
+                                plan.thumbnail.downsample, isinstance(slide, ImageSlide), _tile_grid(pred, plan, count, slide))
         verify_outputs(out, written["files"])
         timings["writing"] = time.perf_counter() - t
         area = prob.tumor_px * out_mpp**2 / 1e6
