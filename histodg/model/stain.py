@@ -79,10 +79,16 @@ def resolve_stain(option: str, ref_path, recorded: dict | None) -> dict | None:
                      f"{recorded['method'] if recorded else 'no'} stain normalisation)")
 
 
+def density(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, N) RGB 0-255 -> its optical density (B, 3, N) and the pixels Macenko uses (B, N):
+    optical density >= BETA in every channel ("ODhat" in torchstain)."""
+    od = -torch.log((flat.float() + 1) / IO)
+    return od, (od >= BETA).all(dim=1)
+
+
 def tissue_fraction(x: torch.Tensor) -> torch.Tensor:
     """Per image of (B, 3, H, W) 0-255: the fraction of pixels Macenko would use."""
-    od = -torch.log((x.float().flatten(2) + 1) / IO)
-    return (od >= BETA).all(dim=1).float().mean(1)
+    return density(x.flatten(2))[1].float().mean(1)
 
 
 class StainNormalizer:
@@ -105,8 +111,7 @@ class StainNormalizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         flat = x.float().reshape(b, c, h * w)
-        od = -torch.log((flat + 1) / IO)  # (B, 3, N) optical density
-        mask = (od >= BETA).all(dim=1)  # (B, N): the pixels Macenko uses ("ODhat" in torchstain)
+        od, mask = density(flat)
         ok = mask.float().mean(1) >= MIN_TISSUE_FRACTION
         self.seen += b
         if not ok.any():

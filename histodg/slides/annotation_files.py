@@ -23,6 +23,7 @@ import numpy as np
 from ..constants import too_large
 from .annotation_xml import read_xml
 from .annotations import AnnotationError, LabelMap, MaskAnnotations, Polygon, PolygonAnnotations
+from .opening import image_kind
 
 MASK_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 # QuPath 0.2 named the object type by the feature's "id"
@@ -39,7 +40,7 @@ def annotation_format(path: Path) -> str:
         return "geojson"
     if text[:1] == b"<":
         return "xml"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"BM")):
+    if image_kind(head) != "other":
         return "mask"
     return {".geojson": "geojson", ".json": "geojson", ".xml": "xml"}.get(path.suffix.lower(), "unknown")
 

@@ -20,14 +20,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 FAST_FORMATS = {"aperio", "generic-tiff"}
 
 
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(8)
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def image_kind(head: bytes) -> str:
+    """"tiff", "image" (PNG, JPEG, BMP) or "other", from a file's first bytes."""
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
-    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff") or head.startswith(b"BM"):
+    if head.startswith((b"\x89PNG", JPEG_MAGIC, b"BM")):
         return "image"
     return "other"
+
+
+def _head(path: Path, n: int = 8) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _sniff(path: Path) -> str:
+    return image_kind(_head(path))
 
 
 # TIFF compressions that keep every pixel (tifffile.COMPRESSION): none, LZW, deflate, PackBits, zstd, LZMA
@@ -40,10 +51,10 @@ def lossy_source(path) -> bool:
     formats (NDPI, MRXS, SCN, BIF, DICOM) store JPEG. A file that cannot be read counts as lossy:
     opening it reports the problem."""
     path = Path(path)
-    kind = _sniff(path) if path.is_file() else "other"
+    head = _head(path) if path.is_file() else b""
+    kind = image_kind(head)
     if kind == "image":
-        with open(path, "rb") as f:
-            return f.read(3) == b"\xff\xd8\xff"
+        return head.startswith(JPEG_MAGIC)
     if kind == "tiff":
         import tifffile
 
