@@ -102,3 +102,15 @@ def test_train_fits_the_reference_and_predict_applies_it(cli, cmu, tmp_path):
     assert r.exit_code == 1 and "--stain-norm reinhard needs --stain-ref IMAGE" in r.stderr
     r = cli("train", stores, "-o", tmp_path / "run2", "--stain-ref", cmu)
     assert r.exit_code == 2 and "--stain-ref needs --stain-norm" in r.stderr
+
+
+def test_a_bad_stain_reference_is_one_line_and_writes_nothing(cli, tmp_path):
+    stores = make_domains(tmp_path / "stores", organs=("colon", "stomach"), scanners=("s1",), stores_per_domain=1, n=8)
+    bad = tmp_path / "ref.png"
+    bad.write_text("not an image")
+    r = cli("train", stores, "-o", tmp_path / "run", "--domains", "organ", "--steps", "1", "--workers", "0",
+            "--stain-norm", "macenko", "--stain-ref", bad)
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [f"error: {bad}: cannot fit a macenko stain reference (not a readable image "
+                                             f"(cannot identify image file '{bad}'))"]
+    assert not (tmp_path / "run").exists()

@@ -102,6 +102,7 @@ class Trainer:
         rt = resolve_runtime(cfg, TrainError)
         stores = load_stores(cfg.stores)  # every store checked before anything trains
         stages = plan_stages(stores, cfg.stage_axes, cfg.val_domains, cfg.val_fraction, cfg.seed)
+        stain = stain_reference(cfg, stages, TrainError)  # fitted (or refused) before anything is written
         labels = label_set(stores)
         classes = 1 if len(labels) <= 2 else max(labels) + 1
         task = SegTask(classes=classes, loss=cfg.loss)
@@ -115,7 +116,7 @@ class Trainer:
             arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
             loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
-            normalization=Normalization(stain=stain_reference(cfg, stages, TrainError)))
+            normalization=Normalization(stain=stain))
         if rt.main:
             write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
                 "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),
