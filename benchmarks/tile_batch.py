@@ -7,7 +7,8 @@
 Slides: ../shared/tools/make_large_slide.py with seeds 0..N-1 (JPEG tiles of 512 px, 0.499
 um/px). Every contender runs in a fresh process that imports its libraries first and then times
 the whole batch (tissue detection, planning, reading, writing): histodg's `tile_slide` through
-`run_jobs`, as `histodg tile` runs it, with `--compression auto` (the default), lz4, jpeg;
+`run_jobs`, as `histodg tile` runs it, with `--compression auto` (the default), lz4, jpeg (all
+with the default artefact QC, `--qc exclude`), and auto and lz4 with `--qc off` (QC's cost);
 hs2p's `tile_slides(..., save_tiles=True)`, which writes every tile as a JPEG into one tar per
 slide (its PIL encoder at quality 90, its default), with as many workers as histodg's threads.
 The decode floor is decoding the source tiles histodg's windows need, once each.
@@ -33,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dir_mb, ensure_slide, maxrss_mb, run_child  # noqa: E402
 
-MODES = ("jpeg", "auto", "lz4")
+MODES = ("jpeg", "auto", "lz4", "auto-qc-off", "lz4-qc-off")  # "-qc-off": without artefact QC (--qc off)
 
 
-def run_histodg(slides: list[Path], out: Path, mpp: float, tile: int, workers: int, compression: str) -> dict:
+def run_histodg(slides: list[Path], out: Path, mpp: float, tile: int, workers: int, mode: str) -> dict:
     import numcodecs  # noqa: F401 - imports off the clock, as for hs2p
     import openslide  # noqa: F401
     import skimage.filters  # noqa: F401 - the tissue mask's (about 0.8 s with scipy's array-API layer)
@@ -47,13 +48,17 @@ def run_histodg(slides: list[Path], out: Path, mpp: float, tile: int, workers: i
     from histodg.slides.inputs import SlideJob
     from histodg.tiling import TileOptions, TileSettings, tile_slide
 
-    opts = TileOptions(TileSettings(tile_size=tile, mpp=mpp), workers=workers, compression=compression)
+    compression, qc = (mode.removesuffix("-qc-off"), "off") if mode.endswith("-qc-off") else (mode, "exclude")
+    opts = TileOptions(TileSettings(tile_size=tile, mpp=mpp), workers=workers, compression=compression, qc=qc)
     jobs = [SlideJob(p, p.stem) for p in slides]
     t0 = time.perf_counter()
     results = run_jobs(jobs, lambda job, progress: tile_slide(job, out, opts, progress))
     dt = time.perf_counter() - t0
     assert all(r.status == "done" for r in results), [r.error for r in results]
-    return {"seconds": dt, "tiles": sum(r.patches for r in results), "store_mb": dir_mb(out)}
+    # tiles: windows examined (an excluded one was read and checked as much as a stored one)
+    tiles = sum(r.patches + (r.qc or {}).get("excluded", 0) for r in results)
+    return {"seconds": dt, "tiles": tiles, "store_mb": dir_mb(out),
+            "qc_excluded": sum((r.qc or {}).get("excluded", 0) for r in results)}
 
 
 def run_hs2p(slides: list[Path], out: Path, mpp: float, tile: int, workers: int) -> dict:
@@ -131,7 +136,8 @@ def main() -> None:
     print("| contender | tiles | seconds | tiles/s | time vs decode floor | store MB | MB per 1000 tiles | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, r in rows.items():
-        name = {"floor": "decode floor", "hs2p": f"hs2p {r.get('version', '')} (JPEG tiles in tar)"}.get(kind, f"histodg --compression {kind}")
+        name = {"floor": "decode floor", "hs2p": f"hs2p {r.get('version', '')} (JPEG tiles in tar)"}.get(
+            kind, f"histodg --compression {kind.removesuffix('-qc-off')}" + (" --qc off" if kind.endswith("-qc-off") else ""))
         store = f"{r['store_mb']:.0f}" if "store_mb" in r else ""
         per = f"{1000 * r['store_mb'] / r['tiles']:.0f}" if "store_mb" in r else ""
         print(f"| {name} | {r['tiles']} | {r['seconds']:.1f} | {r['tiles'] / r['seconds']:.0f} | "

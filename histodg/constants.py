@@ -44,3 +44,16 @@ def too_large(width: int, height: int, what: str = "plain image") -> str | None:
     return (f"{width} x {height} px {what} ({width * height / 1e6:.0f} Mpx, {width * height * 3 / 2**30:.1f} GiB as RGB): "
             f"over the {limit / 1e6:.0f} Mpx histodg decodes into memory; convert it to a tiled pyramidal TIFF "
             f"(vips tiffsave in.png out.tif --tile --pyramid) or raise HISTODG_MAX_IMAGE_MPX")
+
+
+# artefact QC (slides.qc): the flag bits of a window, and what --qc does with flagged windows
+QC_FLAGS = {"pen": 1, "blur": 2, "dark": 4, "glass": 8}
+QC_MODES = ("exclude", "flag", "off")
+# what --qc exclude leaves out: glass is only recorded (--min-tissue already decides how much tissue a
+# window needs, and a mostly empty window may hold a tumour's edge)
+QC_EXCLUDED = QC_FLAGS["pen"] | QC_FLAGS["blur"] | QC_FLAGS["dark"]
+
+
+def qc_flag_names(mask: int) -> list[str]:
+    """The names of the QC flags set in a bitmask."""
+    return [name for name, bit in QC_FLAGS.items() if int(mask) & bit]

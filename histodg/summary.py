@@ -31,6 +31,10 @@ COLUMNS = ("command", "name", "status", "error", "note", "source", "patches", "w
 def result_row(command: str, result) -> dict:
     """A result as a flat row: nested values (timings) as JSON text, seconds rounded."""
     row = {"command": command, **asdict(result), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    qc = row.pop("qc", None)
+    if isinstance(qc, dict):  # --qc counts as columns of their own: qc_excluded, qc_pen, ...
+        row.update({f"qc_{k}": qc.get(k) for k in ("windows", "flagged", "excluded", "area_mm2") if k in qc})
+        row.update({f"qc_{k}": int(v) for k, v in (qc.get("counts") or {}).items()})
     row["seconds"] = round(float(row.get("seconds") or 0), 2)
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in row.items()}
 

@@ -136,7 +136,7 @@ def test_stitching_equals_the_gaussian_weighted_mean_and_chunks_equal_memory(tmp
 @pytest.mark.parametrize("h, w", [(150, 200), (40, 150)])
 def test_a_known_function_of_position_is_stitched_exactly(tmp_path, h, w):
     img = write_png(tmp_path / "pos.png", encode_position(h, w))
-    pred = predictor(PositionModel(), overlap=0.5, batch_size=3, tissue_method="none", workers=2)
+    pred = predictor(PositionModel(), overlap=0.5, batch_size=3, tissue_method="none", workers=2, qc="off")  # not tissue
     r = predict_slide(pred, SlideJob(img, "pos", mpp=1.0), tmp_path / "out")
     assert r.status == "done", r.error
     prob = zarr.open_array(str(tmp_path / "out" / "pos" / "prob.zarr"), mode="r")[:]
@@ -189,7 +189,7 @@ def test_real_slide_outputs_and_windows_only_over_tissue(ckpt, cmu, tmp_path):
 
 def test_flip_tta_undoes_its_flips(tmp_path):
     img = write_png(tmp_path / "pos.png", encode_position(90, 120))
-    pred = predictor(PositionModel(), overlap=0.25, tta="flip", tissue_method="none")
+    pred = predictor(PositionModel(), overlap=0.25, tta="flip", tissue_method="none", qc="off")  # not tissue
     assert predict_slide(pred, SlideJob(img, "pos", mpp=1.0), tmp_path).status == "done"
     yy, xx = np.mgrid[:90, :120]
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "pos" / "prob.zarr"))[:], position_value(yy, xx))

@@ -180,7 +180,7 @@ def test_corrupt_tiles_are_skipped_and_recorded_or_fail_the_slide(cli, bad_dir, 
     stored = {tuple(int(v) for v in c) for c in ga["coords"][:]}
     assert all(touches(x, y) for x, y in bad_a)
     assert not any(touches(x, y) for x, y in stored)
-    assert len(stored) + len(bad_a) == aa["windows_planned"]
+    assert len(stored) + len(bad_a) + aa["qc_report"]["excluded"] == aa["windows_planned"]  # QC left some out
     # every stored patch equals the intact slide at the same place: no silent grey holes
     good = openslide.OpenSlide(str(cmu))
     for img, (x, y) in zip(ga["images"], ga["coords"][:]):
@@ -337,7 +337,7 @@ def test_killed_process_leaves_no_complete_store_and_the_rerun_resumes(cmu, tmp_
     r = subprocess.run([sys.executable, "-m", "histodg", *args, "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
-    assert row["status"] == "done" and row["resumed"] is True and row["patches"] == 70 * 93
+    assert row["status"] == "done" and row["resumed"] is True and row["patches"] + row["qc"]["excluded"] == 70 * 93  # QC counts survive the kill
     assert store_state(store) == "complete"
     s = open_store(store)
     osr = openslide.OpenSlide(str(cmu))

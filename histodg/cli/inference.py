@@ -28,7 +28,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
                      tissue_help="Run windows that touch tissue (none: every window).")
 def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
             geojson_tiles, inputs, tissue_method,
-            backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, shard, overwrite, as_json):
+            backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, qc, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
     INPUTS are as for `histodg tile`: slides, PNG/JPEG/TIFF images, folders, CSV manifests,
@@ -39,7 +39,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     overlay.png, mask.png (plain images: same size as the input) and done.json (settings,
     timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
     redone; a bad input fails alone and the batch goes on. OUT/summary.csv and summary.json
-    list every input; OUT/report.html shows every slide on one self-contained page.
+    list every input; OUT/report.html shows every slide on one self-contained page. Windows with
+    pen, blur or a fold are not predicted (--qc exclude; their tissue area is in done.json's qc).
     """
     from dataclasses import replace
 
@@ -53,7 +54,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
                               stain_norm=stain_norm, stain_ref=stain_ref, geojson_tiles=geojson_tiles,
                               threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
-                              tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite)
+                              tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite, qc=qc)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)

@@ -73,7 +73,7 @@ def info(paths, backend, as_json, check):
 @slide_batch_options(recorded="(a manifest column or COSAS folder wins)", overwrite_help="Rewrite stores that exist.")
 def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, annotations, labels, objects,
          compression, jpeg_quality, tissue_method, backend, workers, organ, scanner, mpp_override, domain_axis,
-         max_bad_fraction, shard, overwrite, as_json):
+         max_bad_fraction, qc, shard, overwrite, as_json):
     """Cut slides and image data sets into zarr patch stores, keeping tissue.
 
     INPUTS are slides (anything OpenSlide or tiffslide opens), PNG/JPEG/TIFF images, folders of
@@ -81,7 +81,8 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
     (<task>/<domain>/image/*.png with mask/ beside). One store per input; complete stores are
     skipped, interrupted ones resumed. Windows that cannot be decoded are skipped and listed in
     the store's bad_windows attribute and in the summary (also on disk: OUT/summary.csv and
-    summary.json, one row per input).
+    summary.json, one row per input). Windows with pen, blur, a fold or glass are left out
+    (--qc exclude) or kept with their flags in the store's qc array (--qc flag).
     """
     from ..batch import run_jobs
     from ..device import reader_threads
@@ -96,7 +97,7 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
                                 magnification=magnification, overlap=overlap, min_tissue=min_tissue,
                                 tissue_method=tissue_method, mpp_tolerance=mpp_tolerance)
         opts = TileOptions(settings, backend, workers or reader_threads(), LabelMap.parse(labels, objects), overwrite, max_bad_fraction,
-                           compression, jpeg_quality)
+                           compression, jpeg_quality, qc)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard)

@@ -123,6 +123,10 @@ def _brief(res, spec: SummarySpec) -> str:
         parts.append(f"{getattr(res, count_attr)} {count_label}")
     if getattr(res, "bad_windows", 0):
         parts.append(f"[yellow]{res.bad_windows} bad windows skipped[/]")
+    qc = getattr(res, "qc", None) or {}
+    if qc.get("flagged"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((qc.get("counts") or {}).items()))
+        parts.append(f"[yellow]QC: {qc.get('excluded', 0)} excluded, {qc['flagged']} flagged ({counts})[/]")
     if getattr(res, "resumed", False):
         parts.append("resumed")
     if getattr(res, "note", None):
@@ -162,7 +166,7 @@ def print_info(items: list[dict]) -> None:
         table.add_column("value", overflow="fold")
         if d.get("kind") == "store":
             keys = ["complete", "patches", "tile_size", "mpp", "overlap", "organ", "scanner", "labels", "has_masks",
-                    "bad_windows", "format_version", "histodg_version"]
+                    "bad_windows", "qc", "format_version", "histodg_version"]
         else:
             keys = ["backend", "vendor", "dimensions", "level_count", "level_dimensions", "level_downsamples", "mpp",
                     "mpp_source", "objective_power", "associated_images"]

@@ -33,12 +33,13 @@ def compared_settings(predictor, options) -> dict:
             "mpp": predictor.mpp, "tile_size": predictor.tile, "overlap_px": predictor.overlap, "tta": options.tta,
             "threshold": options.threshold, "tissue_method": options.tissue_method,
             "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain,
-            "geojson_tiles": options.geojson_tiles}
+            "geojson_tiles": options.geojson_tiles, "qc": options.qc}
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
     have = {"adapt": "none", "stain": None, "geojson_tiles": False, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
+    have.setdefault("qc", predictor.options.qc)  # made before artefact QC: kept as it is
     return setting_diffs(have, compared_settings(predictor, predictor.options), done.get("source"),
                          job.path, {"checkpoint_sha256": "the checkpoint file's contents differ",
                                     "stain": "the stain normalisation differs"})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 
 
@@ -20,6 +20,7 @@ class PredictOptions:
     stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
     stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
     geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
+    qc: str = "exclude"  # artefact QC (slides.qc): skip pen/blur/fold windows, only flag them, or off
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"
@@ -37,6 +38,8 @@ class PredictOptions:
         def bad(msg):
             raise ValueError(msg)
 
+        if self.qc not in QC_MODES:
+            bad(f"--qc must be one of {', '.join(QC_MODES)}")
         if self.mpp is not None and not 0.05 <= self.mpp <= 100:
             bad(f"--mpp {self.mpp} is outside 0.05-100 um/px")
         if self.tile_size is not None and not 16 <= self.tile_size <= 8192:

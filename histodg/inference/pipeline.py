@@ -17,11 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..batch import BatchResult, claimed, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
+from ..slides.qc import WindowQC
 from .adapt import adapted_to
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, verify_outputs, write_outputs
@@ -43,6 +46,7 @@ class PredictResult(BatchResult):
     tumor_area_mm2: float | None = None
     timings: dict = field(default_factory=dict)
     adaptation: str | None = None  # --adapt: what was done for this slide
+    qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts", "area_mm2"} (excluded tissue)
 
 
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
@@ -93,6 +97,8 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
         result.status, result.windows = "skipped", int(done.get("windows", {}).get("run", 0))
         result.tumor_area_mm2 = done.get("tumor_area_mm2")
         result.bad_windows = int(done.get("windows", {}).get("bad", 0))
+        qc = done.get("qc")
+        result.qc = {k: qc.get(k) for k in ("windows", "flagged", "excluded", "counts", "area_mm2")} if qc else None
         return False
     if out.exists():
         result.resumed = done is None
@@ -102,8 +108,9 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
 
 
 def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path, progress,
-            timings: dict, result: PredictResult) -> tuple[list[dict], dict]:
-    """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats)."""
+            timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
+    """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats,
+    what the artefact QC found)."""
     o = pred.options
     h, w = plan.out_shape
     cache = o.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.chunk_px)
@@ -116,7 +123,8 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
         with adapted_to(pred, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
             if result.adaptation and result.adaptation.startswith("bn"):
                 timings["adaptation"] = time.perf_counter() - t
-            runner = WindowRunner(pred, slide, plan, count, acc, progress)
+            qc = WindowQC.from_plan(slide, plan) if o.qc != "off" else None
+            runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
             bad = runner.run()
         timings.update(runner.clock)
         t = time.perf_counter()
@@ -129,7 +137,26 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
     stats = {"chunk": o.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
              "reloaded": acc.reloads}
-    return bad, stats
+    report = runner.qc_report(count - len(bad))
+    if report is not None:
+        report["thresholds"] = qc.describe()
+    return bad, stats, report
+
+
+def excluded_area_mm2(plan: WindowPlan, excluded: list[int], count: int, mpp: float | None) -> float | None:
+    """The tissue (on the plan's thumbnail) inside windows --qc exclude left out and no predicted
+    window covers."""
+    if mpp is None:
+        return None
+    ds = plan.thumbnail.downsample
+    boxes = np.concatenate([plan.level0_xy[:count], plan.level0_xy[:count] + plan.resolution.level0_size], 1) / ds
+    left_out, covered = np.zeros(plan.tissue_mask.shape, bool), np.zeros(plan.tissue_mask.shape, bool)
+    skip = set(excluded)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        target = left_out if i in skip else covered
+        target[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+    px = int((plan.tissue_mask & left_out & ~covered).sum())
+    return px * (ds * mpp) ** 2 / 1e6
 
 
 def _tile_grid(pred: Predictor, plan: WindowPlan, count: int, slide) -> tuple | None:
@@ -154,7 +181,11 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching = _stitch(pred, slide, plan, count, prob, out, progress, timings, result)
+        bad, stitching, qc = _stitch(pred, slide, plan, count, prob, out, progress, timings, result)
+        excluded = qc.pop("excluded_windows") if qc else []
+        if qc is not None:
+            qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
+            result.qc = {k: qc[k] for k in ("windows", "flagged", "excluded", "counts", "area_mm2")}
         t = time.perf_counter()
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
         written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
@@ -162,7 +193,8 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         verify_outputs(out, written["files"])
         timings["writing"] = time.perf_counter() - t
         area = prob.tumor_px * out_mpp**2 / 1e6
-        result.windows, result.bad_windows, result.tumor_area_mm2 = count - len(bad), len(bad), area
+        run = count - len(bad) - len(excluded)
+        result.windows, result.bad_windows, result.tumor_area_mm2 = run, len(bad), area
         timings["total"] = time.perf_counter() - t_start
         result.timings = {k: round(v, 4) for k, v in timings.items()}
         write_done(out, {
@@ -176,8 +208,9 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
                       "read_level": res.level, "read_size": res.read_size},
             "output": {"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
                        "chunk": o.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
-            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": count - len(bad), "bad": len(bad),
-                        "bad_list": bad[:100]},
+            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": run, "bad": len(bad),
+                        "excluded": len(excluded), "bad_list": bad[:100]},
+            "qc": qc,
             "stitching": stitching,
             "adaptation": result.adaptation,
             "stain_unnormalised": None if stain is None else {"patches": stain.fallbacks - stain_before[0],

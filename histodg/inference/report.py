@@ -38,7 +38,7 @@ r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
 addEventListener('load',()=>{const m=location.hash.match(/^#sort=(.+)$/);if(!m)return;const q=decodeURIComponent(m[1]).toLowerCase();
 for(const th of document.querySelectorAll('th'))if(th.textContent.toLowerCase().startsWith(q)){sortBy(th);break}})"""
 
-HEADERS = ("overlay", "slide", "status", "tumour mm²", "windows", "seconds", "error / note")
+HEADERS = ("overlay", "slide", "status", "tumour mm²", "windows", "QC excluded mm²", "seconds", "error / note")
 
 
 def thumbnail_uri(path: Path, size: int = THUMB_PX) -> str | None:
@@ -74,7 +74,7 @@ def _row(row: dict, out_dir: Path) -> str:
     return (f'<tr class="{"failed-row" if status == "failed" else ""}"><td data-v="">{img}</td>'
             f"{_cell(row.get('name'))}<td class=\"{html.escape(status)}\">{html.escape(status)}</td>"
             f"{_cell(row.get('tumor_area_mm2'), True, 2)}{_cell(None if status == 'failed' else row.get('windows'), True, 0)}"
-            f"{_cell(row.get('seconds'), True, 1)}<td class=\"msg\">{html.escape(str(message))}</td></tr>")
+            f"{_cell(row.get('qc_area_mm2'), True, 2)}{_cell(row.get('seconds'), True, 1)}<td class=\"msg\">{html.escape(str(message))}</td></tr>")
 
 
 def report_html(rows: list[dict], out_dir: Path, title: str = "histodg predict") -> str:

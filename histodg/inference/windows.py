@@ -4,7 +4,10 @@
 thread copies a batch to the device (non-blocking), runs the model (normalisation, autocast and
 the Gaussian weights on the device) and stitches the previous batch while the device works on
 this one. A window that cannot be read is skipped and recorded; more than `max_bad_fraction`
-of them fails the slide.
+of them fails the slide. With artefact QC (`--qc`, `slides.qc`) the reader threads flag each
+window; under `exclude` a window with pen, blur or a fold is not stitched (glass is only
+counted: the plan runs every window touching tissue, and a mostly empty one may hold the edge
+of a tumour).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import SlideError
 from ..batch import bad_window, check_bad_windows, gc_paused
+from ..constants import QC_EXCLUDED, QC_FLAGS, qc_flag_names
 from ..slides.plan import WindowPlan
 from .stitching import ChunkAccumulator
 
@@ -22,8 +26,10 @@ from .stitching import ChunkAccumulator
 class WindowRunner:
     """Runs `windows` (indices into `plan`) through `predictor` into `acc`."""
 
-    def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None):
+    def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None, qc=None):
         self.pred, self.slide, self.plan, self.acc, self.progress = predictor, slide, plan, acc, progress
+        self.qc, self.exclude = qc, predictor.options.qc == "exclude"
+        self.flags: dict[int, int] = {}  # window -> its QC flags (flagged windows only)
         o = predictor.options
         self.n, self.batch_size, self.workers = count, o.batch_size, o.workers
         self.batches = [(i, min(i + o.batch_size, count)) for i in range(0, count, o.batch_size)]
@@ -39,7 +45,7 @@ class WindowRunner:
     # -- reader threads --------------------------------------------------------------------------
     def _read(self, buf_np, i0: int, i1: int, base: int):
         t = time.perf_counter()
-        failed = []
+        failed, flags = [], {}
         res = self.plan.resolution
         for i in range(i0, i1):
             try:
@@ -47,7 +53,12 @@ class WindowRunner:
             except SlideError as exc:
                 buf_np[i - base] = 255
                 failed.append((i, exc.reason))
-        return failed, time.perf_counter() - t
+                continue
+            if self.qc is not None:
+                f = self.qc(buf_np[i - base])
+                if f:
+                    flags[i] = f
+        return failed, flags, time.perf_counter() - t
 
     def _fill(self, pool) -> None:
         """Hand free buffers to the readers for the next batches."""
@@ -63,14 +74,34 @@ class WindowRunner:
         t = time.perf_counter()
         failed = {}
         for fut in futs:
-            errs, secs = fut.result()
+            errs, flags, secs = fut.result()
             self.clock["reading"] += secs
             failed.update(errs)
+            self.flags.update(flags)
         self.clock["waiting_for_reads"] += time.perf_counter() - t
         for i, reason in failed.items():
             self.bad.append(bad_window(self.plan.level0_xy[i], reason))
         check_bad_windows(self.slide.path, self.bad, self.n, self.pred.options.max_bad_fraction)
         return failed
+
+    def excluded(self, i: int) -> bool:
+        """Whether --qc exclude leaves window i out of the map."""
+        return self.exclude and bool(self.flags.get(i, 0) & QC_EXCLUDED)
+
+    def qc_report(self, examined: int) -> dict | None:
+        """What the QC found: windows examined, flagged, excluded, counts per flag, the excluded list."""
+        if self.qc is None:
+            return None
+        out = sorted(i for i in self.flags if self.excluded(i))
+        counts = dict.fromkeys(QC_FLAGS, 0)
+        for f in self.flags.values():
+            for name in qc_flag_names(f):
+                counts[name] += 1
+        xy = self.plan.level0_xy
+        return {"mode": self.pred.options.qc, "windows": examined, "flagged": len(self.flags), "excluded": len(out),
+                "counts": counts, "excluded_windows": out,
+                "excluded_list": [{"x": int(xy[i][0]), "y": int(xy[i][1]), "flags": qc_flag_names(self.flags[i])}
+                                  for i in out[:100]]}
 
     # -- the model and stitching -----------------------------------------------------------------
     def _launch(self, bno: int, buf):
@@ -100,7 +131,7 @@ class WindowRunner:
         res, T, g = host.numpy(), self.pred.tile, self.pred.gaussian
         for i in range(b0, b1):
             x, y = (int(v) for v in self.plan.windows[i])
-            if i in failed:
+            if i in failed or self.excluded(i):
                 self.acc.skip(x, y, (T, T))
             else:
                 self.acc.add(x, y, res[i - b0], g)

@@ -99,6 +99,13 @@ class PatchStore:
     def tissue(self) -> np.ndarray:
         return np.asarray(self.group["tissue"][:])
 
+    @property
+    def qc(self) -> np.ndarray:
+        """The artefact flags of each patch (`slides.qc.FLAGS` bits); zeros for a store made without QC."""
+        if "qc" in self.group:
+            return np.asarray(self.group["qc"][:])
+        return np.zeros(len(self), np.uint8)
+
     def __len__(self) -> int:
         return int(self.group["images"].shape[0])
 
@@ -169,6 +176,7 @@ def describe_store(path, verify: bool = True) -> dict:
         "labels": a.labels,
         "has_masks": s.masks is not None,
         "bad_windows": len(a.bad_windows),
+        "qc": None if a.qc is None else {"mode": a.qc, **{k: v for k, v in (a.qc_report or {}).items() if k != "thresholds"}},
         "compression": a.compression,
         "source": a.source,
         "format_version": a.format_version,

@@ -8,6 +8,7 @@ A store is one zarr v3 group per slide or image (`<name>.zarr`):
 | `masks` | (N, S, S) uint8, optional | label per pixel, 0 background, 255 ignore |
 | `coords` | (N, 2) int64 | level-0 (x, y) of each window's top-left |
 | `tissue` | (N,) float32 | tissue fraction of each window |
+| `qc` | (N,) uint8, optional | artefact flags of each patch (`slides.qc.FLAGS` bits; 0 clean) |
 
 Its attributes are `StoreAttrs`; `complete: true` is written last, alone. A store of another
 `format_version` is refused by readers with a message saying to re-tile.
@@ -21,13 +22,14 @@ from ..constants import COMPRESSIONS, UNKNOWN
 
 FORMAT_VERSION = 1
 PROGRESS_FILE = "histodg_progress.json"  # the resume journal of an unfinished store
-ARRAYS = ("images", "masks", "coords", "tissue")
+ARRAYS = ("images", "masks", "coords", "tissue", "qc")
 
 # the settings a rerun of `histodg tile` must match to skip or resume an existing store
 REUSE_KEYS = ("tile_size", "mpp", "magnification", "overlap", "min_tissue", "tissue_method", "mpp_tolerance", "organ",
-              "scanner", "compression", "jpeg_quality")
+              "scanner", "compression", "jpeg_quality", "qc")
 # attributes left out of zarr.json when they have no value
-OMITTED_WHEN_NONE = ("annotation_objects", "annotations_skipped", "source_tiles_copied", "source_tiles_not_copied")
+OMITTED_WHEN_NONE = ("annotation_objects", "annotations_skipped", "source_tiles_copied", "source_tiles_not_copied", "qc",
+                     "qc_report")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class StoreAttrs:
     scanner: str = UNKNOWN
     compression: str = "lz4"
     jpeg_quality: int | None = None  # only for compression "jpeg"
+    qc: str | None = None  # --qc exclude|flag|off (None: made before artefact QC)
     # how the slide was read
     mpp_actual: float | None = None  # the patches' true um/px (a level within the tolerance is read as is)
     level0_size: float | None = None  # a window's side in level-0 px
@@ -70,6 +73,7 @@ class StoreAttrs:
     n_patches: int | None = None
     source_tiles_copied: int | None = None  # jpeg stores: patches stored as the slide's own JPEG tile
     source_tiles_not_copied: str | None = None  # jpeg stores: why no tile could be copied
+    qc_report: dict | None = None  # {"counts": {flag: windows}, "excluded", "flagged", "windows", "thresholds"}
     complete: bool = False
     format_version: int = FORMAT_VERSION
     histodg_version: str | None = None

@@ -2,6 +2,7 @@
 
     w = StoreWriter(path, StoreAttrs(tile_size=512, mpp=0.5, ...), capacity=n, with_masks=True).create()
     w.append(w.encode(image, mask), xy, tissue, plan_done=i + 1)   # the writer flushes and commits
+    w.add_qc(flags, kept=True)                                       # --qc: every window examined, in plan order
     w.finish({"tissue_area_mm2": 1.2})                               # trim, then complete: true, last
 
 Each patch is one chunk inside shards of `shard_patches` patches (zarr v3 sharding): a patch
@@ -25,6 +26,7 @@ import numpy as np
 
 from .. import __version__
 from ..batch import bad_window
+from ..constants import QC_FLAGS, qc_flag_names
 from ..files import atomic_write, write_json_atomic
 from .codecs import patch_encoder, registered_zarr, zarr_compressor, zarr_serializer
 from .integrity import MISSING, shard_file
@@ -96,10 +98,12 @@ class StoreWriter:
         self.plan_done = 0  # caller's plan position matching `count`
         self.copied = 0  # patches stored as the source's own JPEG tile (--compression jpeg)
         self.bad: list[dict] = []
-        self._buf: tuple[list, list, list, list] = ([], [], [], [])  # images, masks, xy, tissue
-        # coords/tissue of flushed shards not yet written: zarr costs ~8 ms of GIL-holding Python
+        self.qc = {"windows": 0, "flagged": 0, "excluded": 0, "counts": dict.fromkeys(QC_FLAGS, 0)}  # --qc, so far
+        self.with_qc = attrs.qc not in (None, "off")
+        self._buf: tuple[list, list, list, list, list] = ([], [], [], [], [])  # images, masks, xy, tissue, qc
+        # coords/tissue/qc of flushed shards not yet written: zarr costs ~8 ms of GIL-holding Python
         # per write, so they go out at commits, not at every shard
-        self._pending: tuple[list, list] = ([], [])
+        self._pending: tuple[list, list, list] = ([], [], [])
         self._group = None
         self._encoder = patch_encoder(attrs.compression, attrs.jpeg_quality or 90)
         self._last_commit = time.monotonic()
@@ -118,9 +122,11 @@ class StoreWriter:
                            compressors=zarr_compressor())  # masks always compress ~100x
         g.create_array("coords", shape=(n, 2), chunks=(min(n, 65536), 2), dtype="int64")
         g.create_array("tissue", shape=(n,), chunks=(min(n, 65536),), dtype="float32")
+        if self.with_qc:
+            g.create_array("qc", shape=(n,), chunks=(min(n, 65536),), dtype="uint8")
         self.attrs = self.attrs.replace(format_version=FORMAT_VERSION, histodg_version=__version__, complete=False)
         attrs = self.attrs.to_attrs()
-        for key in ("bad_windows", "n_patches", "tissue_area_mm2") + ("source_tiles_copied", "source_tiles_not_copied"):
+        for key in ("bad_windows", "n_patches", "tissue_area_mm2", "qc_report") + ("source_tiles_copied", "source_tiles_not_copied"):
             attrs.pop(key, None)  # written by finish()
         g.update_attributes(attrs)  # writes zarr.json once; attrs.update would rewrite it for every key
         self._group = g
@@ -141,6 +147,8 @@ class StoreWriter:
         w._group = g
         w.count, w.plan_done, w.bad = progress["count"], progress["plan_done"], progress["bad"]
         w.copied = int(progress.get("copied", 0))
+        w.qc = progress.get("qc") or w.qc
+        w.with_qc = "qc" in g
         w._open_encoders()
         return w
 
@@ -152,11 +160,23 @@ class StoreWriter:
         img = image_bytes if image_bytes is not None else self._enc_img.encode(image)
         return img, (self._enc_mask.encode(mask) if self.with_masks else None)
 
+    def add_qc(self, flags: int, kept: bool) -> None:
+        """Count one examined window's artefact flags (in plan order, before its `append` if kept);
+        `excluded` counts the flagged ones left out."""
+        q = self.qc
+        q["windows"] += 1
+        if flags:
+            q["flagged"] += 1
+            q["excluded"] += not kept
+            for name in qc_flag_names(flags):
+                q["counts"][name] = q["counts"].get(name, 0) + 1
+
     def append(self, encoded: tuple[bytes, bytes | None], xy, tissue: float, copied: bool = False,
-               plan_done: int | None = None) -> None:
+               plan_done: int | None = None, qc: int = 0) -> None:
         """Add one encoded patch, in plan order; `plan_done` is the caller's plan position after it.
         A full shard is written at once, and journalled when COMMIT_SECONDS have passed."""
-        images, masks, xys, tissues = self._buf
+        images, masks, xys, tissues, qcs = self._buf
+        qcs.append(int(qc))
         self.copied += bool(copied)
         images.append(encoded[0])
         if self.with_masks:
@@ -170,7 +190,7 @@ class StoreWriter:
 
     def flush(self) -> None:
         """Write the buffered patches as one shard (the last one of a store may be partial)."""
-        images, masks, xys, tissues = self._buf
+        images, masks, xys, tissues, qcs = self._buf
         n = len(images)
         if not n:
             return
@@ -184,16 +204,19 @@ class StoreWriter:
             self._enc_mask.write(a // self.shard, masks)
         self._pending[0].extend(xys)
         self._pending[1].extend(tissues)
+        self._pending[2].extend(qcs)
         self.count = b
-        self._buf = ([], [], [], [])
+        self._buf = ([], [], [], [], [])
 
     def _write_pending(self) -> None:
-        xys, tissues = self._pending
+        xys, tissues, qcs = self._pending
         if xys:
             g, a = self._group, self.count - len(xys)
             g["coords"][a:self.count] = np.asarray(xys, np.int64)
             g["tissue"][a:self.count] = np.asarray(tissues, np.float32)
-            self._pending = ([], [])
+            if self.with_qc:
+                g["qc"][a:self.count] = np.asarray(qcs, np.uint8)
+            self._pending = ([], [], [])
 
     def commit(self, plan_done: int) -> None:
         """Record that the flushed patches, up to plan position `plan_done`, are durably written
@@ -208,7 +231,7 @@ class StoreWriter:
 
     def _journal(self) -> None:
         write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad,
-                                                      "copied": self.copied}, indent=None)
+                                                      "copied": self.copied, "qc": self.qc}, indent=None)
 
     def finish(self, extra_attrs: dict | None = None) -> None:
         """Trim the arrays to the patches written, write the final attributes, then mark the
@@ -216,11 +239,14 @@ class StoreWriter:
         self.flush()
         self._write_pending()
         g, n = self._group, self.count
-        for name in ("images", "masks", "coords", "tissue"):
+        for name in ("images", "masks", "coords", "tissue", "qc"):
             if name in g:
                 arr = g[name]
                 arr.resize((n,) + arr.shape[1:])
-        final = self.attrs.replace(**(extra_attrs or {}), bad_windows=self.bad, n_patches=n,
+        extra = dict(extra_attrs or {})
+        thresholds = extra.pop("qc_thresholds", None)  # the QC's thresholds join its counts in qc_report
+        qc_report = {**self.qc, "thresholds": thresholds} if self.attrs.qc not in (None, "off") else None
+        final = self.attrs.replace(**extra, qc_report=qc_report, bad_windows=self.bad, n_patches=n,
                                    source_tiles_copied=self.copied if self.attrs.compression == "jpeg" else None)
         attrs = final.to_attrs()
         g.update_attributes({k: attrs[k] for k in attrs if k != "complete"})

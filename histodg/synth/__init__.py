@@ -4,7 +4,8 @@
   QuPath GeoJSON, COSAS PNGs) and `manifest.csv`;
 - `profiles`: the built-in organs (morphology) and scanners (acquisition);
 - `tissue` / `shapes` / `scanner`: how a case is drawn, then "scanned";
-- `gallery`: one patch of every domain in one PNG.
+- `gallery`: one patch of every domain in one PNG;
+- `artefacts`: pen, blur and a fold drawn onto real tissue (the QC tests and benchmark).
 
 May import: `slides` (rasterisation, reading back for the gallery) and the top-level helpers.
 """

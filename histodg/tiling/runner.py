@@ -7,6 +7,11 @@ order (strips), so neighbouring windows share decoded source tiles in the reader
 threads also rasterise the masks and compress the patches. The store writer journals its
 progress, so a killed run resumes at its last commit.
 
+Artefact QC (`--qc`, `slides.qc`): every window read is checked for pen, blur, folds and glass;
+`exclude` (the default) leaves windows with pen, blur or a fold out (glass is only recorded:
+`--min-tissue` decides how much tissue a window needs), `flag` keeps them all; the flags of the
+stored patches are the store's `qc` array, the counts its `qc_report` attribute.
+
 Bad regions: a window that cannot be decoded (a corrupt tile) is skipped and recorded in the
 store's ``bad_windows`` attribute (level-0 x, y and the reason) and in the run summary. If more
 than `max_bad_fraction` of the slide's windows fail, the slide fails instead and its store is
@@ -22,12 +27,15 @@ from pathlib import Path
 
 from .. import HistodgError, SlideError
 from ..batch import BatchResult, check_bad_windows, claimed, gc_paused, recorded
+from ..constants import QC_EXCLUDED
 from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import WindowPlan, plan_windows, resolve, resolve_target
+from ..slides.qc import WindowQC
 from ..store import StoreAttrs, StoreError, StoreWriter, read_attrs, store_state
+from ..store.jpegcodec import decode_patch
 from ..store.schema import REUSE_KEYS
 from .settings import TileOptions, TileSettings
 from .source_tiles import SourceTiles, tiff_reader
@@ -40,6 +48,7 @@ class TileResult(BatchResult):
     store: str | None = None
     patches: int = 0
     tissue_area_mm2: float | None = None
+    qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts": {flag: n}}
 
 
 def plan_tiles(slide, settings: TileSettings) -> WindowPlan:
@@ -56,7 +65,7 @@ def requested(job: SlideJob, opts: TileOptions) -> dict:
     values = {"tile_size": s.tile_size, "mpp": s.mpp, "magnification": s.magnification, "overlap": s.overlap,
               "min_tissue": s.min_tissue, "tissue_method": s.tissue_method, "mpp_tolerance": s.mpp_tolerance,
               "organ": job.organ, "scanner": job.scanner, "compression": opts.compression,
-              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None}
+              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None, "qc": opts.qc}
     assert tuple(values) == REUSE_KEYS
     return values
 
@@ -70,6 +79,8 @@ def reuse_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
     wanted = requested(job, opts)
     if attrs.get("magnification") is not None or wanted["magnification"] is not None:
         wanted.pop("mpp")  # with --magnification the stored mpp is the resolved one
+    if attrs.get("qc") is None:
+        wanted.pop("qc")  # a store made before artefact QC is reused as it is
     wanted["annotation"] = str(job.annotation.resolve()) if job.annotation else None
     if job.annotation and attrs.get("label_map") is not None:  # stores made before label maps were recorded: not compared
         wanted["label_map"] = dict(opts.labels.mapping)
@@ -109,9 +120,14 @@ def _tile_locked(job: SlideJob, out: Path, opts: TileOptions, result: TileResult
             a = StoreAttrs.from_attrs(read_attrs(out))
             result.status, result.patches = "skipped", int(a.n_patches or 0)
             result.tissue_area_mm2, result.bad_windows = a.tissue_area_mm2, len(a.bad_windows)
+            result.qc = _qc_summary(a.qc_report)
             return
     _tile(job, out, opts, state, result, progress)
     result.status = "done"
+
+
+def _qc_summary(report: dict | None) -> dict | None:
+    return None if report is None else {k: report[k] for k in ("windows", "flagged", "excluded", "counts") if k in report}
 
 
 def _stored_compression(out: Path) -> str | None:
@@ -164,7 +180,9 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
         reader = tiff_reader(slide)
         if reader is not None and opts.settings.overlap == 0:
             reader.cache_whole_tiles = False  # windows never share a tile: caching one only costs memory
-        _read_and_write(PatchReader(slide, plan, ann, writer, source), writer, opts.workers, progress)
+        qc = WindowQC.from_plan(slide, plan) if opts.qc != "off" else None
+        read = PatchReader(slide, plan, ann, writer, source, qc, exclude=opts.qc == "exclude")
+        _read_and_write(read, writer, opts.workers, progress)
         n_bad = len(writer.bad)
         try:
             check_bad_windows(job.path, writer.bad, len(plan), opts.max_bad_fraction)
@@ -174,18 +192,24 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
         extra = {"tissue_area_mm2": tissue_mm2}
         if source is not None and not source.ok:
             extra["source_tiles_not_copied"] = source.why
+        if qc is not None:
+            extra["qc_thresholds"] = qc.describe()
         writer.finish(extra)
         result.patches, result.bad_windows, result.tissue_area_mm2 = writer.count, n_bad, tissue_mm2
+        result.qc = _qc_summary(writer.attrs.qc_report)
 
 
 class PatchReader:
     """Reads, rasterises and compresses windows of a plan (called from the reader threads)."""
 
-    def __init__(self, slide, plan: WindowPlan, ann, writer: StoreWriter, source: SourceTiles | None):
+    def __init__(self, slide, plan: WindowPlan, ann, writer: StoreWriter, source: SourceTiles | None,
+                 qc: WindowQC | None = None, exclude: bool = True):
         self.slide, self.plan, self.ann, self.writer, self.source = slide, plan, ann, writer, source
+        self.qc, self.exclude = qc, exclude
 
-    def __call__(self, i0: int, i1: int) -> list[tuple[int, tuple | None, str | None, bool]]:
-        """(index, encoded patch or None, reason it failed or None, copied) of windows i0..i1-1."""
+    def __call__(self, i0: int, i1: int) -> list[tuple[int, tuple | None, str | None, bool, int]]:
+        """(index, encoded patch or None, reason it failed or None, copied, QC flags) of windows
+        i0..i1-1; a window --qc exclude leaves out has neither a patch nor a reason."""
         res, out = self.plan.resolution, []
         for i in range(i0, i1):
             xy = self.plan.level0_xy[i]
@@ -193,10 +217,16 @@ class PatchReader:
                 raw = self.source.raw(xy) if self.source is not None else None
                 img = res.read(self.slide, xy) if raw is None else None
             except SlideError as exc:
-                out.append((i, None, exc.reason, False))
+                out.append((i, None, exc.reason, False, 0))
                 continue
+            flags = 0
+            if self.qc is not None:  # a copied JPEG tile is decoded for it: QC needs the pixels
+                flags = self.qc(img if img is not None else decode_patch(raw, (res.tile, res.tile, 3)))
+                if flags & QC_EXCLUDED and self.exclude:
+                    out.append((i, None, None, False, flags))
+                    continue
             mask = self.ann.rasterize(float(xy[0]), float(xy[1]), res.level0_per_px, res.tile) if self.ann is not None else None
-            out.append((i, self.writer.encode(img, mask, raw), None, raw is not None))
+            out.append((i, self.writer.encode(img, mask, raw), None, raw is not None, flags))
         return out
 
 
@@ -212,11 +242,14 @@ def _read_and_write(read: PatchReader, writer: StoreWriter, workers: int, progre
             while nxt < n and len(pending) < depth:
                 pending.append(pool.submit(read, nxt, min(nxt + step, n)))
                 nxt += step
-            for i, encoded, err, copied in pending.popleft().result():
+            for i, encoded, err, copied, flags in pending.popleft().result():
                 if err is not None:
                     writer.add_bad(plan.level0_xy[i], err)
-                else:
-                    writer.append(encoded, plan.level0_xy[i], plan.tissue[i], copied, plan_done=i + 1)
+                    continue
+                if read.qc is not None:
+                    writer.add_qc(flags, kept=encoded is not None)
+                if encoded is not None:
+                    writer.append(encoded, plan.level0_xy[i], plan.tissue[i], copied, plan_done=i + 1, qc=flags)
                 if progress:
                     progress(advance=1)
     writer.flush()

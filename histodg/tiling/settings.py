@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, replace
 
 from ..constants import COMPRESSIONS
 from ..slides.annotations import LabelMap
+from ..slides.qc import QC_MODES
 from ..slides.tissue import METHODS
 
 
@@ -47,7 +48,7 @@ class TileSettings:
 
 @dataclass(frozen=True)
 class TileOptions:
-    """How to run: settings, reader backend and threads, labels, overwrite, bad-window limit, compression."""
+    """How to run: settings, reader backend and threads, labels, overwrite, bad-window limit, compression, QC."""
 
     settings: TileSettings = TileSettings()
     backend: str = "auto"
@@ -57,6 +58,7 @@ class TileOptions:
     max_bad_fraction: float = 0.1
     compression: str = "auto"  # auto: jpeg for a lossy source (JPEG slides), lz4 for a lossless one
     jpeg_quality: int = 90
+    qc: str = "exclude"  # artefact QC (slides.qc): exclude flagged windows, flag them (kept), or off
 
     def for_source(self, path, existing: str | None = None) -> TileOptions:
         """These options with `auto` compression resolved for one input: the compression of the
@@ -73,5 +75,7 @@ class TileOptions:
             raise ValueError("--max-bad-fraction must be between 0 and 1")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.qc not in QC_MODES:
+            raise ValueError(f"--qc must be one of {', '.join(QC_MODES)}")
         if self.compression not in ("auto", *COMPRESSIONS):
             raise ValueError(f"--compression must be auto or one of {', '.join(COMPRESSIONS)}")
