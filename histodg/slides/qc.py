@@ -40,6 +40,7 @@ DARK_RATIO = 1.9
 GLASS_FRACTION = 0.9
 FOCUS_BLOCK = 64  # the blur test's blocks, px at the window's resolution
 BLUR_BLOCKS = 0.5  # a window is out of focus when at least this fraction of its tissue blocks is
+QC_PX = 256  # windows are checked at most this large (area-averaged): 4x cheaper for 512 px windows
 COLOUR_PX = 128  # colour tests on a regular sample of about 128 x 128 pixels: the same fractions, cheaper
 
 
@@ -130,6 +131,33 @@ def block_variances(rgb: np.ndarray) -> np.ndarray:
     return m2[ok] / frac[ok] - (m1[ok] / frac[ok]) ** 2
 
 
+def qc_view(rgb: np.ndarray) -> np.ndarray:
+    """The window as QC sees it: RGB, at most `QC_PX` px on a side (area-averaged)."""
+    import cv2
+
+    rgb = rgb[..., :3]
+    h, w = rgb.shape[:2]
+    if max(h, w) <= QC_PX:
+        return rgb
+    f = QC_PX / max(h, w)
+    return cv2.resize(np.ascontiguousarray(rgb), (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+
+
+_REDUCED = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def decode_for_qc(jpeg: bytes, side: int) -> np.ndarray:
+    """A JPEG window of `side` px decoded straight to about `QC_PX` px (libjpeg's DCT scaling, in
+    OpenCV: cheaper than decoding it whole), for windows stored as the slide's own JPEG tile."""
+    import cv2
+
+    factor = max(f for f in _REDUCED if f == 1 or side // f >= QC_PX)
+    bgr = cv2.imdecode(np.frombuffer(bytes(jpeg), np.uint8), getattr(cv2, _REDUCED[factor]))
+    if bgr is None:
+        raise ValueError("not a decodable JPEG stream")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def sample_windows(slide, plan, n: int = FOCUS_SAMPLE) -> list[np.ndarray]:
     """Up to `n` windows of the plan, evenly spread over it (the ones that cannot be read left out)."""
     out = []
@@ -156,7 +184,7 @@ class WindowQC:
         where = tissue_mask & ~glass_pixels(thumbnail) & ~ink(thumbnail)
         # the mean pixel: the median (which a fold moves less) made 2 false folds on the real slide
         od = optical_density(thumbnail, where) if where.sum() >= 16 else 0.0
-        blocks = np.concatenate([block_variances(w[..., :3]) for w in sample]) if len(sample) else np.zeros(0)
+        blocks = np.concatenate([block_variances(qc_view(w)) for w in sample]) if len(sample) else np.zeros(0)
         focus = float(np.median(blocks)) if len(blocks) >= 8 else 0.0
         return cls(od if od > 0 else None, focus if focus > 0 else None)
 
@@ -169,7 +197,7 @@ class WindowQC:
         """The bitmask (`FLAGS`) of one RGB uint8 window."""
         import cv2
 
-        rgb = rgb[..., :3]
+        rgb = qc_view(rgb)
         step = max(1, min(rgb.shape[:2]) // COLOUR_PX)
         hsv = _hsv(rgb[::step, ::step])
         n = hsv.shape[0] * hsv.shape[1]

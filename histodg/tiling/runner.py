@@ -33,9 +33,8 @@ from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import WindowPlan, plan_windows, resolve, resolve_target
-from ..slides.qc import WindowQC
+from ..slides.qc import WindowQC, decode_for_qc
 from ..store import StoreAttrs, StoreError, StoreWriter, read_attrs, store_state
-from ..store.jpegcodec import decode_patch
 from ..store.schema import REUSE_KEYS
 from .settings import TileOptions, TileSettings
 from .source_tiles import SourceTiles, tiff_reader
@@ -220,8 +219,8 @@ class PatchReader:
                 out.append((i, None, exc.reason, False, 0))
                 continue
             flags = 0
-            if self.qc is not None:  # a copied JPEG tile is decoded for it: QC needs the pixels
-                flags = self.qc(img if img is not None else decode_patch(raw, (res.tile, res.tile, 3)))
+            if self.qc is not None:  # a copied JPEG tile is decoded for it, at QC's size: QC needs the pixels
+                flags = self.qc(img if img is not None else decode_for_qc(raw, res.tile))
                 if flags & QC_EXCLUDED and self.exclude:
                     out.append((i, None, None, False, flags))
                     continue
