@@ -124,9 +124,10 @@ def _brief(res, spec: SummarySpec) -> str:
     if getattr(res, "bad_windows", 0):
         parts.append(f"[yellow]{res.bad_windows} bad windows skipped[/]")
     qc = getattr(res, "qc", None) or {}
-    if qc.get("flagged"):
-        counts = ", ".join(f"{k} {v}" for k, v in sorted((qc.get("counts") or {}).items()))
-        parts.append(f"[yellow]QC: {qc.get('excluded', 0)} excluded, {qc['flagged']} flagged ({counts})[/]")
+    artefacts = {k: v for k, v in (qc.get("counts") or {}).items() if v and k != "glass"}  # glass: mostly empty windows
+    if artefacts:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(artefacts.items()))
+        parts.append(f"[yellow]QC: {qc.get('excluded', 0)} windows excluded ({counts})[/]")
     if getattr(res, "resumed", False):
         parts.append("resumed")
     if getattr(res, "note", None):
