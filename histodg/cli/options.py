@@ -39,8 +39,9 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
                      help="Fail a slide when more of its windows than this cannot be decoded."),
         click.option("--qc", type=click.Choice(("exclude", "flag", "off")), default="exclude", show_default=True,
                      help="Artefact QC of every window, no weights (pen marks, out-of-focus, folds and dark debris, "
-                          "glass): exclude flagged windows (tile: not stored; predict: not predicted, their area "
-                          "reported), flag them (kept, recorded), or off. Counts in the summary and `histodg info`."),
+                          "glass): exclude windows with pen, blur or a fold (tile: not stored; predict: not "
+                          "predicted, their area reported; glass is only recorded), flag them (kept, recorded), or "
+                          "off. Counts in the summary and `histodg info`."),
         click.option("--shard", default=None, metavar="I/N",
                      help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]"),
         click.option("--overwrite", is_flag=True, help=overwrite_help),

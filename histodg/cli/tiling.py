@@ -81,8 +81,8 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
     (<task>/<domain>/image/*.png with mask/ beside). One store per input; complete stores are
     skipped, interrupted ones resumed. Windows that cannot be decoded are skipped and listed in
     the store's bad_windows attribute and in the summary (also on disk: OUT/summary.csv and
-    summary.json, one row per input). Windows with pen, blur, a fold or glass are left out
-    (--qc exclude) or kept with their flags in the store's qc array (--qc flag).
+    summary.json, one row per input). Windows with pen, blur or a fold are left out
+    (--qc exclude) or kept (--qc flag); the stored patches' flags are the store's qc array.
     """
     from ..batch import run_jobs
     from ..device import reader_threads
