@@ -36,6 +36,14 @@ class BatchResult:
     note: str | None = None  # what the summary says of an input that did not fail (a lock, ...)
 
 
+QC_SUMMARY_KEYS = ("windows", "flagged", "excluded", "counts", "area_mm2")  # what a result carries of --qc
+
+
+def qc_summary(report: dict | None) -> dict | None:
+    """The part of a QC report (a store's qc_report, done.json's qc) a batch result and its summary row carry."""
+    return None if not report else {k: report[k] for k in QC_SUMMARY_KEYS if k in report}
+
+
 # errors of writing, not of the input: the line names the output
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import ADAPT_MODES, AXES, BACKENDS, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
+from ..constants import ADAPT_MODES, AXES, BACKENDS, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BACKEND_CHOICE = click.Choice(BACKENDS)
@@ -37,7 +37,7 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
                      help="What the domain folders of a COSAS layout are."),
         click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
                      help="Fail a slide when more of its windows than this cannot be decoded."),
-        click.option("--qc", type=click.Choice(("exclude", "flag", "off")), default="exclude", show_default=True,
+        click.option("--qc", type=click.Choice(QC_MODES), default="exclude", show_default=True,
                      help="Artefact QC of every window, no weights (pen marks, out-of-focus, folds and dark debris, "
                           "glass): exclude windows with pen, blur or a fold (tile: not stored; predict: not "
                           "predicted, their area reported; glass is only recorded), flag them (kept, recorded), or "

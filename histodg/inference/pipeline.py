@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch import BatchResult, claimed, recorded
+from ..batch import BatchResult, claimed, qc_summary, recorded
 from ..slides.backends import ImageSlide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
@@ -97,8 +97,7 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
         result.status, result.windows = "skipped", int(done.get("windows", {}).get("run", 0))
         result.tumor_area_mm2 = done.get("tumor_area_mm2")
         result.bad_windows = int(done.get("windows", {}).get("bad", 0))
-        qc = done.get("qc")
-        result.qc = {k: qc.get(k) for k in ("windows", "flagged", "excluded", "counts", "area_mm2")} if qc else None
+        result.qc = qc_summary(done.get("qc"))
         return False
     if out.exists():
         result.resumed = done is None
@@ -148,6 +147,8 @@ def excluded_area_mm2(plan: WindowPlan, excluded: list[int], count: int, mpp: fl
     window covers."""
     if mpp is None:
         return None
+    if not excluded:
+        return 0.0
     ds = plan.thumbnail.downsample
     boxes = np.concatenate([plan.level0_xy[:count], plan.level0_xy[:count] + plan.resolution.level0_size], 1) / ds
     left_out, covered = np.zeros(plan.tissue_mask.shape, bool), np.zeros(plan.tissue_mask.shape, bool)
@@ -185,7 +186,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         excluded = qc.pop("excluded_windows") if qc else []
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
-            result.qc = {k: qc[k] for k in ("windows", "flagged", "excluded", "counts", "area_mm2")}
+            result.qc = qc_summary(qc)
         t = time.perf_counter()
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
         written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,

@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import SlideError
 from ..batch import bad_window, check_bad_windows, gc_paused
-from ..constants import QC_EXCLUDED, QC_FLAGS, qc_flag_names
+from ..constants import QC_EXCLUDED, qc_flag_names
 from ..slides.plan import WindowPlan
+from ..slides.qc import counts
 from .stitching import ChunkAccumulator
 
 
@@ -93,13 +94,9 @@ class WindowRunner:
         if self.qc is None:
             return None
         out = sorted(i for i in self.flags if self.excluded(i))
-        counts = dict.fromkeys(QC_FLAGS, 0)
-        for f in self.flags.values():
-            for name in qc_flag_names(f):
-                counts[name] += 1
         xy = self.plan.level0_xy
         return {"mode": self.pred.options.qc, "windows": examined, "flagged": len(self.flags), "excluded": len(out),
-                "counts": counts, "excluded_windows": out,
+                "counts": counts(list(self.flags.values())), "excluded_windows": out,
                 "excluded_list": [{"x": int(xy[i][0]), "y": int(xy[i][1]), "flags": qc_flag_names(self.flags[i])}
                                   for i in out[:100]]}
 

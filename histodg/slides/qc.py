@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import SlideError
-from ..constants import QC_FLAGS, QC_MODES, qc_flag_names
+from ..constants import QC_FLAGS
 
-FLAGS, QC_MODES = QC_FLAGS, QC_MODES  # the flag bits and --qc modes live in constants (stores and summaries use them)
+FLAGS = QC_FLAGS  # the flag bits live in constants (stores and summaries use them)
 PEN_FRACTION = 0.1
 BLUR_RATIO = 0.1  # a block is out of focus under this fraction of the slide's typical sharpness
 FOCUS_SAMPLE = 32  # windows read to measure the slide's typical sharpness
@@ -42,9 +42,6 @@ FOCUS_BLOCK = 64  # the blur test's blocks, px at the window's resolution
 BLUR_BLOCKS = 0.5  # a window is out of focus when at least this fraction of its tissue blocks is
 QC_PX = 256  # windows are checked at most this large (area-averaged): 4x cheaper for 512 px windows
 COLOUR_PX = 128  # colour tests on a regular sample of about 128 x 128 pixels: the same fractions, cheaper
-
-
-flag_names = qc_flag_names
 
 
 def counts(flags) -> dict[str, int]:

@@ -245,7 +245,7 @@ class StoreWriter:
                 arr.resize((n,) + arr.shape[1:])
         extra = dict(extra_attrs or {})
         thresholds = extra.pop("qc_thresholds", None)  # the QC's thresholds join its counts in qc_report
-        qc_report = {**self.qc, "thresholds": thresholds} if self.attrs.qc not in (None, "off") else None
+        qc_report = {**self.qc, "thresholds": thresholds} if self.with_qc else None
         final = self.attrs.replace(**extra, qc_report=qc_report, bad_windows=self.bad, n_patches=n,
                                    source_tiles_copied=self.copied if self.attrs.compression == "jpeg" else None)
         attrs = final.to_attrs()

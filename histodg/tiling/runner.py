@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import HistodgError, SlideError
-from ..batch import BatchResult, check_bad_windows, claimed, gc_paused, recorded
+from ..batch import BatchResult, check_bad_windows, claimed, gc_paused, qc_summary, recorded
 from ..constants import QC_EXCLUDED
 from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
@@ -119,14 +119,10 @@ def _tile_locked(job: SlideJob, out: Path, opts: TileOptions, result: TileResult
             a = StoreAttrs.from_attrs(read_attrs(out))
             result.status, result.patches = "skipped", int(a.n_patches or 0)
             result.tissue_area_mm2, result.bad_windows = a.tissue_area_mm2, len(a.bad_windows)
-            result.qc = _qc_summary(a.qc_report)
+            result.qc = qc_summary(a.qc_report)
             return
     _tile(job, out, opts, state, result, progress)
     result.status = "done"
-
-
-def _qc_summary(report: dict | None) -> dict | None:
-    return None if report is None else {k: report[k] for k in ("windows", "flagged", "excluded", "counts") if k in report}
 
 
 def _stored_compression(out: Path) -> str | None:
@@ -195,7 +191,7 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
             extra["qc_thresholds"] = qc.describe()
         writer.finish(extra)
         result.patches, result.bad_windows, result.tissue_area_mm2 = writer.count, n_bad, tissue_mm2
-        result.qc = _qc_summary(writer.attrs.qc_report)
+        result.qc = qc_summary(writer.attrs.qc_report)
 
 
 class PatchReader:

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..constants import COMPRESSIONS
+from ..constants import COMPRESSIONS, QC_MODES
 from ..slides.annotations import LabelMap
-from ..slides.qc import QC_MODES
 from ..slides.tissue import METHODS
 
 
