@@ -4,6 +4,7 @@ that the numbers can be trusted (DomainBed's protocol, Gulrajani and Lopez-Paz 2
 
     .venv/bin/python benchmarks/dg_benchmark.py --jobs 2            # every run, two at a time (resumable)
     .venv/bin/python benchmarks/dg_benchmark.py --tier 1 --jobs 2    # the first tier only
+    .venv/bin/python benchmarks/dg_benchmark.py --row 'erm + stain normalisation'   # one row
     .venv/bin/python benchmarks/dg_benchmark.py --tables             # the tables from what has run
     .venv/bin/python benchmarks/dg_benchmark.py --device cuda        # on a GPU
 
@@ -26,7 +27,8 @@ Protocol:
 - model selection on training-domain validation only: every method, ERM included, gets the same
   grid, the learning rate in {3e-4, 1e-3}; for each seed the setting with the best mean
   validation Dice over the six training domains is kept (printed), the unseen domains never
-  look at it. SDS ablations and protocol variants take their parent's chosen rate per seed;
+  look at it. SDS ablations, protocol variants and the stain-normalisation rows (Macenko,
+  `--stain-norm macenko`) take their parent's chosen rate per seed;
 - paired seeds: seed s gives every method the same initialisation and data order; 5 seeds;
 - scores: Dice per test slide (pixels pooled over its patches), mean over a domain's slides;
   per row: mean +- standard error over seeds, and the paired difference to ERM (same seed) with
@@ -96,6 +98,12 @@ def rows() -> list[Row]:
                      1, grid=False, parent=None, seeds=(0, 1, 2), stores=f"oracle-{dom}"))
     for name in ("stain", "mixstyle", "dsu", "coral", "fishr"):
         r.append(Row("methods", name, (*CROSS, "--method", name), 2))
+    # stain normalisation (Macenko, reference fitted on the training stores) against and with augmentation;
+    # a preprocessing variant of its parent, so it takes the parent's chosen learning rate per seed
+    for name, parent, extra in (("erm + stain normalisation", "erm", ()),
+                                ("erm + stain normalisation + strong augmentation", "erm + strong augmentation",
+                                 ("--augment", "strong"))):
+        r.append(Row("methods", name, (*CROSS, "--stain-norm", "macenko", *extra), 2, grid=False, parent=parent))
     for name, hp in (("sds: shallow only", "deep=false"), ("sds: deep only", "shallow=false"), ("sds: no pooling", "pool=false")):
         r.append(Row("ablations", name, (*CROSS, *sds, "--hp", hp), 3, grid=False, parent="sds"))
     for base, extra in (("erm", ()), ("sds", sds)):
@@ -174,12 +182,12 @@ class Plan:
                 best = (score, lr)
         return best[1]
 
-    def todo(self, tiers) -> list[tuple[Row, int, str]]:
+    def todo(self, tiers, only=()) -> list[tuple[Row, int, str]]:
         """The runs still to make, most important first; runs that wait for a parent's choice are
         left for a later call."""
         out = []
         for row in rows():
-            if row.tier not in tiers:
+            if row.tier not in tiers or (only and row.name not in only):
                 continue
             for seed in row.seeds:
                 if row.grid:
@@ -212,7 +220,8 @@ def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
     model, config = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
     dev = resolve_device(device, "benchmark", lambda where, why: SystemExit(f"{where}: {why}"))
     model = model.eval().to(dev)
-    norm = Normalizer(config.normalization.mean, config.normalization.std, dev)
+    # the checkpoint's stain normalisation too, as `histodg predict` applies it (None: without)
+    norm = Normalizer(config.normalization.mean, config.normalization.std, dev, stain=config.normalization.stain)
     per_domain: dict[str, list[float]] = {}
     with torch.inference_mode():
         for path in find_stores([stores]):
@@ -256,7 +265,7 @@ def run_all(args) -> dict:
     prepare_data()
     tiers = {args.tier} if args.tier else {1, 2, 3}
     while True:  # rows that wait for a parent's choice become runnable as the parents finish
-        todo = plan.todo(tiers)
+        todo = plan.todo(tiers, args.row)
         if not todo:
             return plan.results
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -474,6 +483,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", type=int, choices=[1, 2, 3], help="only this tier (1: ERM, SDS, strong augmentation, "
                                                                "oracles; 2: the peers; 3: ablations, protocols, from scratch)")
+    ap.add_argument("--row", action="append", default=[], help="only the row of this name (repeatable), e.g. "
+                                                                "--row 'erm + stain normalisation'")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
