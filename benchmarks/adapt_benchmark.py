@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""What `--adapt bn` (AdaBN per slide) is worth, on the DG benchmark's own models.
+"""What `--adapt bn` (AdaBN per slide) and `--adapt tent` (AdaBN, then entropy steps on the
+BatchNorm weights) are worth, on the DG benchmark's own models.
 
     .venv/bin/python benchmarks/adapt_benchmark.py                 # after (part of) dg_benchmark.py
     .venv/bin/python benchmarks/adapt_benchmark.py --dg-out DIR    # a DG benchmark run elsewhere
@@ -7,8 +8,8 @@
 For every run the DG protocol selected (training-domain validation chose its learning rate), the
 same checkpoint (`last.pt`) is scored on the test stores (one store per slide) and on the
 training-domain validation stores, with `histodg evaluate`'s scoring: without adaptation, and
-with each store's BatchNorm statistics re-estimated from its own patches (`--adapt bn`). Paired
-by checkpoint: the difference bn - none per domain, mean over seeds with a bootstrap 95%
+with each store's BatchNorm statistics re-estimated from its own patches (`--adapt bn`), and with
+Tent after that (`--adapt tent`). Paired by checkpoint: the difference to none per domain, mean over seeds with a bootstrap 95%
 interval. Results accumulate in DG_OUT/adapt.json (a rerun skips what is done).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--dg-out", type=Path, default=dg.OUT)
     ap.add_argument("--test-only", action="store_true", help="leave out the training-domain validation stores")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW", help="the DG rows to adapt")
+    ap.add_argument("--modes", nargs="+", default=["none", "bn", "tent"], choices=["none", "bn", "tent"])
     args = ap.parse_args()
     dg.OUT = args.dg_out
     results = json.loads((dg.OUT / "results.json").read_text())
@@ -57,22 +59,25 @@ def main() -> None:
     for name in args.rows:
         for seed, run in sorted(sel.get(name, {}).items()):
             key = f"{name}|{seed}"
-            if key in done:
+            todo = [a for a in args.modes if a not in done.get(key, {})]
+            if not todo:
                 continue
             run_dir = dg.run_dir_of("methods", name, seed, run["lr"])
-            row = {a: {"test": score(run_dir, dg.OUT / "stores" / "test", a),
-                       "val": None if args.test_only else score(run_dir, dg.OUT / "stores" / "val", a)}
-                   for a in ("none", "bn")}
+            val = not args.test_only and (done.get(key, {}).get("none", {}).get("val") is not None or "none" in todo)
+            row = {**done.get(key, {}), **{a: {"test": score(run_dir, dg.OUT / "stores" / "test", a),
+                                               "val": score(run_dir, dg.OUT / "stores" / "val", a) if val else None}
+                                           for a in todo}}
             done = {**(json.loads(path.read_text()) if path.exists() else {}), **done, key: row}  # and other processes' rows
             path.write_text(json.dumps(done, indent=1))
-            print(f"{key}: " + "  ".join(f"{d} {done[key]['none']['test'][d]:.3f} -> {done[key]['bn']['test'][d]:.3f}"
-                                         for d in dg.UNSEEN), file=sys.stderr, flush=True)
-    print(table(done))
+            print(f"{key}: " + "  ".join(f"{d} " + " / ".join(f"{a} {row[a]['test'][d]:.3f}" for a in row) for d in dg.UNSEEN),
+                  file=sys.stderr, flush=True)
+    for mode in ("bn", "tent"):
+        print(f"\n--adapt {mode}\n" + table(done, mode))
 
 
-def table(done: dict) -> str:
+def table(done: dict, mode: str = "bn") -> str:
     cols = [*dg.UNSEEN, "seen (val)"]
-    lines = ["| model | seeds | " + " | ".join(f"{c}: none -> bn" for c in cols) + " | " + " | ".join(f"Δ {c}" for c in cols) + " |",
+    lines = ["| model | seeds | " + " | ".join(f"{c}: none -> {mode}" for c in cols) + " | " + " | ".join(f"Δ {c}" for c in cols) + " |",
              "|---|---|" + "---|" * (2 * len(cols))]
 
     def value(r, c):
@@ -81,13 +86,13 @@ def table(done: dict) -> str:
         return r["test"][c]
 
     for name in ROWS:
-        runs = [v for k, v in done.items() if k.split("|")[0] == name]
+        runs = [v for k, v in done.items() if k.split("|")[0] == name and mode in v]
         if not runs:
             continue
         cells, deltas = [], []
         for c in cols:
-            pairs = [(value(r["none"], c), value(r["bn"], c)) for r in runs]
-            a, b = (np.array([p[k] for p in pairs if not np.isnan(p[0])]) for k in (0, 1))
+            pairs = [(value(r["none"], c), value(r[mode], c)) for r in runs]
+            a, b = (np.array([p[k] for p in pairs if not (np.isnan(p[0]) or np.isnan(p[1]))]) for k in (0, 1))
             if not len(a):
                 cells.append("not run")
                 deltas.append("")

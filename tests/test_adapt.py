@@ -83,8 +83,9 @@ def test_a_model_without_batchnorm_is_refused_with_one_line(tmp_path, cli):
     ck = tmp_path / "mit.pt"
     save_checkpoint(ck, {"model_state": model.state_dict(), "model_config": ModelConfig(arch="fpn", encoder="mit_b0", mpp=4.0,
                                                                                          tile_size=64)})
-    with pytest.raises(PredictError, match="--adapt bn: this model .* has no BatchNorm layers"):
-        Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt="bn"))
+    for adapt in ("bn", "tent"):
+        with pytest.raises(PredictError, match=f"--adapt {adapt}: this model .* has no BatchNorm layers"):
+            Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt=adapt))
     store = make_store(tmp_path / "s.zarr", n=4, size=64, mpp=4.0)
     r = cli("evaluate", ck, store, "--adapt", "bn")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "no BatchNorm layers" in r.stderr
@@ -99,3 +100,50 @@ def test_evaluate_adapts_per_store(tmp_path, cli):
         assert r.exit_code == 0, r.output
         res[adapt] = json.loads(r.stdout)["images"][0]
     assert res["none"]["predicted_px"] != res["bn"]["predicted_px"]
+
+
+def test_tent_lowers_the_entropy_on_the_slide_and_puts_every_weight_back(tmp_path):
+    from histodg.inference.adapt import window_batches
+    from histodg.inference.tent import TENT_STEPS, adapted_tent, mean_entropy
+
+    pred = Predictor.from_checkpoint(tiny_checkpoint(tmp_path / "ck.pt", mpp=1.0, seed=2), PredictOptions(device="cpu", adapt="tent"))
+    before = {k: v.clone() for k, v in pred.model.state_dict().items()}
+    rgb = tissue_field(128, 256, seed=5)
+    batches = list(window_batches(lambda i: rgb[:, i * 32:i * 32 + 64], np.arange(7), 4))
+
+    def entropy():
+        with torch.no_grad():
+            return float(np.mean([mean_entropy(pred.model(pred.normalizer(b.permute(0, 3, 1, 2))), 1) for b in batches]))
+
+    with adapted_batchnorm(pred, batches):
+        after_bn = entropy()
+    with adapted_tent(pred, batches) as losses:
+        after_tent = entropy()
+        bn_weight = batchnorm_layers(pred.model)[0].weight.detach().clone()
+    assert len(losses) == TENT_STEPS and losses[-1] < losses[0]
+    assert after_tent < after_bn  # the steps lowered the entropy on the slide's windows
+    assert not torch.equal(bn_weight, before["encoder.bn1.weight"])  # by moving the BatchNorm weights
+    after = pred.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # and every weight and buffer came back
+    assert all(p.grad is None for p in pred.model.parameters())
+    with adapted_tent(pred, batches) as again:
+        assert again == losses  # deterministic: the same slide, the same steps
+
+
+@pytest.mark.slow
+def test_predict_with_tent_records_it_and_slides_stay_independent(tmp_path, two_slides):
+    ck = tiny_checkpoint(tmp_path / "ck.pt", seed=1)
+
+    def run(order, out):
+        pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt="tent", batch_size=4))
+        for job in order:
+            r = predict_slide(pred, job, tmp_path / out)
+            assert r.status == "done", r.error
+        return {j.name: zarr.open_array(str(tmp_path / out / j.name / "prob.zarr"), mode="r")[:] for j in order}
+
+    a, b = run(two_slides, "ab"), run(two_slides[::-1], "ba")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    done = json.loads((tmp_path / "ab" / "shifted" / "done.json").read_text())
+    assert done["adaptation"].startswith("tent: statistics of") and "10 entropy steps" in done["adaptation"]
+    assert done["settings"]["adapt"] == "tent"

@@ -63,6 +63,15 @@ def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path)
     model, config = model_from_checkpoint(best)
     assert config.tile_size == 64 and config.arch == "unet"
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    # the domain-shift reference: every training domain of both stages (never the held-out lung), one
+    # calibration score per training slide; best.pt's for its own weights
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    for ck in (best, last):
+        ref = ck["model_config"]["shift"]
+        assert set(ref["domains"]) == {"colon", "stomach", "s1", "s2", "s3"}
+        assert sum(d["slides"] for d in ref["domains"].values()) == len(ref["calibration"]) == 5
+    same = states_equal(best["model_state"], last["model_state"])
+    assert (best["model_config"]["shift"] == last["model_config"]["shift"]) == same
 
 
 @pytest.mark.slow

@@ -65,7 +65,8 @@ def model_run_options(*, purpose: str = ""):
         click.option("--device", default="auto", show_default=True, help=f"{purpose}auto, cpu, cuda, cuda:1, ..."),
         click.option("--adapt", type=click.Choice(ADAPT_MODES), default="none", show_default=True,
                      help=f"{purpose}bn: re-estimate the model's BatchNorm statistics on each slide's own tissue "
-                          "(test-time adaptation to a new scanner; the checkpoint is not changed)."),
+                          "(test-time adaptation to a new scanner; the checkpoint is not changed); tent: that, then "
+                          "10 entropy-minimisation steps on the BatchNorm weights per slide."),
         click.option("--stain-norm", type=click.Choice(("checkpoint", *STAIN_METHODS)), default="checkpoint",
                      show_default=True, help=f"{purpose}checkpoint: the stain normalisation the model was trained "
                                              "with (none if it had none); none: off; macenko / reinhard: to --stain-ref."),

@@ -128,6 +128,10 @@ def _brief(res, spec: SummarySpec) -> str:
     if artefacts:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(artefacts.items()))
         parts.append(f"[yellow]QC: {qc.get('excluded', 0)} windows excluded ({counts})[/]")
+    shift = getattr(res, "shift", None) or {}
+    if shift.get("warn"):
+        parts.append(f"[bold yellow]domain shift {shift['score']:.1f}x the farthest training slide (nearest domain "
+                     f"{escape(str(shift['nearest']))}): outside what the model was trained on[/]")
     if getattr(res, "resumed", False):
         parts.append("resumed")
     if getattr(res, "note", None):

@@ -12,6 +12,9 @@ When it hurts: with few tissue windows (the statistics of a handful of patches a
 shift (a slide that is nearly all tumour or all stroma moves the statistics away from what the
 model's later layers expect). Models without BatchNorm (MiT / SegFormer encoders use LayerNorm)
 are refused with one line.
+
+The domain-shift score (`model.shift`) is measured on the unadapted model: each adaptation batch
+also goes once through the checkpoint's statistics, and the adapted prediction is not counted.
 """
 from __future__ import annotations
 
@@ -49,9 +52,15 @@ def adapted_batchnorm(predictor, batches):
                 m.reset_running_stats()
                 m.momentum = None  # a cumulative average over every batch below
                 m.train()
+            meter = predictor.meter  # the shift score sees the unadapted model on these windows
             for batch in batches:
                 x = predictor.normalizer(batch.to(predictor.device).permute(0, 3, 1, 2))
-                predictor.model(x if predictor.placement.channels_last else x.contiguous())
+                x = x if predictor.placement.channels_last else x.contiguous()
+                if meter is not None:
+                    meter.active = True
+                    _unadapted_forward(predictor.model, layers, saved, x)
+                    meter.active = False  # not the estimating pass, nor the adapted prediction after it
+                predictor.model(x)
         for m in layers:
             m.eval()
         yield len(layers)
@@ -65,20 +74,48 @@ def adapted_batchnorm(predictor, batches):
                 m.eval()
 
 
+def _unadapted_forward(model, layers, saved, x) -> None:
+    """One forward of `x` with the checkpoint's statistics (eval mode), leaving the statistics being
+    estimated as they were."""
+    import torch
+
+    current = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    for m, (mean, var, _, _) in zip(layers, saved):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.eval()
+    model(x)
+    with torch.no_grad():
+        for m, (mean, var, tracked) in zip(layers, current):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(tracked)
+            m.train()
+
+
 @contextmanager
 def adapted_to(predictor, tissue, read):
-    """Inside: with `--adapt bn`, the model adapted to one slide (or store) whose windows have
+    """Inside: with `--adapt bn` or `tent`, the model adapted to one slide (or store) whose windows have
     these `tissue` fractions and are read by `read(i)`; yields what was done (for done.json), or
     None without `--adapt`."""
-    if predictor.options.adapt != "bn":
+    mode = predictor.options.adapt
+    if mode not in ("bn", "tent"):
         yield None
         return
     picks = adaptation_windows(tissue)
     if len(picks) < MIN_WINDOWS:
         yield f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)"
         return
-    with adapted_batchnorm(predictor, window_batches(read, picks, predictor.options.batch_size)):
-        yield f"bn: statistics of {len(picks)} windows"
+    batches = window_batches(read, picks, predictor.options.batch_size)
+    if mode == "bn":
+        with adapted_batchnorm(predictor, batches):
+            yield f"bn: statistics of {len(picks)} windows"
+        return
+    from .tent import adapted_tent
+
+    with adapted_tent(predictor, list(batches)) as losses:
+        yield (f"tent: statistics of {len(picks)} windows, {len(losses)} entropy steps "
+               f"(entropy {losses[0]:.4f} at the first, {losses[-1]:.4f} at the last)")
 
 
 def window_batches(read, indices, batch_size: int):

@@ -15,6 +15,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 | `stitching` | chunk, cache_chunks, max_alive, spilled, reloaded |
 | `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result |
 | `stain_unnormalised` | windows stain normalisation left as they were (too little tissue), when it is on |
+| `shift` | the domain-shift score (`model.shift`): score (x the farthest training slide), raw, nearest (training domain), percentile (of training slides closer), warn, windows, calibration_slides; null when the checkpoint has no reference (trained before it) |
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ class PredictOptions:
     overlap: float = 0.5  # < 1: fraction of the tile; >= 1: pixels
     batch_size: int = 8
     tta: str = "none"
-    adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt)
+    adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt); "tent": and entropy steps (inference.tent)
     stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
     stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
     geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
@@ -53,7 +53,7 @@ class PredictOptions:
         if self.tta not in TTA_MODES:
             bad(f"--tta {self.tta!r}: choose {' or '.join(TTA_MODES)}")
         if self.adapt not in ADAPT_MODES:
-            bad(f"--adapt {self.adapt!r}: choose {' or '.join(ADAPT_MODES)}")
+            bad(f"--adapt {self.adapt!r}: choose {', '.join(ADAPT_MODES)}")
         if not 0 < self.threshold < 1:
             bad(f"--threshold {self.threshold} must be between 0 and 1 (exclusive)")
         if self.amp not in MODES:

@@ -47,6 +47,7 @@ class PredictResult(BatchResult):
     timings: dict = field(default_factory=dict)
     adaptation: str | None = None  # --adapt: what was done for this slide
     qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts", "area_mm2"} (excluded tissue)
+    shift: dict | None = None  # the domain-shift score (model.shift.slide_shift), when the checkpoint has a reference
 
 
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
@@ -98,6 +99,7 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
         result.tumor_area_mm2 = done.get("tumor_area_mm2")
         result.bad_windows = int(done.get("windows", {}).get("bad", 0))
         result.qc = qc_summary(done.get("qc"))
+        result.shift = done.get("shift")
         return False
     if out.exists():
         result.resumed = done is None
@@ -119,12 +121,14 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
         progress(total=count, done=0)
     try:
         t = time.perf_counter()
+        pred.start_shift()
         with adapted_to(pred, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
-            if result.adaptation and result.adaptation.startswith("bn"):
+            if result.adaptation and not result.adaptation.startswith("none"):
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
             bad = runner.run()
+        result.shift = pred.end_shift()
         timings.update(runner.clock)
         t = time.perf_counter()
         acc.close()
@@ -214,6 +218,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             "qc": qc,
             "stitching": stitching,
             "adaptation": result.adaptation,
+            "shift": result.shift,
             "stain_unnormalised": None if stain is None else {"patches": stain.fallbacks - stain_before[0],
                                                               "of": stain.seen - stain_before[1]},
             "tumor_pixels": prob.tumor_px,

@@ -64,11 +64,16 @@ class Predictor:
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self._check_shapes()
-        if options.adapt == "bn":
+        self.meter = None  # the domain-shift score's feature statistics (model.shift), when the checkpoint has a reference
+        if config.shift:
+            from ..model.shift import FeatureMeter
+
+            self.meter = FeatureMeter(self.model)
+        if options.adapt in ("bn", "tent"):
             from .adapt import batchnorm_layers
 
             if not batchnorm_layers(self.model):
-                raise PredictError(where, f"--adapt bn: this model ({config.arch}-{config.encoder}) has no BatchNorm layers "
+                raise PredictError(where, f"--adapt {options.adapt}: this model ({config.arch}-{config.encoder}) has no BatchNorm layers "
                                           f"(transformer encoders such as MiT normalise with LayerNorm); predict without --adapt")
 
     @classmethod
@@ -120,10 +125,14 @@ class Predictor:
                 return self._prob(self._logits(x))
             total = None
             for dims in ((), (2,), (1,), (1, 2)):  # NHWC: 2 = width, 1 = height
+                if self.meter is not None:  # the shift score counts each window once, and measures every flip
+                    self.meter.counting = not dims
                 xi = x.flip(dims) if dims else x
                 p = self._prob(self._logits(xi))
                 p = p.flip(dims) if dims else p  # (N, H, W): the same dims
                 total = p if total is None else total + p
+            if self.meter is not None:
+                self.meter.counting = True
             return total / 4
 
     def weighted(self, batch):
@@ -142,6 +151,22 @@ class Predictor:
         import torch
 
         return torch.empty((self.options.batch_size, self.tile, self.tile), dtype=torch.float32, pin_memory=self.cuda)
+
+    def start_shift(self) -> None:
+        """A new slide: its feature statistics start from nothing."""
+        if self.meter is not None:
+            self.meter.take()
+            self.meter.active = True
+
+    def end_shift(self) -> dict | None:
+        """The slide's domain-shift score (`model.shift.slide_shift`), or None without a reference."""
+        if self.meter is None:
+            return None
+        from ..model.shift import slide_shift
+
+        self.meter.active = True
+        windows = self.meter.images
+        return slide_shift(self.config.shift, self.meter.take(), windows)
 
     def describe(self) -> dict:
         mc = self.config

@@ -27,7 +27,7 @@ table{border-collapse:collapse}th,td{border-bottom:1px solid #ddd;padding:.35em 
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0;user-select:none}th:hover{background:#e8e8e8}
 td.n{text-align:right;font-variant-numeric:tabular-nums}img{display:block;max-width:160px;max-height:160px}
 .failed{color:#b00020;font-weight:600}.done{color:#1b7f3b}.skipped{color:#555}tr.failed-row{background:#fff3f3}
-.msg{max-width:28em;font-size:.92em;color:#555}"""
+.msg{max-width:28em;font-size:.92em;color:#555}td.warn{color:#a15c00;font-weight:600;background:#fff6e0}"""
 
 SCRIPT = """function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),
 b=t.tBodies[0],up=th.dataset.dir!=='up';th.dataset.dir=up?'up':'down';
@@ -38,7 +38,7 @@ r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
 addEventListener('load',()=>{const m=location.hash.match(/^#sort=(.+)$/);if(!m)return;const q=decodeURIComponent(m[1]).toLowerCase();
 for(const th of document.querySelectorAll('th'))if(th.textContent.toLowerCase().startsWith(q)){sortBy(th);break}})"""
 
-HEADERS = ("overlay", "slide", "status", "tumour mm²", "windows", "QC excluded mm²", "seconds", "error / note")
+HEADERS = ("overlay", "slide", "status", "tumour mm²", "windows", "QC excluded mm²", "domain shift", "seconds", "error / note")
 
 
 def thumbnail_uri(path: Path, size: int = THUMB_PX) -> str | None:
@@ -74,7 +74,20 @@ def _row(row: dict, out_dir: Path) -> str:
     return (f'<tr class="{"failed-row" if status == "failed" else ""}"><td data-v="">{img}</td>'
             f"{_cell(row.get('name'))}<td class=\"{html.escape(status)}\">{html.escape(status)}</td>"
             f"{_cell(row.get('tumor_area_mm2'), True, 2)}{_cell(None if status == 'failed' else row.get('windows'), True, 0)}"
-            f"{_cell(row.get('qc_area_mm2'), True, 2)}{_cell(row.get('seconds'), True, 1)}<td class=\"msg\">{html.escape(str(message))}</td></tr>")
+            f"{_cell(row.get('qc_area_mm2'), True, 2)}{_shift_cell(row)}{_cell(row.get('seconds'), True, 1)}"
+            f"<td class=\"msg\">{html.escape(str(message))}</td></tr>")
+
+
+def _shift_cell(row: dict) -> str:
+    """The domain-shift score (x the farthest training slide), marked when it warns."""
+    score = row.get("shift_score")
+    if score in (None, ""):
+        return '<td class="n" data-v="-1"></td>'
+    warn = str(row.get("shift_warn")).lower() == "true"
+    title = html.escape(f"nearest training domain: {row.get('shift_nearest')}; farther than {row.get('shift_percentile')}% "
+                        f"of the training slides")
+    return (f'<td class="n{" warn" if warn else ""}" data-v="{float(score)}" title="{title}">'
+            f'{float(score):.2f}{" ⚠" if warn else ""}</td>')
 
 
 def report_html(rows: list[dict], out_dir: Path, title: str = "histodg predict") -> str:

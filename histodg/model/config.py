@@ -6,7 +6,8 @@
 
 Everything `histodg predict` needs to run a model as it was trained is here: the network
 (arch, encoder, classes), its labels, the resolution and window it saw (mpp, tile size), the
-input normalisation, and for the record the method, its settings and the loss.
+input normalisation, the training domains' feature statistics (the domain-shift score), and for
+the record the method, its settings and the loss.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class ModelConfig:
     hparams: dict = field(default_factory=dict)
     loss: str = "bce"
     augmentation: dict | None = None  # {"preset": ..., settings...} it was trained with
+    shift: dict | None = None  # the training domains' description for the domain-shift score (model.shift)
     version: int = MODEL_CONFIG_VERSION
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ GPUs, gloo on CPUs), each rank samples its own patches, and rank 0 validates and
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ from ..files import write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
+from ..model.normalize import Normalizer
 from .config import TrainConfig
 from .data import label_set, load_stores
 from .methods import SegTask
+from .shift_reference import shift_reference
 from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
 from .stain_reference import stain_reference
@@ -190,6 +193,29 @@ class Trainer:
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None) -> dict:
         return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record)
 
+    def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:
+        """The training domains' description (`model.shift`) into best.pt and, for the final
+        weights, into the model config last.pt gets; best.pt's own weights when they differ."""
+        norm = self.model_config.normalization
+        normalizer = Normalizer(norm.mean, norm.std, rt.device, rt.placement.channels_last, norm.stain)
+        final = shift_reference(model, normalizer, stages, rt.device)
+        best_path = self.out / "best.pt"
+        if best_path.exists():
+            best = load_checkpoint(best_path)
+            net = getattr(model, "module", model)
+            current = net.state_dict()
+            if all(torch.equal(v, current[k].detach().cpu()) for k, v in best["model_state"].items()):
+                ref = final
+            else:
+                other = copy.deepcopy(net)
+                other.load_state_dict(best["model_state"])
+                ref = shift_reference(other, normalizer, stages, rt.device)
+            best["model_config"] = self.model_config.replace(shift=ref).to_dict()
+            save_checkpoint(best_path, best)
+        self.model_config = self.model_config.replace(shift=final)
+        if not best_path.exists():
+            save_checkpoint(best_path, self._payload(model, st, final=True, light=True, record=last))
+
     def _finish(self, model, stages, st: TrainState, rt: Runtime) -> dict:
         checks = [params_checksum(model)]
         if rt.world > 1:
@@ -199,8 +225,7 @@ class Trainer:
         if not rt.main:
             return {}
         last = st.history[-1] if st.history else {}
-        if not (self.out / "best.pt").exists():
-            save_checkpoint(self.out / "best.pt", self._payload(model, st, final=True, light=True, record=last))
+        self._describe_domains(model, stages, rt, st, last)
         result = {"run_dir": str(self.out), "stages": [s.summary() for s in stages], "epochs_run": len(st.history),
                   "global_step": st.global_step, "final": last,
                   "best_val_dice": st.best if any(s.val for s in stages) else None,

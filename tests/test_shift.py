@@ -1,0 +1,157 @@
+"""The domain-shift score (`model.shift`): training domains described in the checkpoint, each
+predicted slide scored against them, calibrated on the training slides, warned about."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny_checkpoint
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.model.checkpoint import load_checkpoint, save_checkpoint
+from histodg.model.shift import FeatureMeter, Moments, divergence, fit_reference, slide_shift
+from histodg.slides.inputs import SlideJob
+from histodg.summary import read_rows
+from histodg.training.augment import stain_jitter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TILE, MPP = 64, 1.0
+
+
+def _patches(rgb: np.ndarray, step: int = TILE) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    out = [rgb[y:y + TILE, x:x + TILE] for y in range(0, h - TILE + 1, step) for x in range(0, w - TILE + 1, step)]
+    return np.stack([p for p in out if (p.mean(-1) < 200).mean() > 0.5])  # tissue patches
+
+
+def _moments(model, normalizer, patches: np.ndarray) -> Moments:
+    meter = FeatureMeter(model)
+    with torch.inference_mode():
+        model(normalizer(torch.from_numpy(patches).permute(0, 3, 1, 2)))
+    meter.remove()
+    return meter.take()
+
+
+@pytest.fixture(scope="module")
+def he(data_dir) -> np.ndarray:
+    with Image.open(data_dir / "he_carcinoma_1000.png") as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, he):
+    """A tiny checkpoint whose training domains are the real H&E image's halves, a quarter a slide."""
+    path = tiny_checkpoint(tmp_path_factory.mktemp("ck") / "ck.pt", mpp=MPP, tile=TILE, seed=2)
+    pred = Predictor.from_checkpoint(path, PredictOptions(device="cpu"))
+    q = {"top": he[:500], "bottom": he[500:]}
+    per = {d: {f"{d}-{k}": _moments(pred.model, pred.normalizer, _patches(half[:, k * 500:(k + 1) * 500]))
+               for k in (0, 1)} for d, half in q.items()}
+    ck = load_checkpoint(path)
+    ck["model_config"]["shift"] = fit_reference(per)
+    save_checkpoint(path, ck)
+    return path
+
+
+def _slide(tmp_path, name: str, rgb: np.ndarray) -> SlideJob:
+    Image.fromarray(np.ascontiguousarray(rgb)).save(tmp_path / f"{name}.png")
+    return SlideJob(tmp_path / f"{name}.png", name, mpp=MPP)
+
+
+def _restained(rgb: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float()
+    y = stain_jitter(x, torch.tensor([[1.5, 0.6, 1.0]]), torch.tensor([[0.05, -0.05, 0.0]]), None)
+    return y[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy()
+
+
+def test_divergence_is_zero_on_itself_and_grows_with_the_gap():
+    rng = np.random.default_rng(0)
+    mean, var = [rng.normal(size=8)], [rng.uniform(0.5, 2, 8)]
+    assert divergence(mean, var, mean, var) == pytest.approx(0.0, abs=1e-12)
+    gaps = [divergence([mean[0] + d], var, mean, var) for d in (0.1, 0.5, 1.0)]
+    assert 0 < gaps[0] < gaps[1] < gaps[2]
+    assert divergence(mean, [var[0] * 4], mean, var) == pytest.approx(divergence(mean, var, mean, [var[0] * 4]))
+
+
+def test_the_reference_pools_domains_and_calibrates_each_slide_left_out(checkpoint):
+    ref = load_checkpoint(checkpoint)["model_config"]["shift"]
+    assert set(ref["domains"]) == {"top", "bottom"} and all(d["slides"] == 2 for d in ref["domains"].values())
+    assert [len(m) for m in ref["domains"]["top"]["mean"]] == [64, 64, 128, 256, 512]  # resnet18's stages
+    assert len(ref["calibration"]) == 4 and ref["calibration"] == sorted(ref["calibration"]) and ref["calibration"][0] > 0
+
+
+@pytest.mark.slow
+def test_a_restained_or_rescaled_slide_scores_higher_and_a_flipped_one_the_same(tmp_path, checkpoint, he):
+    pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", batch_size=8, qc="off", tta="flip"))
+    crop = he[:512, :512]
+    small = np.asarray(Image.fromarray(he[:1000, :1000]).resize((512, 512), Image.BILINEAR))  # about half the resolution
+    variants = {"plain": crop, "flipped": crop[::-1, ::-1], "restained": _restained(crop), "rescaled": small}
+    shift = {}
+    for name, rgb in variants.items():
+        r = predict_slide(pred, _slide(tmp_path, name, rgb), tmp_path / "out")
+        assert r.status == "done", r.error
+        shift[name] = r.shift
+        assert json.loads((tmp_path / "out" / name / "done.json").read_text())["shift"] == r.shift
+    assert shift["plain"]["windows"] > 30 and shift["plain"]["calibration_slides"] == 4
+    assert not shift["plain"]["warn"] and shift["plain"]["nearest"] == "top"  # the crop is the top-left quarter
+    assert shift["flipped"]["score"] == pytest.approx(shift["plain"]["score"], rel=1e-2)  # --tta flip measures every flip
+    assert shift["restained"]["score"] > 3 * shift["plain"]["score"]
+    assert shift["rescaled"]["score"] > 1.5 * shift["plain"]["score"]
+
+
+@pytest.mark.slow
+def test_predict_warns_per_slide_and_the_summary_and_report_carry_the_score(tmp_path, checkpoint, he, cli):
+    crop = he[:512, :512]
+    blue = np.clip(crop.astype(np.float32) * (0.6, 0.7, 1.0), 0, 255).astype(np.uint8)  # a scanner with a strong blue cast
+    plain, foreign = _slide(tmp_path, "plain", crop), _slide(tmp_path, "foreign", blue)
+    r = cli("predict", checkpoint, plain.path, foreign.path, "-o", tmp_path / "out", "--device", "cpu", "--mpp-override", MPP,
+            "--qc", "off")
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in read_rows(tmp_path / "out")}
+    assert rows["foreign"]["shift_warn"] is True and rows["plain"]["shift_warn"] is False
+    assert rows["foreign"]["shift_score"] > 1 > rows["plain"]["shift_score"]
+    assert rows["foreign"]["shift_nearest"] in ("top", "bottom") and 0 <= rows["plain"]["shift_percentile"] <= 100
+    warned = [line for line in r.output.splitlines() if "domain shift" in line]
+    assert len(warned) == 1 and "foreign" in warned[0], r.output
+    assert "shift_score" in (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "domain shift" in html and html.count('class="n warn"') == 1
+    # a rerun skips both slides and still reports their scores (from done.json)
+    again = cli("predict", checkpoint, plain.path, foreign.path, "-o", tmp_path / "out", "--device", "cpu",
+                "--mpp-override", MPP, "--qc", "off", "--json")
+    got = {x["name"]: x for x in json.loads(again.stdout)}
+    assert {x["status"] for x in got.values()} == {"skipped"}
+    assert got["foreign"]["shift"]["score"] == rows["foreign"]["shift_score"] and got["foreign"]["shift"]["warn"]
+
+
+def test_no_reference_no_score(tmp_path, he):
+    pred = Predictor.from_checkpoint(tiny_checkpoint(tmp_path / "old.pt", mpp=MPP, tile=TILE),
+                                     PredictOptions(device="cpu", qc="off"))
+    r = predict_slide(pred, _slide(tmp_path, "s", he[:256, :256]), tmp_path / "out")
+    assert r.status == "done" and r.shift is None and pred.meter is None
+    assert json.loads((tmp_path / "out" / "s" / "done.json").read_text())["shift"] is None
+
+
+@pytest.mark.slow
+def test_adapt_bn_scores_the_unadapted_model(tmp_path, checkpoint, he):
+    """With --adapt bn the score comes from the adaptation windows through the checkpoint's
+    statistics: on a slide whose every tissue window adapts, the same as without --adapt."""
+    job = _slide(tmp_path, "s", _restained(he[:256, :256]))
+    got = {}
+    for adapt in ("none", "bn"):
+        pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", adapt=adapt, batch_size=8, qc="off"))
+        r = predict_slide(pred, job, tmp_path / adapt)
+        assert r.status == "done", r.error
+        got[adapt] = r.shift
+    assert got["bn"]["windows"] == got["none"]["windows"] <= 64
+    assert got["bn"]["raw"] == pytest.approx(got["none"]["raw"], rel=1e-3)
+
+
+def test_slide_shift_without_calibration_reports_raw_only():
+    m = Moments([10.0], [np.ones(4)], [np.full(4, 2.0)])
+    ref = fit_reference({"only": {"a": m}})
+    assert ref["calibration"] == []  # one slide of one domain: nothing to leave it out against
+    out = slide_shift(ref, m, 3)
+    assert out["score"] is None and out["warn"] is False and out["raw"] == pytest.approx(0.0, abs=1e-9)
