@@ -113,8 +113,10 @@ def test_predict_warns_per_slide_and_the_summary_and_report_carry_the_score(tmp_
     assert rows["foreign"]["shift_warn"] is True and rows["plain"]["shift_warn"] is False
     assert rows["foreign"]["shift_score"] > 1 > rows["plain"]["shift_score"]
     assert rows["foreign"]["shift_nearest"] in ("top", "bottom") and 0 <= rows["plain"]["shift_percentile"] <= 100
-    warned = [line for line in r.output.splitlines() if "domain shift" in line]
-    assert len(warned) == 1 and "foreign" in warned[0], r.output
+    warned = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "foreign: domain shift" in warned[0] and "nearest training domain" in warned[0], r.output
+    header = next(line for line in r.output.splitlines() if "input" in line and "status" in line)
+    assert "shift" in header, r.output  # a column of the summary table
     assert "shift_score" in (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "domain shift" in html and html.count('class="n warn"') == 1

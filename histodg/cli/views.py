@@ -130,8 +130,7 @@ def _brief(res, spec: SummarySpec) -> str:
         parts.append(f"[yellow]QC: {qc.get('excluded', 0)} windows excluded ({counts})[/]")
     shift = getattr(res, "shift", None) or {}
     if shift.get("warn"):
-        parts.append(f"[bold yellow]domain shift {shift['score']:.1f}x the farthest training slide (nearest domain "
-                     f"{escape(str(shift['nearest']))}): outside what the model was trained on[/]")
+        parts.append(f"[bold yellow]domain shift {shift['score']:.1f}[/]")
     if getattr(res, "resumed", False):
         parts.append("resumed")
     if getattr(res, "note", None):
@@ -146,14 +145,22 @@ def print_summary(results, verb: str, spec: SummarySpec) -> None:
     for col, kw in [("input", {}), ("status", {}), (count_label, {"justify": "right"}), (area_label, {"justify": "right"}),
                     ("bad windows", {"justify": "right"}), ("seconds", {"justify": "right"}), ("note", {"overflow": "fold"})]:
         table.add_column(col, **kw)
+    shifts = any(getattr(r, "shift", None) for r in results)
+    if shifts:
+        table.add_column("shift", justify="right")
     style = {"done": "green", "skipped": "cyan", "failed": "bold red"}
     for r in results:
         area = "" if getattr(r, area_attr) is None else f"{getattr(r, area_attr):.1f}"
         note = r.error or r.note or (spec.resumed_note if r.resumed else "")
         if r.bad_windows and not r.error:
             note = f"{r.bad_windows} {spec.bad_note}"
-        table.add_row(escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(getattr(r, count_attr)), area,
-                      str(r.bad_windows or ""), f"{r.seconds:.1f}", escape(note))
+        cells = [escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(getattr(r, count_attr)), area,
+                 str(r.bad_windows or ""), f"{r.seconds:.1f}", escape(note)]
+        if shifts:
+            sh = getattr(r, "shift", None) or {}
+            score = sh.get("score")
+            cells.append("" if score is None else (f"[bold yellow]{score:.2f} ⚠[/]" if sh.get("warn") else f"{score:.2f}"))
+        table.add_row(*cells)
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     total = sum(getattr(r, count_attr) for r in results)
     area = sum(getattr(r, area_attr) or 0 for r in results)
@@ -162,6 +169,12 @@ def print_summary(results, verb: str, spec: SummarySpec) -> None:
                      f"{total} {count_label}, {area:.1f} mm² {area_word}, {bad} bad windows")
     table.caption_justify = "left"
     out.print(table)
+    for r in results:  # the domain-shift warning (predict): one line per slide outside what the model was trained on
+        shift = getattr(r, "shift", None) or {}
+        if shift.get("warn"):
+            out.print(f"[bold yellow]warning:[/] {escape(r.name)}: domain shift {shift['score']:.1f}x the farthest training "
+                      f"slide (nearest training domain {escape(str(shift['nearest']))}): outside what the model was trained "
+                      f"on; check its result before trusting it")
 
 
 def print_info(items: list[dict]) -> None:

@@ -41,15 +41,6 @@ class Moments:
     def empty(cls) -> Moments:
         return cls([], [], [])
 
-    def add_stage_sums(self, i: int, n: float, s: np.ndarray, ss: np.ndarray) -> None:
-        if i == len(self.count):
-            self.count.append(0.0)
-            self.sums.append(np.zeros_like(s))
-            self.squares.append(np.zeros_like(ss))
-        self.count[i] += n
-        self.sums[i] += s
-        self.squares[i] += ss
-
     def __bool__(self) -> bool:
         return bool(self.count) and self.count[0] > 0
 
@@ -72,10 +63,11 @@ class Moments:
 
 
 class FeatureMeter:
-    """Accumulates `Moments` of the encoder's stage outputs on every forward while `active`."""
+    """Accumulates `Moments` of the encoder's stage outputs on every forward while `active`; the
+    sums stay on the model's device until `take()`, so measuring adds no synchronisation."""
 
     def __init__(self, model):
-        self.moments = Moments.empty()
+        self._sums: list[list] = []  # per stage [positions, sums, squares], torch tensors on the device
         self.images = 0  # images measured since the last take() (while `counting`: flips of one are not more)
         self.active = True
         self.counting = True
@@ -94,13 +86,21 @@ class FeatureMeter:
             self.images += int(stages[0].shape[0]) if stages and self.counting else 0
             for i, f in enumerate(stages):
                 f = f.float()
-                s = f.sum((0, 2, 3)).double().cpu().numpy()
-                ss = (f * f).sum((0, 2, 3)).double().cpu().numpy()
-                self.moments.add_stage_sums(i, float(f.shape[0] * f.shape[2] * f.shape[3]), s, ss)
+                acc = torch.float32 if f.device.type == "mps" else torch.float64  # MPS has no float64
+                s, ss = f.sum((0, 2, 3)).to(acc), (f * f).sum((0, 2, 3)).to(acc)
+                n = float(f.shape[0] * f.shape[2] * f.shape[3])
+                if i == len(self._sums):
+                    self._sums.append([n, s, ss])
+                else:
+                    self._sums[i][0] += n
+                    self._sums[i][1] += s
+                    self._sums[i][2] += ss
 
     def take(self) -> Moments:
         """The moments so far; the meter starts again from nothing."""
-        m, self.moments, self.images = self.moments, Moments.empty(), 0
+        m = Moments([n for n, _, _ in self._sums], [s.double().cpu().numpy() for _, s, _ in self._sums],
+                    [ss.double().cpu().numpy() for _, _, ss in self._sums])
+        self._sums, self.images = [], 0
         return m
 
     def remove(self) -> None:
