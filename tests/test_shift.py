@@ -103,7 +103,7 @@ def test_a_restained_or_rescaled_slide_scores_higher_and_a_flipped_one_the_same(
 
 @pytest.mark.slow
 def test_predict_warns_per_slide_and_the_summary_and_report_carry_the_score(tmp_path, checkpoint, he, cli):
-    crop = he[:512, :512]
+    crop = he[:384, :384]
     blue = np.clip(crop.astype(np.float32) * (0.6, 0.7, 1.0), 0, 255).astype(np.uint8)  # a scanner with a strong blue cast
     plain, foreign = _slide(tmp_path, "plain", crop), _slide(tmp_path, "foreign", blue)
     r = cli("predict", checkpoint, plain.path, foreign.path, "-o", tmp_path / "out", "--device", "cpu", "--mpp-override", MPP,
