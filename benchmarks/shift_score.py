@@ -24,9 +24,7 @@ Reported per model: AUROC of the score for unseen against seen slides, the share
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,19 +39,9 @@ def seen_test_stores(dg_dir: Path) -> Path:
     """Seed-1 slides of the six seen domains, tiled as the benchmark tiles (made once)."""
     out = dg_dir / "stores" / "seen-test"
     m1 = dg_dir / "synth1" / "manifest.csv"
-    listing = dg_dir / "seen-test.csv"
-    if not listing.exists():
-        with open(m1, newline="") as f:
-            rows = list(csv.DictReader(f))
-        with open(listing, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            for r in rows:
-                dom = r["organ"] if r["task"] == "organ" else r["scanner"]
-                if dom in dg.SEEN:
-                    w.writerow({**r, "path": str(m1.parent / r["path"]), "annotation": str(m1.parent / r["annotation"])})
-    subprocess.run([str(REPO / ".venv" / "bin" / "histodg"), "tile", str(listing), "-o", str(out), "--mpp", "1.0",
-                    "--tile-size", "128", "--min-tissue", "0.5"], check=True, capture_output=True)
+    listing = dg._subset(m1, dg_dir / "seen-test.csv",
+                         lambda r: (r["organ"] if r["task"] == "organ" else r["scanner"]) in dg.SEEN)
+    dg.histodg("tile", listing, "-o", out, "--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5")  # reused when made
     return out
 
 

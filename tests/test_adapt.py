@@ -45,21 +45,22 @@ def test_the_statistics_are_the_batches_and_the_checkpoints_come_back(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in before)  # every weight and buffer as in the checkpoint
 
 
+def _predict_in_order(ck, jobs, out, adapt: str) -> dict:
+    """Predict `jobs` in this order with one Predictor; each slide's prob.zarr."""
+    pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt=adapt, batch_size=4))
+    for job in jobs:
+        r = predict_slide(pred, job, out)
+        assert r.status == "done", r.error
+    return {j.name: zarr.open_array(str(out / j.name / "prob.zarr"), mode="r")[:] for j in jobs}
+
+
 @pytest.mark.slow
 def test_slides_adapt_alone_whatever_the_order(tmp_path, two_slides):
     ck = tiny_checkpoint(tmp_path / "ck.pt", seed=1)
-
-    def run(order, out, adapt="bn"):
-        pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt=adapt, batch_size=4))
-        for job in order:
-            r = predict_slide(pred, job, tmp_path / out)
-            assert r.status == "done", r.error
-        return {j.name: zarr.open_array(str(tmp_path / out / j.name / "prob.zarr"), mode="r")[:] for j in order}
-
-    a, b = run(two_slides, "ab"), run(two_slides[::-1], "ba")
+    a, b = _predict_in_order(ck, two_slides, tmp_path / "ab", "bn"), _predict_in_order(ck, two_slides[::-1], tmp_path / "ba", "bn")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    plain = run(two_slides, "none", adapt="none")
+    plain = _predict_in_order(ck, two_slides, tmp_path / "none", "none")
     assert np.abs(a["shifted"].astype(int) - plain["shifted"].astype(int)).max() > 5  # the statistics did change it
     done = json.loads((tmp_path / "ab" / "shifted" / "done.json").read_text())
     assert done["adaptation"].startswith("bn: statistics of") and done["settings"]["adapt"] == "bn"
@@ -133,15 +134,8 @@ def test_tent_lowers_the_entropy_on_the_slide_and_puts_every_weight_back(tmp_pat
 @pytest.mark.slow
 def test_predict_with_tent_records_it_and_slides_stay_independent(tmp_path, two_slides):
     ck = tiny_checkpoint(tmp_path / "ck.pt", seed=1)
-
-    def run(order, out):
-        pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt="tent", batch_size=4))
-        for job in order:
-            r = predict_slide(pred, job, tmp_path / out)
-            assert r.status == "done", r.error
-        return {j.name: zarr.open_array(str(tmp_path / out / j.name / "prob.zarr"), mode="r")[:] for j in order}
-
-    a, b = run(two_slides, "ab"), run(two_slides[::-1], "ba")
+    a = _predict_in_order(ck, two_slides, tmp_path / "ab", "tent")
+    b = _predict_in_order(ck, two_slides[::-1], tmp_path / "ba", "tent")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     done = json.loads((tmp_path / "ab" / "shifted" / "done.json").read_text())
