@@ -54,8 +54,7 @@ def adapted_batchnorm(predictor, batches):
                 m.train()
             meter = predictor.meter  # the shift score sees the unadapted model on these windows
             for batch in batches:
-                x = predictor.normalizer(batch.to(predictor.device).permute(0, 3, 1, 2))
-                x = x if predictor.placement.channels_last else x.contiguous()
+                x = predictor.model_input(batch)
                 if meter is not None:
                     meter.active = True
                     _unadapted_forward(predictor.model, layers, saved, x)

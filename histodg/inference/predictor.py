@@ -98,12 +98,15 @@ class Predictor:
             raise PredictError(where, f"the model maps a {self.tile} px window to {tuple(out.shape)}, "
                                       f"expected (1, {self.classes}, {self.tile}, {self.tile})")
 
+    def model_input(self, batch_nhwc):
+        """(N, T, T, 3) uint8 on any device -> the model's normalised input, on its device, in its layout."""
+        x = self.normalizer(batch_nhwc.to(self.device).permute(0, 3, 1, 2))
+        return x if self.placement.channels_last else x.contiguous()
+
     def _logits(self, x_nhwc):
         import torch
 
-        x = self.normalizer(x_nhwc.permute(0, 3, 1, 2))
-        if not self.placement.channels_last:
-            x = x.contiguous()
+        x = self.model_input(x_nhwc)
         with torch.inference_mode(), autocast(self.placement):
             return self.model(x)
 

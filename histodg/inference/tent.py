@@ -34,12 +34,17 @@ def mean_entropy(logits, classes: int):
     return -(logp.exp() * logp).sum(1).mean()
 
 
+def affine_parameters(model) -> list:
+    """The BatchNorm layers' weights and biases (what Tent adapts)."""
+    return [p for m in batchnorm_layers(model) for p in (m.weight, m.bias) if p is not None]
+
+
 def entropy_steps(predictor, batches: list, steps: int = TENT_STEPS, lr: float = TENT_LR) -> list[float]:
     """`steps` Adam steps on the BatchNorm affine parameters; the entropy before each step."""
     import torch
 
     model = predictor.model
-    affine = [p for m in batchnorm_layers(model) for p in (m.weight, m.bias) if p is not None]
+    affine = affine_parameters(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -50,9 +55,9 @@ def entropy_steps(predictor, batches: list, steps: int = TENT_STEPS, lr: float =
     try:
         with torch.inference_mode(False), torch.enable_grad():
             for step in range(steps):
-                x = predictor.normalizer(batches[step % len(batches)].to(predictor.device).permute(0, 3, 1, 2))
+                x = predictor.model_input(batches[step % len(batches)])
                 with autocast(predictor.placement):
-                    loss = mean_entropy(model(x if predictor.placement.channels_last else x.contiguous()), predictor.classes)
+                    loss = mean_entropy(model(x), predictor.classes)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -70,7 +75,7 @@ def adapted_tent(predictor, batches: list):
     the checkpoint's, exactly. Yields the entropies before each step."""
     import torch
 
-    affine = [p for m in batchnorm_layers(predictor.model) for p in (m.weight, m.bias) if p is not None]
+    affine = affine_parameters(predictor.model)
     saved = [p.detach().clone() for p in affine]
     with adapted_batchnorm(predictor, batches):
         try:
