@@ -5,6 +5,7 @@ that the numbers can be trusted (DomainBed's protocol, Gulrajani and Lopez-Paz 2
     .venv/bin/python benchmarks/dg_benchmark.py --jobs 2            # every run, two at a time (resumable)
     .venv/bin/python benchmarks/dg_benchmark.py --tier 1 --jobs 2    # the first tier only
     .venv/bin/python benchmarks/dg_benchmark.py --row 'erm + stain normalisation'   # one row
+    .venv/bin/python benchmarks/dg_benchmark.py --row erm --seeds 0 1 2   # one row, three seeds
     .venv/bin/python benchmarks/dg_benchmark.py --tables             # the tables from what has run
     .venv/bin/python benchmarks/dg_benchmark.py --device cuda        # on a GPU
 
@@ -182,7 +183,7 @@ class Plan:
                 best = (score, lr)
         return best[1]
 
-    def todo(self, tiers, only=()) -> list[tuple[Row, int, str]]:
+    def todo(self, tiers, only=(), seeds=()) -> list[tuple[Row, int, str]]:
         """The runs still to make, most important first; runs that wait for a parent's choice are
         left for a later call."""
         out = []
@@ -190,6 +191,8 @@ class Plan:
             if row.tier not in tiers or (only and row.name not in only):
                 continue
             for seed in row.seeds:
+                if seeds and seed not in seeds:
+                    continue
                 if row.grid:
                     lrs = LRS
                 elif row.parent is not None:
@@ -265,7 +268,7 @@ def run_all(args) -> dict:
     prepare_data()
     tiers = {args.tier} if args.tier else {1, 2, 3}
     while True:  # rows that wait for a parent's choice become runnable as the parents finish
-        todo = plan.todo(tiers, args.row)
+        todo = plan.todo(tiers, args.row, args.seeds)
         if not todo:
             return plan.results
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -485,6 +488,7 @@ def main() -> None:
                                                                "oracles; 2: the peers; 3: ablations, protocols, from scratch)")
     ap.add_argument("--row", action="append", default=[], help="only the row of this name (repeatable), e.g. "
                                                                 "--row 'erm + stain normalisation'")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[], help="only these seeds, e.g. --seeds 0 1 2")
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
