@@ -99,6 +99,9 @@ def rows() -> list[Row]:
                      1, grid=False, parent=None, seeds=(0, 1, 2), stores=f"oracle-{dom}"))
     for name in ("stain", "mixstyle", "dsu", "coral", "fishr"):
         r.append(Row("methods", name, (*CROSS, "--method", name), 2))
+    # domain-specific BatchNorm: ERM's loss and ERM's chosen learning rate per seed; seen domains are
+    # scored through their own BatchNorm, unseen ones through the shared one re-estimated per slide
+    r.append(Row("methods", "dsbn", (*CROSS, "--method", "dsbn"), 2, grid=False, parent="erm"))
     # stain normalisation (Macenko, reference fitted on the training stores) against and with augmentation;
     # a preprocessing variant of its parent, so it takes the parent's chosen learning rate per seed
     for name, parent, extra in (("erm + stain normalisation", "erm", ()),
@@ -226,18 +229,42 @@ def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
     # the checkpoint's stain normalisation too, as `histodg predict` applies it (None: without)
     norm = Normalizer(config.normalization.mean, config.normalization.std, dev, stain=config.normalization.stain)
     per_domain: dict[str, list[float]] = {}
-    with torch.inference_mode():
-        for path in find_stores([stores]):
-            s = open_store(path)
-            domain = s.attrs.organ if s.attrs.organ != "unknown" else s.attrs.scanner
+    for path in find_stores([stores]):
+        s = open_store(path)
+        name = s.attrs.organ if s.attrs.organ != "unknown" else s.attrs.scanner
+        with _batchnorm_for(model, config, norm, s, name, dev):
             tot = np.zeros(3)
-            for i in range(0, len(s), 64):
-                x = torch.from_numpy(np.asarray(s.images[i:i + 64])).permute(0, 3, 1, 2).to(dev)
-                y = torch.from_numpy(np.asarray(s.masks[i:i + 64])).to(dev)
-                pred = model(norm(x.float()))[:, 0] > 0
-                tot += np.array([a.sum() for a in batch_counts(pred, y)])
-            per_domain.setdefault(domain, []).append(dice_from(*tot))
+            with torch.inference_mode():
+                for i in range(0, len(s), 64):
+                    x = torch.from_numpy(np.asarray(s.images[i:i + 64])).permute(0, 3, 1, 2).to(dev)
+                    y = torch.from_numpy(np.asarray(s.masks[i:i + 64])).to(dev)
+                    pred = model(norm(x.float()))[:, 0] > 0
+                    tot += np.array([a.sum() for a in batch_counts(pred, y)])
+        per_domain.setdefault(name, []).append(dice_from(*tot))
     return {d: float(np.mean(v)) for d, v in per_domain.items()}
+
+
+def _batchnorm_for(model, config, norm, store, name: str, dev):
+    """A DSBN model, as `histodg predict` runs it: a training domain through its own BatchNorm,
+    any other through the shared one with the store's statistics (AdaBN). Others: as they are."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    from histodg.inference.adapt import adaptation_windows, adapted_batchnorm
+    from histodg.model.domain_bn import domain
+
+    names = config.domain_bn or []
+    if not names:
+        return nullcontext()
+    if name in names:
+        return domain(model, names.index(name))
+    picks = adaptation_windows(store.tissue)
+    batches = [torch.from_numpy(np.stack([np.asarray(store.images[int(i)]) for i in picks[a:a + 16]]))
+               for a in range(0, len(picks), 16)]
+    shim = SimpleNamespace(model=model, meter=None, model_input=lambda b: norm(b.to(dev).permute(0, 3, 1, 2).float()))
+    return adapted_batchnorm(shim, batches)
 
 
 def run_dir_of(table: str, name: str, seed: int, lr: str) -> Path:

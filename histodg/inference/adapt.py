@@ -93,11 +93,35 @@ def _unadapted_forward(model, layers, saved, x) -> None:
 
 
 @contextmanager
-def adapted_to(predictor, tissue, read):
-    """Inside: with `--adapt bn` or `tent`, the model adapted to one slide (or store) whose windows have
-    these `tissue` fractions and are read by `read(i)`; yields what was done (for done.json), or
-    None without `--adapt`."""
-    mode = predictor.options.adapt
+def slide_batchnorm(predictor, job, tissue, read):
+    """`adapted_to`, and for a DSBN model (`model.domain_bn`) the BatchNorm a slide is predicted
+    with: its domain's slot when its organ or scanner is one of the model's domains, otherwise the
+    shared slot with the slide's own statistics (AdaBN, or `--adapt tent`). An explicit `--adapt`
+    adapts the shared slot for every slide. Yields what was done, for done.json."""
+    names = predictor.config.domain_bn
+    if not names:
+        with adapted_to(predictor, tissue, read) as note:
+            yield note
+        return
+    from ..model.domain_bn import domain
+
+    name = next((d for d in (job.organ, job.scanner) if d in names), None)
+    if name is not None and predictor.options.adapt == "none":
+        with domain(predictor.model, names.index(name)):
+            yield f"dsbn: the BatchNorm of {name}"
+        return
+    mode = "bn" if predictor.options.adapt == "none" else predictor.options.adapt
+    why = "asked for" if predictor.options.adapt != "none" else "not one of the model's domains"
+    with adapted_to(predictor, tissue, read, mode) as note:
+        yield f"{note} (dsbn: shared BatchNorm; {why})"
+
+
+@contextmanager
+def adapted_to(predictor, tissue, read, mode: str | None = None):
+    """Inside: with `--adapt bn` or `tent` (or `mode`), the model adapted to one slide (or store)
+    whose windows have these `tissue` fractions and are read by `read(i)`; yields what was done
+    (for done.json), or None without `--adapt`."""
+    mode = mode or predictor.options.adapt
     if mode not in ("bn", "tent"):
         yield None
         return

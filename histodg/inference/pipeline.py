@@ -25,7 +25,7 @@ from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from ..slides.qc import WindowQC
-from .adapt import adapted_to
+from .adapt import slide_batchnorm
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
@@ -108,8 +108,8 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
     return True
 
 
-def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path, progress,
-            timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
+def _stitch(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path,
+            progress, timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
     """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats,
     what the artefact QC found)."""
     o = pred.options
@@ -122,8 +122,8 @@ def _stitch(pred: Predictor, slide, plan: WindowPlan, count: int, prob: Probabil
     try:
         t = time.perf_counter()
         pred.start_shift()
-        with adapted_to(pred, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
-            if result.adaptation and not result.adaptation.startswith("none"):
+        with slide_batchnorm(pred, job, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
+            if result.adaptation and result.adaptation.startswith(("bn", "tent")):
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
@@ -186,7 +186,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching, qc = _stitch(pred, slide, plan, count, prob, out, progress, timings, result)
+        bad, stitching, qc = _stitch(pred, job, slide, plan, count, prob, out, progress, timings, result)
         excluded = qc.pop("excluded_windows") if qc else []
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)

@@ -63,12 +63,13 @@ def checkpoint_config(ckpt: dict, path="checkpoint") -> ModelConfig:
 def model_from_checkpoint(ckpt: dict, path="checkpoint"):
     """(model with the checkpoint's weights, its ModelConfig)."""
     from .build import build_model
+    from .domain_bn import load_model_state
 
     mc = checkpoint_config(ckpt, path)
     try:
         model = build_model(mc.arch, mc.encoder, "none", mc.classes)
-        model.load_state_dict(ckpt["model_state"])
-    except (KeyError, RuntimeError) as exc:
+        load_model_state(model, ckpt["model_state"])
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(path, f"cannot rebuild the model ({exc_line(exc)})") from None
     except HistodgError as exc:  # an architecture or encoder this smp does not know: name the file too
         raise CheckpointError(path, f"cannot rebuild the model: {exc}") from None

@@ -6,7 +6,8 @@
 
 Everything `histodg predict` needs to run a model as it was trained is here: the network
 (arch, encoder, classes), its labels, the resolution and window it saw (mpp, tile size), the
-input normalisation, the training domains' feature statistics (the domain-shift score), and for
+input normalisation, the training domains' feature statistics (the domain-shift score), the
+domains of a DSBN model's BatchNorm slots, and for
 the record the method, its settings and the loss.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ModelConfig:
     loss: str = "bce"
     augmentation: dict | None = None  # {"preset": ..., settings...} it was trained with
     shift: dict | None = None  # the training domains' description for the domain-shift score (model.shift)
+    domain_bn: list | None = None  # --method dsbn: the domains of its BatchNorm slots, in slot order (model.domain_bn)
     version: int = MODEL_CONFIG_VERSION
 
     def __post_init__(self):

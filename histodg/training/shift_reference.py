@@ -38,8 +38,10 @@ def store_moments(model, normalizer, images, indices, device) -> Moments:
         meter.remove()
 
 
-def shift_reference(model, normalizer, stages, device, per_store: int = PER_STORE) -> dict | None:
-    """The description of every training domain of `stages`, for the current weights of `model`."""
+def shift_reference(model, normalizer, stages, device, per_store: int = PER_STORE, domain_bn=None) -> dict | None:
+    """The description of every training domain of `stages`, for the current weights of `model`;
+    a DSBN model (`domain_bn`: its slots' domains) describes each domain through its own slot."""
+    from ..model.domain_bn import domain_context
     from ..store import open_store
 
     net = getattr(model, "module", model)
@@ -51,7 +53,8 @@ def shift_reference(model, normalizer, stages, device, per_store: int = PER_STOR
             for domain, parts in stage.train.items():
                 for part in parts:
                     images = open_store(part.store.path).images
-                    m = store_moments(net, normalizer, images, _patch_indices(part, per_store), device)
+                    with domain_context(net, domain_bn, domain):
+                        m = store_moments(net, normalizer, images, _patch_indices(part, per_store), device)
                     key = str(part.store.path)
                     have = per.setdefault(domain, {})
                     have[key] = have[key] + m if key in have else m

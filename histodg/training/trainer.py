@@ -31,6 +31,7 @@ from ..files import write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
+from ..model.domain_bn import load_model_state
 from ..model.normalize import Normalizer
 from .config import TrainConfig
 from .data import label_set, load_stores
@@ -97,7 +98,7 @@ class Trainer:
         np.random.seed(cfg.seed + rt.rank)
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
         if self._resume_model_state is not None:
-            model.load_state_dict(self._resume_model_state)
+            load_model_state(model, self._resume_model_state)
         return place_model(model, rt.placement)
 
     def run(self) -> dict:
@@ -119,7 +120,8 @@ class Trainer:
             arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
             loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
-            normalization=Normalization(stain=stain))
+            normalization=Normalization(stain=stain),
+            domain_bn=list(stages[-1].domain_names) if cfg.method == "dsbn" else None)
         if rt.main:
             write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
                 "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),
@@ -185,9 +187,13 @@ class Trainer:
             self.cb.on_epoch(record)
 
     def validate(self, run: StageRun, parts_by_domain: dict) -> dict:
-        cfg = self.cfg
+        cfg, names = self.cfg, run.stage.domain_names
+
+        def route(name):  # a seen domain by its index in the stage, a held-out one as None
+            return run.method.evaluation_route(names.index(name) if name in names else None)
+
         return score_domains(run.model, parts_by_domain, run.normalizer, run.rt, run.task.binary,
-                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers)
+                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers, route)
 
     # -- output --------------------------------------------------------------------------------
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None) -> dict:
@@ -198,7 +204,8 @@ class Trainer:
         weights, into the model config last.pt gets; best.pt's own weights when they differ."""
         norm = self.model_config.normalization
         normalizer = Normalizer(norm.mean, norm.std, rt.device, rt.placement.channels_last, norm.stain)
-        final = shift_reference(model, normalizer, stages, rt.device)
+        slots = self.model_config.domain_bn
+        final = shift_reference(model, normalizer, stages, rt.device, domain_bn=slots)
         best_path = self.out / "best.pt"
         if best_path.exists():
             best = load_checkpoint(best_path)
@@ -209,7 +216,7 @@ class Trainer:
             else:
                 other = copy.deepcopy(net)
                 other.load_state_dict(best["model_state"])
-                ref = shift_reference(other, normalizer, stages, rt.device)
+                ref = shift_reference(other, normalizer, stages, rt.device, domain_bn=slots)
             best["model_config"] = self.model_config.replace(shift=ref).to_dict()
             save_checkpoint(best_path, best)
         self.model_config = self.model_config.replace(shift=final)

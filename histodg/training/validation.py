@@ -1,6 +1,8 @@
 """Per-domain Dice and IoU of a model on validation or held-out patches, every epoch."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -19,8 +21,9 @@ def quiet_worker(_worker_id: int) -> None:
 
 @torch.no_grad()
 def score_domains(model, parts_by_domain: dict, normalizer, runtime, binary: bool, batch_size: int,
-                  max_patches: int, workers: int) -> dict:
-    """Dice/IoU per domain on at most `max_patches` patches each (spread evenly over its slides)."""
+                  max_patches: int, workers: int, route=None) -> dict:
+    """Dice/IoU per domain on at most `max_patches` patches each (spread evenly over its slides);
+    `route(domain)`, if given, is the context each domain is scored in (DSBN's BatchNorm slot)."""
     if not parts_by_domain:
         return {}
     was = model.training
@@ -32,7 +35,7 @@ def score_domains(model, parts_by_domain: dict, normalizer, runtime, binary: boo
                             num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
         for images, masks in loaded(loader):
             x = normalizer(images.to(device).float())
-            with autocast(runtime.placement):
+            with autocast(runtime.placement), (route(domain) if route else nullcontext()):
                 logits = model(x)
             pred = logits[:, 0] > 0 if binary else logits.argmax(1)
             board.add_batch(domain, *batch_counts(pred, masks.to(device)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .base import Method, NoHparams, SegTask, describe, parse_hparams, seg_loss
 from .coral import Coral
+from .dsbn import DSBN
 from .dsu import DSU
 from .erm import ERM
 from .fishr import Fishr
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "coral": Coral,
     "fishr": Fishr,
     "sds": SDS,
+    "dsbn": DSBN,
 }
 
 __all__ = ["METHODS", "Method", "NoHparams", "SegTask", "describe", "parse_hparams", "seg_loss"]

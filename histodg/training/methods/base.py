@@ -23,6 +23,7 @@ A new method is a file in this folder plus one entry in `METHODS` (methods/__ini
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,11 @@ class Method(nn.Module):
 
     def close(self) -> None:
         """Called by the loop when the stage ends: remove hooks this method put on the model."""
+
+    def evaluation_route(self, index: int | None):
+        """A context for scoring domain `index` of the stage (None: a held-out domain); DSBN
+        routes it to the domain's BatchNorm. Nothing for every other method."""
+        return nullcontext()
 
     # -- helpers for subclasses ------------------------------------------------------------
     @staticmethod

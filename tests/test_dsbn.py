@@ -1,0 +1,114 @@
+"""`--method dsbn`: one set of BatchNorm statistics and affine parameters per training domain
+(`model.domain_bn`), each domain's images routed to its own in training and in predict."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from helpers import make_store, tissue_field
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.model import domain_bn
+from histodg.model.build import build_model
+from histodg.model.checkpoint import load_checkpoint
+from histodg.slides.inputs import SlideJob
+from histodg.training.config import TrainConfig
+from histodg.training.trainer import Callbacks, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3, method="dsbn")
+
+
+def _stem_input(model, x):
+    """What the first BatchNorm of the encoder sees for `x`."""
+    with torch.no_grad():
+        return model.encoder.model.conv1(x) if hasattr(model.encoder, "model") else model.encoder.conv1(x)
+
+
+def test_each_domain_keeps_its_own_statistics_and_its_images_go_through_them():
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", "none", 1)
+    assert domain_bn.convert(model, 2) == len(domain_bn.domain_layers(model)) > 10
+    bn = model.encoder.bn1
+    x = torch.cat([torch.randn(3, 3, 32, 32), 2 + 3 * torch.randn(3, 3, 32, 32)])  # domain 0, then a shifted domain 1
+    model.train()
+    with domain_bn.domain(model, (3, 3)):
+        model(x)
+    for k, part in enumerate((x[:3], x[3:])):  # momentum 0.1 from 0 (mean) and 1 (var): this domain's moments only
+        f = _stem_input(model, part)
+        torch.testing.assert_close(bn.domain_mean[k], 0.1 * f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.domain_var[k], 0.9 + 0.1 * f.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert (bn.domain_mean[0] - bn.domain_mean[1]).abs().max() > 0.1
+    torch.testing.assert_close(bn.running_mean, torch.zeros_like(bn.running_mean))  # the shared slot was not used
+    domain_bn.sync_shared(model)
+    torch.testing.assert_close(bn.running_mean, bn.domain_mean.mean(0))
+    model.eval()
+    with torch.no_grad():
+        with domain_bn.domain(model, (3, 3)):
+            both = model(x)
+        with domain_bn.domain(model, 1):
+            alone = model(x[3:])
+        with domain_bn.domain(model, 0):
+            wrong = model(x[3:])
+    torch.testing.assert_close(both[3:], alone)  # an image of domain 1 goes through slot 1, whatever is beside it
+    assert (wrong - alone).abs().max() > 1e-3  # and slot 0 would have given another answer
+    assert not bn.weight.requires_grad and bn.domain_weight.requires_grad  # only the slots are trained
+
+
+def _stores(root):
+    """Two organs (stage 1), three scanners (stage 2), tinted apart."""
+    for j, organ in enumerate(("colon", "stomach")):
+        for s in range(2):
+            make_store(root / f"organ-{organ}-{s}.zarr", 12, organ=organ, seed=10 * j + s, tint=(0, 12 * j, 0))
+    for j, scanner in enumerate(("s1", "s2", "s3")):
+        for s in range(2):
+            make_store(root / f"scanner-{scanner}-{s}.zarr", 12, scanner=scanner, seed=50 + 10 * j + s,
+                       tint=(25 * j, -15 * j, 10 * j))
+    return root
+
+
+@pytest.mark.slow
+def test_dsbn_trains_resumes_and_predicts_each_slide_with_its_domains_batchnorm(tmp_path):
+    stores = _stores(tmp_path / "stores")
+    c = dict(pretrain="organ", finetune="scanner", epochs=1, val_fraction=0.25, **TINY)
+    Trainer(TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "a"), **c)).run()
+
+    class Killed(Exception):
+        pass
+
+    def stop_after_stage_1(record):
+        raise Killed
+
+    with pytest.raises(Killed):  # killed with 2 organ slots saved; stage 2 has 3 scanners
+        Trainer(TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "b"), **c),
+                callbacks=Callbacks(on_epoch=stop_after_stage_1)).run()
+    assert domain_bn.slots_in_state(load_checkpoint(tmp_path / "b" / "last.pt")["model_state"]) == 2
+    Trainer(TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "b"), **c), resume=True).run()
+    a, b = load_checkpoint(tmp_path / "a" / "best.pt"), load_checkpoint(tmp_path / "b" / "best.pt")
+    assert a["model_config"]["domain_bn"] == ["s1", "s2", "s3"] and domain_bn.slots_in_state(a["model_state"]) == 3
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    val = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+    assert set(val["domains"]) == {"s1", "s2", "s3"}  # each scored (through its own slot)
+    assert set(a["model_config"]["shift"]["domains"]) == {"colon", "stomach", "s1", "s2", "s3"}
+
+    rgb = tissue_field(200, 260, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "slide.png")
+    pred = Predictor.from_checkpoint(tmp_path / "a" / "best.pt", PredictOptions(device="cpu"))
+    probs, notes = {}, {}
+    for scanner in ("s1", "s3", "unknown"):
+        out = tmp_path / "pred" / scanner
+        predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", scanner=scanner, mpp=1.0), out)
+        notes[scanner] = json.loads((out / "slide" / "done.json").read_text())["adaptation"]
+        probs[scanner] = zarr.open_array(str(out / "slide" / "prob.zarr"), mode="r")[:]
+    assert notes["s1"] == "dsbn: the BatchNorm of s1" and notes["s3"] == "dsbn: the BatchNorm of s3"
+    assert notes["unknown"].startswith("bn: statistics of") and "not one of the model's domains" in notes["unknown"]
+    before = {k: v.clone() for k, v in pred.model.state_dict().items()}
+    assert not all(np.array_equal(probs["s1"], probs[k]) for k in ("s3", "unknown"))  # the slot changes the answer
+    again = tmp_path / "pred" / "again"
+    predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", scanner="s1", mpp=1.0), again)
+    assert np.array_equal(zarr.open_array(str(again / "slide" / "prob.zarr"), mode="r")[:], probs["s1"])
+    assert all(torch.equal(v, pred.model.state_dict()[k]) for k, v in before.items())  # nothing left adapted
