@@ -20,6 +20,7 @@ ALLOWED = {
     "model": {"constants", "files", "device"},
     "tiling": {"constants", "files", "batch", "slides", "store"},
     "training": {"constants", "files", "device", "model", "store", "evaluation.metrics"},
+    "adaptation": {"constants", "files", "device", "model", "store", "training", "tiling", "slides"},
     "inference": {"constants", "files", "device", "batch", "slides", "model"},
     "evaluation": {"constants", "files", "batch", "inference", "slides", "store"},
     "synth": {"constants", "files", "slides"},

@@ -1,8 +1,8 @@
 """histodg command line: thin Click commands over the library (parse, call, print with rich).
 
 - `options`: the option blocks `tile` and `predict` share, small parsers;
-- `tiling` (`info`, `tile`), `training` (`train`, `methods`), `inference` (`predict`,
-  `evaluate`), `synthetic` (`synth`): the commands;
+- `tiling` (`info`, `tile`), `training` (`train`, `methods`), `adapting` (`adapt`), `inference`
+  (`predict`, `evaluate`), `synthetic` (`synth`): the commands;
 - `views`: every rich table, progress bar and live view.
 
 Heavy modules (torch, smp, zarr, openslide) are imported inside command bodies so that
@@ -62,12 +62,13 @@ def quiet_readers() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
+from .adapting import adapt  # noqa: E402
 from .inference import evaluate, predict  # noqa: E402
 from .synthetic import synth  # noqa: E402
 from .tiling import info, tile  # noqa: E402
 from .training import methods, train  # noqa: E402
 
-for command in (info, tile, train, methods, synth, predict, evaluate):
+for command in (info, tile, train, methods, adapt, synth, predict, evaluate):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -253,6 +253,28 @@ class TrainView:
             + (f"  \\[held out: {held}]" if held else "") + ("  [green]best[/]" if r.get("best") else ""))
 
 
+class AdaptView:
+    """Live view of `histodg adapt`: one bar, the segmentation and alignment losses."""
+
+    def __init__(self):
+        self.progress = Progress(TextColumn("adapt"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("seg {task.fields[seg]:.4f}  align {task.fields[local]:.4f}"),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_step(self, logs: dict, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("adapt", total=total, seg=float("nan"), local=float("nan"))
+        self.progress.update(self.task, completed=logs["step"], seg=logs["seg_loss"], local=logs.get("local_loss", float("nan")))
+
+
 def print_cv(summary: dict) -> None:
     table = Table(title=f"leave-one-{summary['axis']}-out cross-validation", title_justify="left")
     for c in ("held-out domain", "Dice", "IoU"):

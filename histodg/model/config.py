@@ -50,6 +50,7 @@ class ModelConfig:
     loss: str = "bce"
     augmentation: dict | None = None  # {"preset": ..., settings...} it was trained with
     shift: dict | None = None  # the training domains' description for the domain-shift score (model.shift)
+    adaptation: dict | None = None  # `histodg adapt`: the checkpoint it started from, the target, the settings
     domain_bn: list | None = None  # --method dsbn: the domains of its BatchNorm slots, in slot order (model.domain_bn)
     version: int = MODEL_CONFIG_VERSION
 

@@ -1,0 +1,196 @@
+"""One `histodg adapt` run: a trained checkpoint fitted to a target domain without its labels.
+
+    result = adapt(AdaptConfig(checkpoint="runs/a/best.pt", source=("stores/",), target=("new/",),
+                               out_dir="runs/a-new"))
+
+Every step takes `batch_size` labelled source patches and as many target patches (flipped and
+rotated at random, the same seed giving the same run). The global part re-styles the source
+patches to the target (`styles`) and they are trained with their labels; the local part sends
+the target patches through the model too and adds the masked alignment of the two batches'
+encoder features (`align`). AdamW with cosine decay from `lr`. At the end (`bn=true`) every
+BatchNorm layer's statistics are re-estimated on target patches, the domain-shift reference
+is made again (the source domains and the target), and RUN_DIR gets `best.pt`, an ordinary
+checkpoint for `histodg predict`, then `result.json` (written last: a folder without it is
+unfinished, and a rerun starts it again). `result.json` records the measurable effect:
+`target_bn_gap`, the mean divergence between the BatchNorm layers' statistics and the
+statistics of what they see on the target patches, before and after.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..constants import UNKNOWN
+from ..files import file_sha256, write_json_atomic
+from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..model.normalize import Normalizer
+from .align import EncoderTap, masked_alignment
+from .batchnorm import bn_gap, reestimate_batchnorm
+from .config import AdaptConfig
+from .styles import MOSAIC, Restyler, fit_target_stain
+from .targets import AdaptError, target_stores
+
+BN_PATCHES = 256  # target patches the final BatchNorm statistics come from
+
+
+class Patches:
+    """Random patches (and masks) of a list of stores, read straight from zarr."""
+
+    def __init__(self, stores, masks: bool):
+        from ..store import open_store
+
+        self.stores = [open_store(s.path) for s in stores]
+        self.sizes = np.array([len(s) for s in self.stores])
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def get(self, flat: np.ndarray):
+        bounds = np.cumsum(self.sizes)
+        images, masks = [], []
+        for i in flat:
+            k = int(np.searchsorted(bounds, i, side="right"))
+            j = int(i - (bounds[k - 1] if k else 0))
+            images.append(np.asarray(self.stores[k].images[j]))
+            if self.masks:
+                masks.append(np.asarray(self.stores[k].masks[j]))
+        return np.stack(images), (np.stack(masks) if self.masks else None)
+
+    def spread(self, n: int) -> np.ndarray:
+        """`n` indices evenly spread over every patch."""
+        return np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(int))
+
+
+def _flip(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator):
+    """The same random flip and rot90 for a whole batch (NCHW images, NHW masks)."""
+    k, flip = int(torch.randint(0, 4, (1,), generator=gen)), bool(torch.randint(0, 2, (1,), generator=gen))
+    x = torch.rot90(x, k, (2, 3))
+    x = x.flip(3) if flip else x
+    if y is not None:
+        y = torch.rot90(y, k, (1, 2))
+        y = y.flip(2) if flip else y
+    return x, y
+
+
+def _domain_of(stores, fallback: str) -> str:
+    names = {s.attrs.scanner if s.attrs.scanner != UNKNOWN else s.attrs.organ for s in stores}
+    names.discard(UNKNOWN)
+    return names.pop() if len(names) == 1 else fallback
+
+
+def _prepare(cfg: AdaptConfig):
+    from ..device import resolve_device
+    from ..training.data import load_stores
+
+    out = Path(cfg.out_dir)
+    if (out / "result.json").exists() and not cfg.overwrite:
+        raise AdaptError(out, "an adapted model is here already (result.json): use --overwrite to make it again")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    model, mc = model_from_checkpoint(ckpt, cfg.checkpoint)
+    if mc.mpp is None or mc.tile_size is None:
+        raise AdaptError(cfg.checkpoint, "the checkpoint records no resolution or tile size")
+    source = load_stores(list(cfg.source))
+    out.mkdir(parents=True, exist_ok=True)
+    target = load_stores([str(p) for p in target_stores(cfg.target, out, mc.mpp, mc.tile_size, cfg.target_mpp)], require_masks=False)
+    for s in (*source, *target):
+        if s.attrs.tile_size != mc.tile_size or abs(s.attrs.mpp / mc.mpp - 1) > 0.02:
+            raise AdaptError(s.path, f"patches are {s.attrs.tile_size} px at {s.attrs.mpp:g} um/px; the model was "
+                                     f"trained on {mc.tile_size} px at {mc.mpp:g} um/px: tile it alike")
+    device = resolve_device(cfg.device, "--device", AdaptError)
+    return ckpt, model.to(device), mc, source, target, device
+
+
+def adapt(cfg: AdaptConfig, on_step=None) -> dict:
+    """Run `cfg`; returns what result.json says."""
+    from ..training.methods.base import SegTask, seg_loss
+
+    t0 = time.perf_counter()
+    hp = cfg.settings
+    ckpt, model, mc, source_refs, target_refs, device = _prepare(cfg)
+    out = Path(cfg.out_dir)
+    write_json_atomic(out / "config.json", {**cfg.to_dict(), "settings": hp.to_dict()})
+    torch.manual_seed(cfg.seed)
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    norm = mc.normalization
+    normalizer = Normalizer(norm.mean, norm.std, device, stain=norm.stain)
+    source, target = Patches(source_refs, masks=True), Patches(target_refs, masks=False)
+    probe = torch.from_numpy(target.get(target.spread(64))[0]).permute(0, 3, 1, 2).to(device)
+    gap_before = bn_gap(model, normalizer(probe))
+    restyler = None
+    if hp.global_:
+        stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
+        restyler = Restyler(hp.style, hp.global_p, hp.beta, stain, device)
+    task = SegTask(classes=mc.classes, loss=mc.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    tap = EncoderTap(model)
+    log = []
+    model.train()
+    try:
+        for step in range(cfg.steps):
+            xs, ys = source.get(rng.integers(0, len(source), cfg.batch_size))
+            xt, _ = target.get(rng.integers(0, len(target), cfg.batch_size))
+            xs, ys = _flip(torch.from_numpy(xs).permute(0, 3, 1, 2).to(device).float(), torch.from_numpy(ys).to(device), gen)
+            xt, _ = _flip(torch.from_numpy(xt).permute(0, 3, 1, 2).to(device).float(), None, gen)
+            if restyler is not None:
+                xs = restyler(xs, xt, gen)
+            seg = seg_loss(model(normalizer(xs)), ys, task)
+            loss, logs = seg, {"step": step + 1, "seg_loss": float(seg.detach())}
+            if hp.local:
+                fs = tap.take()
+                model(normalizer(xt))
+                local, gaps = masked_alignment(fs, tap.take(), hp.mask_ratio)
+                loss = loss + hp.local_weight * local
+                logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if not math.isfinite(float(loss.detach())):
+                raise AdaptError(out, f"the loss is not finite at step {step + 1}; nothing was written (try a lower --lr)")
+            log.append(logs)
+            if on_step:
+                on_step(logs, cfg.steps)
+    finally:
+        tap.remove()
+    if hp.bn:
+        reestimate_batchnorm(model, normalizer, target, BN_PATCHES, cfg.batch_size, device)
+    model.eval()
+    gap_after = bn_gap(model, normalizer(probe))
+    domain = _domain_of(target_refs, "target")
+    record = {"from": str(Path(cfg.checkpoint).resolve()), "from_sha256": file_sha256(cfg.checkpoint),
+              "target_domain": domain, "target_stores": [str(s.path) for s in target_refs],
+              "settings": hp.to_dict(), "steps": cfg.steps}
+    new_mc = mc.replace(shift=_shift_reference(model, normalizer, source_refs, target_refs, domain, mc, device),
+                        adaptation=record)
+    save_checkpoint(out / "best.pt", {"model_state": model.state_dict(), "model_config": new_mc,
+                                      "train_config": ckpt.get("train_config"), "stage": ckpt.get("stage"),
+                                      "epoch": ckpt.get("epoch"), "global_step": cfg.steps, "best": None})
+    checkpoint_config(load_checkpoint(out / "best.pt"), out / "best.pt")  # it reads back
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    result = {"run_dir": str(out), "checkpoint": str(out / "best.pt"), **record,
+              "target_bn_gap": {"before": gap_before, "after": gap_after},
+              "final": log[-1] if log else {}, "seconds": time.perf_counter() - t0}
+    write_json_atomic(out / "result.json", result)
+    return result
+
+
+def _shift_reference(model, normalizer, source_refs, target_refs, target_domain: str, mc, device):
+    """The domain-shift reference of the adapted weights: the source domains and the target."""
+    from ..training.data import Part
+    from ..training.shift_reference import shift_reference
+
+    train: dict[str, list] = {}
+    for s in source_refs:
+        name = s.attrs.scanner if s.attrs.scanner != UNKNOWN else s.attrs.organ
+        train.setdefault(name if name != UNKNOWN else "source", []).append(Part(s, 0, s.n))
+    train[target_domain] = [Part(s, 0, s.n) for s in target_refs]
+    return shift_reference(model, normalizer, [SimpleNamespace(train=train)], device, domain_bn=mc.domain_bn)

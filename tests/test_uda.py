@@ -1,0 +1,109 @@
+"""`histodg adapt`: a model fitted to an unlabelled target domain (global re-styling, masked local
+feature alignment, target BatchNorm statistics), written as an ordinary checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_store, tissue_field
+from histodg.adaptation.align import masked_alignment
+from histodg.adaptation.batchnorm import reestimate_batchnorm
+from histodg.adaptation.config import AdaptConfig
+from histodg.adaptation.runner import Patches, adapt
+from histodg.adaptation.styles import fda
+from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.model.build import build_model
+from histodg.model.checkpoint import load_checkpoint, save_checkpoint
+from histodg.model.config import ModelConfig
+from histodg.model.normalize import Normalizer
+from histodg.slides.inputs import SlideJob
+from histodg.store import open_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TARGET_TINT = (-45, -55, 25)  # darker, bluer: another scanner
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Source stores (labelled, scanner s1), target stores (no masks, scanner s9), and a tiny
+    checkpoint whose BatchNorm statistics are the source's."""
+    root = tmp_path_factory.mktemp("uda")
+    for k in range(2):
+        make_store(root / "source" / f"s1-{k}.zarr", 16, scanner="s1", seed=k)
+        make_store(root / "target" / f"s9-{k}.zarr", 16, scanner="s9", seed=10 + k, tint=TARGET_TINT, masks=False)
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", "none", 1)
+    mc = ModelConfig(arch="unet", encoder="resnet18", mpp=1.0, tile_size=64)
+    norm = Normalizer(mc.normalization.mean, mc.normalization.std, "cpu")
+    reestimate_batchnorm(model, norm, Patches([open_store(p) for p in sorted((root / "source").glob("*.zarr"))], False),
+                         32, 8, "cpu")
+    save_checkpoint(root / "ck.pt", {"model_state": model.state_dict(), "model_config": mc})
+    return root
+
+
+def _run(data, out, **hp):
+    return adapt(AdaptConfig(checkpoint=str(data / "ck.pt"), source=(str(data / "source"),), target=(str(data / "target"),),
+                             out_dir=str(out), hparams=hp, steps=6, batch_size=4, lr=1e-4, device="cpu"))
+
+
+def test_fda_swaps_the_low_frequencies_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(rng.uniform(0, 255, (2, 3, 32, 32))).float()
+    tgt = src * 0.5 + 60  # another brightness and contrast: its mean (the lowest frequency) differs
+    out = fda(src, tgt, beta=0.1)
+    torch.testing.assert_close(out.mean((2, 3)), tgt.mean((2, 3)), rtol=0, atol=0.5)  # the target's mean colour
+    assert (out - src).abs().mean() < (tgt - src).abs().mean()  # the source's content
+
+
+def test_the_alignment_acts_on_the_channels_with_the_largest_gap():
+    torch.manual_seed(0)
+    fs = torch.randn(4, 8, 6, 6, requires_grad=True)
+    ft = torch.randn(4, 8, 6, 6)
+    ft[:, 2] += 3.0  # channel 2: a large gap
+    loss, gaps = masked_alignment([fs], [ft], mask_ratio=0.125)  # one channel of eight
+    loss.backward()
+    g = fs.grad.abs().sum((0, 2, 3))
+    assert g[2] > 0 and float(g.sum() - g[2]) == 0.0 and gaps[0] > 0
+
+
+@pytest.mark.slow
+def test_adapt_moves_batchnorm_toward_the_target_and_writes_a_checkpoint_predict_loads(data, tmp_path):
+    full = _run(data, tmp_path / "full")
+    gap = full["target_bn_gap"]
+    assert gap["after"] < 0.2 * gap["before"]  # the statistics are now (close to) the target's
+    ck = load_checkpoint(tmp_path / "full" / "best.pt")
+    mc = ck["model_config"]
+    assert mc["adaptation"]["target_domain"] == "s9" and mc["adaptation"]["settings"]["global"] is True
+    assert set(mc["shift"]["domains"]) == {"s1", "s9"}
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(r["local_loss"] > 0 for r in lines)
+    # without the final re-estimation the two parts still move the statistics toward the target's;
+    # with both parts off (source fine-tuning only) they stay where they were
+    parts = _run(data, tmp_path / "parts", bn=False)["target_bn_gap"]
+    off = _run(data, tmp_path / "off", bn=False, **{"global": False, "local": False})["target_bn_gap"]
+    assert parts["after"] < 0.9 * parts["before"]
+    assert off["after"] > 0.95 * off["before"] and parts["after"] < off["after"]
+    Image.fromarray(tissue_field(160, 200, seed=2)).save(tmp_path / "slide.png")
+    pred = Predictor.from_checkpoint(tmp_path / "full" / "best.pt", PredictOptions(device="cpu"))
+    r = predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", mpp=1.0), tmp_path / "pred")
+    assert r.status == "done" and json.loads((tmp_path / "pred" / "slide" / "done.json").read_text())["shift"]
+
+
+@pytest.mark.slow
+def test_cli_adapt_tiles_slide_targets_and_refuses_a_finished_run(data, tmp_path, cli):
+    Image.fromarray(np.clip(tissue_field(200, 260, seed=4).astype(int) + TARGET_TINT, 0, 255).astype(np.uint8)).save(
+        tmp_path / "new.png")
+    args = ["adapt", str(data / "ck.pt"), "--source", str(data / "source"), "--target", str(tmp_path / "new.png"),
+            "--mpp-override", "1.0", "-o", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+            "--hp", "style=fda", "--hp", "local=false"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "target" / "new.zarr").is_dir() and (tmp_path / "run" / "best.pt").is_file()
+    again = cli(*args)
+    assert again.exit_code == 1 and "--overwrite" in again.output and "Traceback" not in again.output
+    bad = cli(*args[:-4], "--hp", "style=sepia", "--overwrite")
+    assert bad.exit_code == 2 and "style=sepia" in bad.output
