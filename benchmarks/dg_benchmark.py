@@ -213,7 +213,7 @@ class Plan:
         return sorted(out, key=lambda t: (t[0].tier, t[1] if t[0].table != "oracle" or t[1] == 0 else 99))
 
 
-def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
+def score_stores(run_dir: Path, stores: Path, device: str, checkpoint: str = "last.pt") -> dict:
     """Per-slide Dice on `stores`, averaged per domain (an image is a store)."""
     import torch
 
@@ -223,7 +223,7 @@ def score_stores(run_dir: Path, stores: Path, device: str) -> dict:
     from histodg.model.normalize import Normalizer
     from histodg.store import find_stores, open_store
 
-    model, config = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
+    model, config = model_from_checkpoint(load_checkpoint(run_dir / checkpoint))
     dev = resolve_device(device, "benchmark", lambda where, why: SystemExit(f"{where}: {why}"))
     model = model.eval().to(dev)
     # the checkpoint's stain normalisation too, as `histodg predict` applies it (None: without)

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""What `histodg adapt` (unsupervised adaptation from unlabelled target slides) is worth, on the
+DG benchmark's own ERM models.
+
+    .venv/bin/python benchmarks/uda_benchmark.py --seeds 0 1 2      # after dg_benchmark.py --row erm
+    .venv/bin/python benchmarks/uda_benchmark.py --tables           # the table of what has run
+
+For each seed, the ERM checkpoint the DG protocol selected (training-domain validation chose its
+learning rate) is adapted to one unseen domain: the source is the DG training stores (with
+labels), the target that domain's unlabelled stores (the oracle's training slides, seed-0 cases:
+never the test slides). Variants: both parts (`histodg adapt` defaults), the global part only
+(`--hp local=false`), the local part only (`--hp global=false`), and neither (`global=false
+local=false`: source fine-tuning plus the target BatchNorm statistics, the AdaBN baseline). Each
+adapted checkpoint is scored on the DG test slides of that domain, as the DG benchmark scores.
+Paired by seed against the DG model; "gap closed" is (adapted - DG) / (oracle - DG) with the
+oracle of the DG table (ERM trained on that domain with labels, seed 0). Results accumulate in
+DG_OUT/uda.json (a rerun skips what is done).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dg_benchmark as dg  # noqa: E402
+
+STEPS = 100
+VARIANTS = {"both parts": [], "global only": ["--hp", "local=false"], "local only": ["--hp", "global=false"],
+            "neither (AdaBN on the target)": ["--hp", "global=false", "--hp", "local=false"]}
+TARGETS = {"scanner-d": list(VARIANTS), "lung": ["both parts", "neither (AdaBN on the target)"]}
+
+
+def run_one(seed: int, lr: str, target: str, variant: str, device: str) -> dict:
+    src = dg.run_dir_of("methods", "erm", seed, lr)
+    out = dg.OUT / "uda" / f"erm-s{seed}-{target}-{variant.split(' ')[0]}"
+    args = ["adapt", src / "last.pt", "--source", dg.OUT / "stores" / "train", "--target", dg.OUT / "stores" / f"oracle-{target}",
+            "-o", out, "--steps", STEPS, "--seed", seed, "--device", device, "--overwrite", *VARIANTS[variant]]
+    t0 = time.time()
+    dg.histodg(*args, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    test = dg.score_stores(out, dg.OUT / "stores" / "test", device, checkpoint="best.pt")
+    result = json.loads((out / "result.json").read_text())
+    return {"dice": test[target], "seconds": time.time() - t0, "bn_gap": result["target_bn_gap"],
+            "command": "histodg " + " ".join(str(a).replace(str(dg.REPO) + "/", "") for a in args)}
+
+
+def table(done: dict, dg_results: dict, oracle: dict) -> str:
+    sel = dg.selected(dg_results).get("erm", {})
+    lines = ["| target | variant | seeds | DG model (ERM) | adapted | Δ (paired, 95% CI) | oracle | gap closed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for target, variants in TARGETS.items():
+        for variant in variants:
+            pairs = [(sel[s]["test"][target], done[f"{s}|{target}|{variant}"]["dice"]) for s in sorted(sel)
+                     if f"{s}|{target}|{variant}" in done]
+            if not pairs:
+                continue
+            a, b = np.array(pairs).T
+            d = b - a
+            ci = "[{:+.3f}, {:+.3f}]".format(*dg.bootstrap_ci(d)) if len(d) > 1 else ""
+            o = oracle.get(target)
+            closed = f"{d.mean() / (o - a.mean()):.0%}" if o is not None else ""
+            lines.append(f"| {target} | {variant} | {len(d)} | {a.mean():.3f} | {b.mean():.3f} | {d.mean():+.3f} {ci} | "
+                         f"{o if o is None else f'{o:.3f}'} | {closed} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dg-out", type=Path, default=dg.OUT)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--oracle", nargs=2, action="append", metavar=("DOMAIN", "DICE"), default=[],
+                    help="the oracle's Dice on a domain, when results.json has no oracle run for it")
+    ap.add_argument("--tables", action="store_true")
+    args = ap.parse_args()
+    dg.OUT = args.dg_out
+    results = json.loads((dg.OUT / "results.json").read_text())
+    oracle = {d: float(v) for d, v in args.oracle}
+    for t in TARGETS:
+        r = results.get(f"oracle|erm trained on {t}|0|1e-3")
+        if r:
+            oracle[t] = r["test"][t]
+    path = dg.OUT / "uda.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    sel = dg.selected(results).get("erm", {})
+    if not args.tables:
+        for seed in args.seeds:
+            if seed not in sel:
+                print(f"seed {seed}: no selected ERM run yet (dg_benchmark.py --row erm)", file=sys.stderr)
+                continue
+            for target, variants in TARGETS.items():
+                for variant in variants:
+                    key = f"{seed}|{target}|{variant}"
+                    if key in done:
+                        continue
+                    done[key] = run_one(seed, sel[seed]["lr"], target, variant, args.device)
+                    path.write_text(json.dumps(done, indent=1))
+                    print(f"{key}: {done[key]['dice']:.3f} (DG {sel[seed]['test'][target]:.3f}, "
+                          f"{done[key]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(table(done, results, oracle))
+
+
+if __name__ == "__main__":
+    main()
