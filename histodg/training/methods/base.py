@@ -13,7 +13,8 @@ the method about it through hooks: `start_stage(total_steps)` before a stage,
 `begin_step(micro_batches)` with every micro-batch of an optimizer step (all `--accumulate` of
 them, before their `loss` calls: a method can pool statistics over the whole step), and
 `end_of_step()` after each optimizer step (return True to have the optimizer's state reset),
-and `close()` when the stage ends (remove the hooks the method put on the model).
+and `close()` when the stage ends (remove the hooks the method put on the model);
+`evaluation_route(index)` is the context validation scores a domain in (DSBN: its BatchNorm).
 Images arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
 `self.net` is what to call for a forward pass (the model, or its DDP wrapper), `self.model` the
 plain model for feature taps; `self.task` says binary/multi-class and the loss;
