@@ -109,58 +109,18 @@ def _prepare(cfg: AdaptConfig):
 
 def adapt(cfg: AdaptConfig, on_step=None) -> dict:
     """Run `cfg`; returns what result.json says."""
-    from ..training.methods.base import SegTask, seg_loss
-
     t0 = time.perf_counter()
     hp = cfg.settings
     ckpt, model, mc, source_refs, target_refs, device = _prepare(cfg)
     out = Path(cfg.out_dir)
     write_json_atomic(out / "config.json", {**cfg.to_dict(), "settings": hp.to_dict()})
     torch.manual_seed(cfg.seed)
-    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     norm = mc.normalization
     normalizer = Normalizer(norm.mean, norm.std, device, stain=norm.stain)
     source, target = Patches(source_refs, masks=True), Patches(target_refs, masks=False)
     probe = torch.from_numpy(target.get(target.spread(64))[0]).permute(0, 3, 1, 2).to(device)
     gap_before = bn_gap(model, normalizer(probe))
-    restyler = None
-    if hp.global_:
-        stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
-        restyler = Restyler(hp.style, hp.global_p, hp.beta, stain, device)
-    task = SegTask(classes=mc.classes, loss=mc.loss)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    tap = EncoderTap(model)
-    log = []
-    model.train()
-    try:
-        for step in range(cfg.steps):
-            xs, ys = source.get(rng.integers(0, len(source), cfg.batch_size))
-            xt, _ = target.get(rng.integers(0, len(target), cfg.batch_size))
-            xs, ys = _flip(torch.from_numpy(xs).permute(0, 3, 1, 2).to(device).float(), torch.from_numpy(ys).to(device), gen)
-            xt, _ = _flip(torch.from_numpy(xt).permute(0, 3, 1, 2).to(device).float(), None, gen)
-            if restyler is not None:
-                xs = restyler(xs, xt, gen)
-            seg = seg_loss(model(normalizer(xs)), ys, task)
-            loss, logs = seg, {"step": step + 1, "seg_loss": float(seg.detach())}
-            if hp.local:
-                fs = tap.take()
-                model(normalizer(xt))
-                local, gaps = masked_alignment(fs, tap.take(), hp.mask_ratio)
-                loss = loss + hp.local_weight * local
-                logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if not math.isfinite(float(loss.detach())):
-                raise AdaptError(out, f"the loss is not finite at step {step + 1}; nothing was written (try a lower --lr)")
-            log.append(logs)
-            if on_step:
-                on_step(logs, cfg.steps)
-    finally:
-        tap.remove()
+    log = _train(cfg, hp, model, mc, normalizer, source, target, device, on_step)
     if hp.bn:
         reestimate_batchnorm(model, normalizer, target, BN_PATCHES, cfg.batch_size, device)
     model.eval()
@@ -181,6 +141,51 @@ def adapt(cfg: AdaptConfig, on_step=None) -> dict:
               "final": log[-1] if log else {}, "seconds": time.perf_counter() - t0}
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target: Patches, device, on_step) -> list[dict]:
+    """The adaptation steps; one log record per step."""
+    from ..training.methods.base import SegTask, seg_loss
+
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    restyler = None
+    if hp.global_:
+        stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
+        restyler = Restyler(hp.style, hp.global_p, hp.beta, stain, device)
+    task = SegTask(classes=mc.classes, loss=mc.loss)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    tap, log = EncoderTap(model), []
+    model.train()
+    try:
+        for step in range(cfg.steps):
+            xs, ys = source.get(rng.integers(0, len(source), cfg.batch_size))
+            xt, _ = target.get(rng.integers(0, len(target), cfg.batch_size))
+            xs, ys = _flip(torch.from_numpy(xs).permute(0, 3, 1, 2).to(device).float(), torch.from_numpy(ys).to(device), gen)
+            xt, _ = _flip(torch.from_numpy(xt).permute(0, 3, 1, 2).to(device).float(), None, gen)
+            if restyler is not None:
+                xs = restyler(xs, xt, gen)
+            seg = seg_loss(model(normalizer(xs)), ys, task)
+            loss, logs = seg, {"step": step + 1, "seg_loss": float(seg.detach())}
+            if hp.local:
+                fs = tap.take()
+                model(normalizer(xt))
+                local, gaps = masked_alignment(fs, tap.take(), hp.mask_ratio)
+                loss = loss + hp.local_weight * local
+                logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
+            if not math.isfinite(float(loss.detach())):
+                raise AdaptError(cfg.out_dir, f"the loss is not finite at step {step + 1}; no checkpoint was written "
+                                              f"(try a lower --lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            log.append(logs)
+            if on_step:
+                on_step(logs, cfg.steps)
+    finally:
+        tap.remove()
+    return log
 
 
 def _shift_reference(model, normalizer, source_refs, target_refs, target_domain: str, mc, device):
