@@ -1,6 +1,7 @@
 """The local part of `histodg adapt`: source and target features aligned where their gap is largest.
 
-The encoder's stage outputs are read through a forward hook. For every stage, each channel's
+The encoder's stage outputs and the decoder's features (what the segmentation head sees, before
+the decoder's dropout) are read through forward hooks. For every one, each channel's
 mean and standard deviation over a batch's positions are compared between the (re-styled)
 source batch and the target batch; the channel's domain gap is the symmetric KL divergence of
 the two Gaussians (as the domain-shift score, `model.shift`). The feature mask keeps the
@@ -15,22 +16,27 @@ from __future__ import annotations
 import torch
 
 
-class EncoderTap:
-    """The encoder's stage outputs (with their gradients) of the last forward."""
+class FeatureTap:
+    """The encoder's stage outputs and the decoder's features (with their gradients) of the last forward."""
 
     def __init__(self, model):
+        from ..model.taps import DecoderTap
+
         self.features = None
         self._handle = model.encoder.register_forward_hook(self._hook)
+        self._decoder = DecoderTap(model)
 
     def _hook(self, module, inputs, features) -> None:
         self.features = [f for f in list(features)[1:] if f.ndim == 4 and f.shape[1] > 0]
 
     def take(self) -> list[torch.Tensor]:
-        f, self.features = self.features, None
+        f = [*self.features, self._decoder.features]
+        self.features = self._decoder.features = None
         return f
 
     def remove(self) -> None:
         self._handle.remove()
+        self._decoder.remove()
 
 
 def channel_gap(ms, vs, mt, vt) -> torch.Tensor:

@@ -30,7 +30,7 @@ from ..constants import UNKNOWN
 from ..files import file_sha256, write_json_atomic
 from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..model.normalize import Normalizer
-from .align import EncoderTap, masked_alignment
+from .align import FeatureTap, masked_alignment
 from .batchnorm import bn_gap, reestimate_batchnorm
 from .config import AdaptConfig
 from .styles import MOSAIC, Restyler, fit_target_stain
@@ -155,7 +155,7 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
     task = SegTask(classes=mc.classes, loss=mc.loss)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    tap, log = EncoderTap(model), []
+    tap, log = FeatureTap(model), []
     model.train()
     try:
         for step in range(cfg.steps):
