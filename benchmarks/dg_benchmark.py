@@ -141,7 +141,10 @@ def _subset(manifest: Path, out: Path, keep) -> Path:
 
 def prepare_data() -> None:
     """Synth sets, then stores: train, val, test and one oracle training set per unseen domain."""
-    tile = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5"]
+    # JPEG q90 stores: what `histodg tile`'s default (`--compression auto`) makes of these JPEG-compressed
+    # slides since issue 16, pinned so that the stores stay the same whatever the default becomes.
+    # The tables made before 2026-12-02 were on lossless (lz4) stores of the same slides.
+    tile = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
     for seed, cases in ((0, 4), (1, 6)):
         synth = OUT / f"synth{seed}"
         if not (synth / "manifest.csv").exists():
