@@ -112,3 +112,12 @@ def test_dsbn_trains_resumes_and_predicts_each_slide_with_its_domains_batchnorm(
     predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", scanner="s1", mpp=1.0), again)
     assert np.array_equal(zarr.open_array(str(again / "slide" / "prob.zarr"), mode="r")[:], probs["s1"])
     assert all(torch.equal(v, pred.model.state_dict()[k]) for k, v in before.items())  # nothing left adapted
+
+
+def test_a_model_without_batchnorm_is_refused_in_one_line(tmp_path, cli):
+    make_store(tmp_path / "s" / "a.zarr", 4, scanner="s1")
+    make_store(tmp_path / "s" / "b.zarr", 4, scanner="s2", seed=1)
+    r = cli("train", str(tmp_path / "s"), "-o", str(tmp_path / "run"), "--method", "dsbn", "--encoder", "mit_b0",
+            "--encoder-weights", "none", "--domains", "scanner", "--steps", "1", "--workers", "0", "--val-fraction", "0")
+    assert r.exit_code == 1 and "--method dsbn" in r.output and "no BatchNorm layers" in r.output
+    assert "Traceback" not in r.output

@@ -13,6 +13,7 @@ domains continues from the slots as they are. Models without BatchNorm are refus
 """
 from __future__ import annotations
 
+from ... import HistodgError
 from ...model.domain_bn import convert, domain, sync_shared
 from .base import Method, seg_loss
 
@@ -27,7 +28,8 @@ class DSBN(Method):
         try:
             convert(model, num_domains)
         except ValueError as exc:
-            raise ValueError(f"--method dsbn: {exc}") from None
+            raise HistodgError("--method dsbn", f"{exc} (MiT / SegFormer encoders use LayerNorm): choose a "
+                                                f"ResNet or EfficientNet encoder") from None
         sync_shared(model)
 
     def loss(self, batches):
