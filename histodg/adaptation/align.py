@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.shift import channel_kl
+
 
 class FeatureTap:
     """The encoder's stage outputs and the decoder's features (with their gradients) of the last forward."""
@@ -39,12 +41,6 @@ class FeatureTap:
         self._decoder.remove()
 
 
-def channel_gap(ms, vs, mt, vt) -> torch.Tensor:
-    """Symmetric KL divergence per channel between N(ms, vs) and N(mt, vt)."""
-    d2 = (ms - mt) ** 2
-    return 0.25 * ((vs / vt + vt / vs - 2) + d2 * (1 / vs + 1 / vt))
-
-
 def masked_alignment(source: list[torch.Tensor], target: list[torch.Tensor], mask_ratio: float,
                      eps: float = 1e-5) -> tuple[torch.Tensor, list[float]]:
     """(loss, each stage's mean channel gap before masking) of source and target stage features."""
@@ -53,7 +49,7 @@ def masked_alignment(source: list[torch.Tensor], target: list[torch.Tensor], mas
         fs, ft = fs.float(), ft.float()
         ms, mt = fs.mean((0, 2, 3)), ft.mean((0, 2, 3))
         vs, vt = fs.var((0, 2, 3)) + eps, ft.var((0, 2, 3)) + eps
-        gap = channel_gap(ms.detach(), vs.detach(), mt.detach(), vt.detach())
+        gap = channel_kl(ms.detach(), vs.detach(), mt.detach(), vt.detach())
         k = max(1, int(round(mask_ratio * gap.numel())))
         keep = torch.zeros_like(gap, dtype=torch.bool)
         keep[gap.topk(k).indices] = True

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .align import channel_gap
+from ..model.shift import channel_kl
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def bn_gap(model, x: torch.Tensor) -> float:
     for m in layers:
         if m in seen:
             mean, var = seen[m]
-            gaps.append(float(channel_gap(m.running_mean.float(), m.running_var.float() + eps, mean, var + eps).mean()))
+            gaps.append(float(channel_kl(m.running_mean.float(), m.running_var.float() + eps, mean, var + eps).mean()))
     return float(np.mean(gaps)) if gaps else float("nan")
 
 

@@ -107,6 +107,12 @@ class FeatureMeter:
         self._handle.remove()
 
 
+def channel_kl(m1, v1, m2, v2):
+    """Symmetric KL divergence per channel between N(m1, v1) and N(m2, v2) (numpy arrays or torch
+    tensors alike)."""
+    return 0.25 * (v1 / v2 + v2 / v1 - 2 + (m1 - m2) ** 2 * (1 / v1 + 1 / v2))
+
+
 def divergence(mean, var, ref_mean, ref_var) -> float:
     """Mean over stages of the channel-mean symmetric KL between N(mean, var) and N(ref_mean, ref_var)."""
     per_stage = []
@@ -114,8 +120,7 @@ def divergence(mean, var, ref_mean, ref_var) -> float:
         m1, v1, m2, v2 = (np.asarray(a, dtype=np.float64) for a in (m1, v1, m2, v2))
         floor = EPS * 0.5 * float(v1.mean() + v2.mean()) + 1e-12
         v1, v2 = v1 + floor, v2 + floor
-        kl = 0.25 * (v1 / v2 + v2 / v1 - 2 + (m1 - m2) ** 2 * (1 / v1 + 1 / v2))
-        per_stage.append(float(kl.mean()))
+        per_stage.append(float(channel_kl(m1, v1, m2, v2).mean()))
     return float(np.mean(per_stage))
 
 
