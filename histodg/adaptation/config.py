@@ -42,19 +42,9 @@ def _key(f) -> str:
 
 def parse_adapt_hparams(items) -> AdaptHparams:
     """`--hp key=value` strings (or a dict) -> AdaptHparams; one clear error for a bad one."""
-    from ..training.methods.base import _coerce
+    from ..training.methods.base import parse_settings
 
-    fields = {_key(f): f for f in dataclasses.fields(AdaptHparams)}
-    values = {}
-    pairs = items.items() if isinstance(items, dict) else (str(i).split("=", 1) for i in items or ())
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"--hp {'='.join(pair)!r}: expected KEY=VALUE")
-        key = pair[0].strip()
-        if key not in fields:
-            raise ValueError(f"histodg adapt has no setting {key!r} (it has: {', '.join(fields)})")
-        values[fields[key].name] = _coerce(key, pair[1], fields[key].default)
-    return AdaptHparams(**values)
+    return parse_settings(AdaptHparams, items, "histodg adapt has no setting")
 
 
 @dataclass(frozen=True)

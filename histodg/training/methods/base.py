@@ -150,8 +150,14 @@ class Method(nn.Module):
 
 def parse_hparams(cls, items) -> object:
     """`--hp key=value` strings (or a dict) -> a validated `cls.Hparams` instance."""
-    hp_cls = cls.Hparams
-    fields = {f.name: f for f in dataclasses.fields(hp_cls)}
+    return parse_settings(cls.Hparams, items, f"method {cls.name!r} has no hyperparameter")
+
+
+def parse_settings(hp_cls, items, unknown: str) -> object:
+    """`--hp key=value` strings (or a dict) -> a validated `hp_cls` instance. A field's key is its
+    name, or its `metadata["key"]` (for a name Python reserves, such as `global`); `unknown`
+    starts the error for a key it does not have."""
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(hp_cls)}
     values = {}
     pairs = items.items() if isinstance(items, dict) else (str(i).split("=", 1) for i in items or ())
     for pair in pairs:
@@ -160,9 +166,8 @@ def parse_hparams(cls, items) -> object:
         key, raw = pair[0].strip(), pair[1]
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise ValueError(f"method {cls.name!r} has no hyperparameter {key!r} (it has: {known})")
-        default = fields[key].default
-        values[key] = _coerce(key, raw, default)
+            raise ValueError(f"{unknown} {key!r} (it has: {known})")
+        values[fields[key].name] = _coerce(key, raw, fields[key].default)
     return hp_cls(**values)
 
 
