@@ -47,17 +47,17 @@ class Patches:
 
         self.stores = [open_store(s.path) for s in stores]
         self.sizes = np.array([len(s) for s in self.stores])
+        self.bounds = np.cumsum(self.sizes)
         self.masks = masks
 
     def __len__(self) -> int:
         return int(self.sizes.sum())
 
     def get(self, flat: np.ndarray):
-        bounds = np.cumsum(self.sizes)
         images, masks = [], []
         for i in flat:
-            k = int(np.searchsorted(bounds, i, side="right"))
-            j = int(i - (bounds[k - 1] if k else 0))
+            k = int(np.searchsorted(self.bounds, i, side="right"))
+            j = int(i - (self.bounds[k - 1] if k else 0))
             images.append(np.asarray(self.stores[k].images[j]))
             if self.masks:
                 masks.append(np.asarray(self.stores[k].masks[j]))
