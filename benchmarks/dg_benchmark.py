@@ -235,7 +235,7 @@ def score_stores(run_dir: Path, stores: Path, device: str, checkpoint: str = "la
     for path in find_stores([stores]):
         s = open_store(path)
         name = s.attrs.organ if s.attrs.organ != "unknown" else s.attrs.scanner
-        with _batchnorm_for(model, config, norm, s, name, dev):
+        with _batchnorm_for(model, config, norm, s, dev):
             tot = np.zeros(3)
             with torch.inference_mode():
                 for i in range(0, len(s), 64):
@@ -247,27 +247,18 @@ def score_stores(run_dir: Path, stores: Path, device: str, checkpoint: str = "la
     return {d: float(np.mean(v)) for d, v in per_domain.items()}
 
 
-def _batchnorm_for(model, config, norm, store, name: str, dev):
-    """A DSBN model, as `histodg predict` runs it: a training domain through its own BatchNorm,
-    any other through the shared one with the store's statistics (AdaBN). Others: as they are."""
-    from contextlib import nullcontext
+def _batchnorm_for(model, config, norm, store, dev):
+    """A DSBN model, as `histodg predict` runs it (`inference.adapt.slide_batchnorm`): a training
+    domain through its own BatchNorm, any other through the shared one with the store's
+    statistics (AdaBN). Others: as they are."""
     from types import SimpleNamespace
 
-    import torch
+    from histodg.inference.adapt import slide_batchnorm
 
-    from histodg.inference.adapt import adaptation_windows, adapted_batchnorm
-    from histodg.model.domain_bn import domain
-
-    names = config.domain_bn or []
-    if not names:
-        return nullcontext()
-    if name in names:
-        return domain(model, names.index(name))
-    picks = adaptation_windows(store.tissue)
-    batches = [torch.from_numpy(np.stack([np.asarray(store.images[int(i)]) for i in picks[a:a + 16]]))
-               for a in range(0, len(picks), 16)]
-    shim = SimpleNamespace(model=model, meter=None, model_input=lambda b: norm(b.to(dev).permute(0, 3, 1, 2).float()))
-    return adapted_batchnorm(shim, batches)
+    shim = SimpleNamespace(config=config, model=model, meter=None, options=SimpleNamespace(adapt="none", batch_size=16),
+                           model_input=lambda b: norm(b.to(dev).permute(0, 3, 1, 2).float()))
+    job = SimpleNamespace(organ=store.attrs.organ, scanner=store.attrs.scanner)
+    return slide_batchnorm(shim, job, store.tissue, lambda i: np.asarray(store.images[i]))
 
 
 def run_dir_of(table: str, name: str, seed: int, lr: str) -> Path:
