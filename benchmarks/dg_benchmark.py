@@ -385,7 +385,7 @@ def plot_curve(points) -> None:
 
 
 # -- cost: step time and peak memory ---------------------------------------------------------------
-COST = [("erm", [], 2), ("stain", [], 2), ("mixstyle", [], 2), ("dsu", [], 2), ("coral", [], 2), ("fishr", [], 2),
+COST = [("erm", [], 2), ("dsbn", [], 2), ("stain", [], 2), ("mixstyle", [], 2), ("dsu", [], 2), ("coral", [], 2), ("fishr", [], 2),
         ("sds", [], 2), ("sds", ["pool=false"], 2), ("sds", [], 1), ("sds", [], 4)]
 
 
@@ -412,6 +412,7 @@ def cost_child(method: str, hp: list[str], accumulate: int, steps: int) -> None:
               for _ in range(3)] for _ in range(accumulate)]
     m.train()
     times = []
+    before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process with its model, before any step
     for _ in range(steps + 2):
         t = time.perf_counter()
         m.begin_step(micro)
@@ -422,24 +423,31 @@ def cost_child(method: str, hp: list[str], accumulate: int, steps: int) -> None:
         opt.zero_grad()
         m.end_of_step()
         times.append((time.perf_counter() - t) / accumulate)
-    print(json.dumps({"micro_s": float(np.median(times[2:])), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"micro_s": float(np.median(times[2:])), "peak_rss_mb": peak_mb, "train_mb": peak_mb - before_mb}))
 
 
-def cost_table(steps: int) -> str:
-    rows_ = []
-    for method, hp, k in COST:
-        r = subprocess.run([sys.executable, __file__, "--cost-child", method, "--accumulate", str(k), "--steps", str(steps),
-                            *[f"--hp={h}" for h in hp]], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if r.returncode:
-            raise SystemExit(r.stderr)
-        rows_.append((method + (f" ({', '.join(hp)})" if hp else ""), k, json.loads(r.stdout.strip().splitlines()[-1])))
-    erm = rows_[0][2]
-    sds1 = next(c for name, k, c in rows_ if name == "sds" and k == 1)
-    lines = ["| method | --accumulate | s per micro-batch | x ERM | peak RSS MB | x ERM | x SDS at K=1 |", "|---|---|---|---|---|---|---|"]
-    for name, k, c in rows_:
-        lines.append(f"| {name} | {k} | {c['micro_s']:.3f} | {c['micro_s'] / erm['micro_s']:.2f} | {c['peak_rss_mb']:.0f} | "
-                     f"{c['peak_rss_mb'] / erm['peak_rss_mb']:.2f} | {c['peak_rss_mb'] / sds1['peak_rss_mb']:.2f} |")
+def cost_table(steps: int, rounds: int = 3) -> str:
+    """Every configuration `rounds` times in round-robin order (so that a slow minute of a shared
+    machine falls on all of them alike), each in a fresh process; per configuration the median."""
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(COST))}
+    for _ in range(rounds):
+        for i, (method, hp, k) in enumerate(COST):
+            r = subprocess.run([sys.executable, __file__, "--cost-child", method, "--accumulate", str(k), "--steps", str(steps),
+                                *[f"--hp={h}" for h in hp]], capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "2"})
+            if r.returncode:
+                raise SystemExit(r.stderr)
+            runs[i].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    med = {i: {key: float(np.median([x[key] for x in v])) for key in v[0]} for i, v in runs.items()}
+    erm = med[0]
+    lines = ["| method | --accumulate | s per micro-batch | x ERM | memory of training MB | x ERM | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for i, (method, hp, k) in enumerate(COST):
+        c, label = med[i], method + (" (" + ", ".join(hp) + ")" if hp else "")
+        lines.append(f"| {label} | {k} | {c['micro_s']:.3f} | "
+                     f"{c['micro_s'] / erm['micro_s']:.2f} | {c['train_mb']:.0f} | {c['train_mb'] / erm['train_mb']:.2f} | "
+                     f"{c['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -525,12 +533,13 @@ def main() -> None:
     ap.add_argument("--cost-child")
     ap.add_argument("--accumulate", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="with --cost: measurements per configuration (median)")
     ap.add_argument("--hp", action="append", default=[])
     args = ap.parse_args()
     if args.cost_child:
         return cost_child(args.cost_child, args.hp, args.accumulate, args.steps)
     if args.cost:
-        print(cost_table(args.steps))
+        print(cost_table(args.steps, args.rounds))
         return
     global OUT
     if args.quick:  # a smoke run never mixes with real results

@@ -114,6 +114,40 @@ def test_dsbn_trains_resumes_and_predicts_each_slide_with_its_domains_batchnorm(
     assert all(torch.equal(v, pred.model.state_dict()[k]) for k, v in before.items())  # nothing left adapted
 
 
+def test_train_at_its_defaults_is_dsbn_on_the_offline_imagenet_efficientnet(tmp_path, cli):
+    """The defaults are the DG benchmark's best: FPN, EfficientNet-Lite0 with ImageNet weights from
+    the installed package (no download), --method dsbn with one slot per training domain."""
+    make_store(tmp_path / "s" / "a.zarr", 4, scanner="s1")
+    make_store(tmp_path / "s" / "b.zarr", 4, scanner="s2", seed=1)
+    r = cli("train", str(tmp_path / "s"), "-o", str(tmp_path / "run"), "--domains", "scanner", "--steps", "1",
+            "--batch-size", "2", "--workers", "0", "--val-fraction", "0")
+    assert r.exit_code == 0, r.output
+    mc = load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]
+    assert (mc["arch"].lower(), mc["encoder"], mc["method"]) == ("fpn", "tu-efficientnet_lite0", "dsbn")
+    assert mc["domain_bn"] == ["s1", "s2"]
+    assert domain_bn.slots_in_state(load_checkpoint(tmp_path / "run" / "best.pt")["model_state"]) == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["encoder_weights"] == "imagenet"
+
+
+def test_the_default_method_on_an_encoder_without_batchnorm_says_to_add_method_erm(tmp_path, cli):
+    """Refused in one line before the run folder is touched: an older run there survives even --overwrite."""
+    make_store(tmp_path / "s" / "a.zarr", 4, scanner="s1")
+    make_store(tmp_path / "s" / "b.zarr", 4, scanner="s2", seed=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "last.pt").write_bytes(b"an older run")
+    args = ("train", str(tmp_path / "s"), "-o", str(tmp_path / "run"), "--encoder", "mit_b0", "--encoder-weights", "none",
+            "--domains", "scanner", "--steps", "1", "--workers", "0", "--val-fraction", "0", "--overwrite")
+    r = cli(*args)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "--method dsbn (the default)" in lines[0] and "add --method erm" in lines[0] and "mit_b0" in lines[0]
+    assert (tmp_path / "run" / "last.pt").read_bytes() == b"an older run"
+    r = cli(*args, "--method", "erm")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]["method"] == "erm"
+
+
 def test_a_model_without_batchnorm_is_refused_in_one_line(tmp_path, cli):
     make_store(tmp_path / "s" / "a.zarr", 4, scanner="s1")
     make_store(tmp_path / "s" / "b.zarr", 4, scanner="s2", seed=1)

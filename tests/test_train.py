@@ -17,7 +17,7 @@ from histodg.model.checkpoint import load_checkpoint, model_from_checkpoint
 from histodg.training.config import TrainConfig
 from histodg.training.trainer import Callbacks, Trainer, TrainError
 
-TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3)
+TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3, method="erm")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.argument("stores", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--arch", default="FPN", show_default=True, help="smp architecture: FPN, Unet, UnetPlusPlus, DeepLabV3Plus, ...")
-@click.option("--encoder", default="mit_b2", show_default=True, help="smp encoder: mit_b2, resnet34, resnet18, ...")
+@click.option("--encoder", default="tu-efficientnet_lite0", show_default=True,
+              help="smp encoder: tu-efficientnet_lite0 (ImageNet weights without a download), resnet34, mit_b2, ...")
 @click.option("--encoder-weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file.")
 @click.option("--pretrain", type=click.Choice(AXES), default=None, help="Stage 1 domains (cross-task pretraining).")
 @click.option("--finetune", type=click.Choice(AXES), default=None, help="Stage 2 domains, from stage 1's weights.")
@@ -24,7 +25,8 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.option("--cv", is_flag=True, help="Leave-one-domain-out cross-validation over the last stage's domains.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of each seen domain's slides for validation.")
 @click.option("--val-max-patches", type=int, default=512, show_default=True, help="Validation patches per domain and epoch, at most.")
-@click.option("--method", default="erm", show_default=True, help="Training method (see `histodg methods`).")
+@click.option("--method", default="dsbn", show_default=True,
+              help="Training method (see `histodg methods`); dsbn needs an encoder with BatchNorm, else use erm.")
 @click.option("--hp", "hp", multiple=True, metavar="KEY=VALUE", help="A hyperparameter of the method (repeatable).")
 @click.option("--epochs", type=int, default=None, help="Epochs per stage  [default: 10]")
 @click.option("--steps", type=int, default=None, help="Optimizer steps per stage, instead of --epochs.")

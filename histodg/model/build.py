@@ -30,7 +30,7 @@ def arch_name(arch: str) -> str:
     return ARCHS[key]
 
 
-def build_model(arch: str = "FPN", encoder: str = "mit_b2", weights: str | None = "imagenet", classes: int = 1) -> nn.Module:
+def build_model(arch: str = "FPN", encoder: str = "tu-efficientnet_lite0", weights: str | None = "imagenet", classes: int = 1) -> nn.Module:
     """An smp model with a 1x1 segmentation head; `weights` 'imagenet' | 'none' | PATH."""
     import segmentation_models_pytorch as smp
 

@@ -59,6 +59,12 @@ def _domain_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+def convertible(model: nn.Module) -> int:
+    """How many BatchNorm layers the model has that can take domain slots (affine, with running
+    statistics); 0: `--method dsbn` cannot be used (MiT / SegFormer encoders use LayerNorm)."""
+    return sum(isinstance(m, _BatchNorm) and m.affine and m.track_running_stats for m in model.modules())
+
+
 def domain_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, _DomainSlots)]
 

@@ -31,7 +31,7 @@ from ..files import write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
-from ..model.domain_bn import load_model_state
+from ..model.domain_bn import convertible, load_model_state
 from ..model.normalize import Normalizer
 from .config import TrainConfig
 from .data import label_set, load_stores
@@ -97,8 +97,10 @@ class Trainer:
         torch.manual_seed(cfg.seed + rt.rank)
         np.random.seed(cfg.seed + rt.rank)
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
-        if self._resume_model_state is not None:
-            load_model_state(model, self._resume_model_state)
+        if cfg.method == "dsbn" and not convertible(model):
+            raise TrainError(f"--method {cfg.method}" + (" (the default)" if cfg.method == TrainConfig.method else ""),
+                             f"{cfg.arch}-{cfg.encoder} has no BatchNorm layers to make domain-specific (MiT / SegFormer "
+                             f"encoders use LayerNorm): add --method erm, or choose a ResNet or EfficientNet encoder")
         return place_model(model, rt.placement)
 
     def run(self) -> dict:
@@ -110,12 +112,14 @@ class Trainer:
         labels = label_set(stores)
         classes = 1 if len(labels) <= 2 else max(labels) + 1
         task = SegTask(classes=classes, loss=cfg.loss)
+        model = self._model(classes, rt)  # built (and a method it cannot take refused) before the folder is touched
         if rt.main:
             self.out.mkdir(parents=True, exist_ok=True)
         st = self._prepare_dir(rt)
         if rt.world > 1:
             torch.distributed.barrier()  # every rank has looked at the folder before rank 0 writes
-        model = self._model(classes, rt)
+        if self._resume_model_state is not None:
+            load_model_state(model, self._resume_model_state)
         self.model_config = ModelConfig(
             arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
