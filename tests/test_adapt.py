@@ -11,7 +11,8 @@ from PIL import Image
 
 from helpers import make_store, tiny_checkpoint, tissue_field
 from histodg.inference import PredictError, PredictOptions, Predictor, predict_slide
-from histodg.inference.adapt import adapted_batchnorm, batchnorm_layers
+from histodg.inference.adapt import adapted_batchnorm
+from histodg.model.batchnorm import batchnorm_layers
 from histodg.slides.inputs import SlideJob
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

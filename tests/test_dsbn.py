@@ -155,3 +155,49 @@ def test_a_model_without_batchnorm_is_refused_in_one_line(tmp_path, cli):
             "--encoder-weights", "none", "--domains", "scanner", "--steps", "1", "--workers", "0", "--val-fraction", "0")
     assert r.exit_code == 1 and "--method dsbn" in r.output and "no BatchNorm layers" in r.output
     assert "Traceback" not in r.output
+
+
+def test_held_out_slides_are_validated_as_predict_runs_them_each_with_its_own_statistics(tmp_path):
+    """A DSBN run's held-out domain (`--val-domain`, `--cv`) is scored as `histodg predict` runs a
+    slide of an unknown domain: the shared BatchNorm with statistics estimated on that slide alone,
+    not the training domains' mixture. Checked against the estimate written out by hand in plain
+    torch, per slide, on the final weights."""
+    stores = tmp_path / "stores"
+    for j, scanner in enumerate(("s1", "s2")):
+        for s in range(2):
+            make_store(stores / f"{scanner}-{s}.zarr", 12, scanner=scanner, seed=10 * j + s, tint=(20 * j, 0, -10 * j))
+    for s, tint in enumerate(((90, -60, 70), (-50, 40, 100))):  # two held-out slides, unlike each other
+        make_store(stores / f"s9-{s}.zarr", 8, scanner="s9", seed=70 + s, tint=tint)
+    c = dict(TINY, domains="scanner", steps=3, val_fraction=0, val_domains=("s9",))
+    Trainer(TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "run"), **c)).run()
+    held = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]["heldout"]
+
+    from histodg.evaluation.metrics import dice_from
+    from histodg.model.checkpoint import model_from_checkpoint
+    from histodg.model.normalize import Normalizer
+    from histodg.store import open_store
+
+    model, config = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))
+    norm = Normalizer(config.normalization.mean, config.normalization.std, "cpu")
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    counts = {"own": np.zeros(3), "mixture": np.zeros(3)}
+    with torch.no_grad():
+        for s in range(2):
+            store = open_store(stores / f"s9-{s}.zarr")
+            x = norm(torch.from_numpy(np.asarray(store.images[:])).permute(0, 3, 1, 2).float())
+            y = torch.from_numpy(np.asarray(store.masks[:])) == 1
+            model.eval()
+            mixture = model(x)[:, 0] > 0
+            for m in layers:  # 8 patches (fewer than 64): all of them, one batch of 8
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            model(x)
+            model.eval()
+            own = model(x)[:, 0] > 0
+            for key, pred in (("own", own), ("mixture", mixture)):
+                counts[key] += [(pred & y).sum().item(), pred.sum().item(), y.sum().item()]
+            model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))  # the checkpoint's statistics again
+            layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert held["domains"]["s9"]["dice_pixels"] == pytest.approx(dice_from(*counts["own"]), abs=1e-6)
+    assert abs(dice_from(*counts["own"]) - dice_from(*counts["mixture"])) > 0.01  # and that is not the mixture's score

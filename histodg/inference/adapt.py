@@ -22,55 +22,25 @@ from contextlib import contextmanager
 
 import numpy as np
 
-ADAPT_WINDOWS = 64  # windows the statistics are estimated from (at most)
-MIN_WINDOWS = 8  # fewer tissue windows than this: no adaptation
-
-
-def batchnorm_layers(model) -> list:
-    import torch
-
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-def adaptation_windows(tissue: np.ndarray, limit: int = ADAPT_WINDOWS) -> np.ndarray:
-    """Indices of the windows to adapt on: the `limit` with the most tissue (stable order)."""
-    order = np.argsort(-np.asarray(tissue, dtype=np.float64), kind="stable")
-    return np.sort(order[:limit])
+from ..model.batchnorm import ADAPT_WINDOWS, MIN_WINDOWS, adaptation_windows  # noqa: F401 (re-exported)
 
 
 @contextmanager
 def adapted_batchnorm(predictor, batches):
     """Inside: every BatchNorm of `predictor.model` uses statistics estimated on `batches`
     ((N, T, T, 3) uint8 tensors); after: the checkpoint's statistics, exactly."""
-    import torch
+    from ..model.batchnorm import estimated_statistics
 
-    layers = batchnorm_layers(predictor.model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
-    try:
-        with torch.no_grad():
-            for m in layers:
-                m.reset_running_stats()
-                m.momentum = None  # a cumulative average over every batch below
-                m.train()
-            meter = predictor.meter  # the shift score sees the unadapted model on these windows
-            for batch in batches:
-                x = predictor.model_input(batch)
-                if meter is not None:
-                    meter.active = True
-                    _unadapted_forward(predictor.model, layers, saved, x)
-                    meter.active = False  # not the estimating pass, nor the adapted prediction after it
-                predictor.model(x)
-        for m in layers:
-            m.eval()
+    meter = predictor.meter  # the shift score sees the unadapted model on these windows
+
+    def measure(x, layers, saved):
+        meter.active = True
+        _unadapted_forward(predictor.model, layers, saved, x)
+        meter.active = False  # not the estimating pass, nor the adapted prediction after it
+
+    inputs = (predictor.model_input(batch) for batch in batches)
+    with estimated_statistics(predictor.model, inputs, measure if meter is not None else None) as layers:
         yield len(layers)
-    finally:
-        with torch.no_grad():
-            for m, (mean, var, tracked, momentum) in zip(layers, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(tracked)
-                m.momentum = momentum
-                m.eval()
 
 
 def _unadapted_forward(model, layers, saved, x) -> None:

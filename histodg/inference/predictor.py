@@ -70,7 +70,7 @@ class Predictor:
 
             self.meter = FeatureMeter(self.model)
         if options.adapt in ("bn", "tent"):
-            from .adapt import batchnorm_layers
+            from ..model.batchnorm import batchnorm_layers
 
             if not batchnorm_layers(self.model):
                 raise PredictError(where, f"--adapt {options.adapt}: this model ({config.arch}-{config.encoder}) has no BatchNorm layers "

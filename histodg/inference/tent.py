@@ -15,7 +15,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..device import autocast
-from .adapt import adapted_batchnorm, batchnorm_layers
+from ..model.batchnorm import batchnorm_layers
+from .adapt import adapted_batchnorm
 
 TENT_STEPS = 10
 TENT_LR = 1e-3

@@ -5,7 +5,9 @@
 - `config`: `ModelConfig`, the typed, versioned contract between training and prediction;
 - `checkpoint`: save / load self-describing checkpoints, rebuild a model from one;
 - `normalize`: `Normalizer`, the model's input normalisation on the device;
-- `taps`: forward hooks methods use (decoder features, shallow encoder stages, the head).
+- `taps`: forward hooks methods use (decoder features, shallow encoder stages, the head);
+- `batchnorm`: BatchNorm statistics estimated on a slide's windows and put back (AdaBN's core);
+- `domain_bn`: DSBN's per-domain BatchNorm slots.
 
 May import: the top-level helpers. Knows nothing of slides, stores, training or inference.
 """

@@ -193,11 +193,13 @@ class Trainer:
     def validate(self, run: StageRun, parts_by_domain: dict) -> dict:
         cfg, names = self.cfg, run.stage.domain_names
 
-        def route(name):  # a seen domain by its index in the stage, a held-out one as None
-            return run.method.evaluation_route(names.index(name) if name in names else None)
+        def index(name):  # a seen domain by its index in the stage, a held-out one as None
+            return names.index(name) if name in names else None
 
         return score_domains(run.model, parts_by_domain, run.normalizer, run.rt, run.task.binary,
-                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers, route)
+                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers,
+                             lambda name: run.method.evaluation_route(index(name)),
+                             lambda name: run.method.own_statistics(index(name)))
 
     # -- output --------------------------------------------------------------------------------
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None) -> dict:

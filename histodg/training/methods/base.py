@@ -134,6 +134,11 @@ class Method(nn.Module):
         routes it to the domain's BatchNorm. Nothing for every other method."""
         return nullcontext()
 
+    def own_statistics(self, index: int | None) -> bool:
+        """Whether validation scores each slide of domain `index` (None: held out) with BatchNorm
+        statistics of its own, as `histodg predict` predicts it; DSBN does for held-out domains."""
+        return False
+
     # -- helpers for subclasses ------------------------------------------------------------
     @staticmethod
     def concat(batches):

@@ -47,3 +47,8 @@ class DSBN(Method):
     def evaluation_route(self, index: int | None):
         """For validation: domain `index`'s slot (None: the shared one)."""
         return domain(self.model, index)
+
+    def own_statistics(self, index: int | None) -> bool:
+        """A held-out domain's slides are scored as predict runs a slide of an unknown domain: the
+        shared slot with the slide's own statistics."""
+        return index is None
