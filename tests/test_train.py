@@ -156,6 +156,8 @@ def test_cli_train_and_methods(stores, tmp_path, cli):
     assert r.exit_code == 1 and "finished" in r.stderr
     r = cli("methods", "--json")
     assert "erm" in {m["name"] for m in json.loads(r.stdout)}
+    assert [m["name"] for m in json.loads(r.stdout) if m["default"]] == ["dsbn"]
+    assert "dsbn (the default): " in cli("methods").stdout
     assert "histodg methods" in cli("train", "--help").stdout
 
 

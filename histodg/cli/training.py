@@ -116,10 +116,12 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def methods(as_json):
     """The training methods and their hyperparameters (set with `histodg train --hp KEY=VALUE`)."""
+    from ..training.config import TrainConfig
     from ..training.methods import METHODS, describe
     from .views import print_methods
 
-    rows = [{"name": n, "doc": (c.__doc__ or "").strip().splitlines()[0], "hparams": describe(c)} for n, c in METHODS.items()]
+    rows = [{"name": n, "doc": (c.__doc__ or "").strip().splitlines()[0], "hparams": describe(c), "default": n == TrainConfig.method}
+            for n, c in METHODS.items()]
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
     else:

@@ -288,10 +288,11 @@ def print_cv(summary: dict) -> None:
 
 def print_methods(rows: list[dict]) -> None:
     for m in rows:
+        name = f"{m['name']} (the default)" if m.get("default") else m["name"]
         if not m["hparams"]:
-            out.print(f"[bold]{m['name']}[/]: {escape(m['doc'])} (no hyperparameters)")
+            out.print(f"[bold]{name}[/]: {escape(m['doc'])} (no hyperparameters)")
             continue
-        table = Table(title=f"{m['name']}: {escape(m['doc'])}", title_justify="left", show_header=bool(m["hparams"]))
+        table = Table(title=f"{name}: {escape(m['doc'])}", title_justify="left", show_header=bool(m["hparams"]))
         table.add_column("--hp")
         table.add_column("default")
         table.add_column("meaning", overflow="fold")
