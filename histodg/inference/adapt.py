@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..model.batchnorm import ADAPT_WINDOWS, MIN_WINDOWS, adaptation_windows  # noqa: F401 (re-exported)
+from ..model.batchnorm import MIN_WINDOWS, adaptation_windows
 
 
 @contextmanager

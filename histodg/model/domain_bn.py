@@ -59,10 +59,15 @@ def _domain_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
+def _slotted(m: nn.Module) -> bool:
+    """A BatchNorm layer that can take domain slots (affine, with running statistics)."""
+    return isinstance(m, _BatchNorm) and m.affine and m.track_running_stats
+
+
 def convertible(model: nn.Module) -> int:
-    """How many BatchNorm layers the model has that can take domain slots (affine, with running
-    statistics); 0: `--method dsbn` cannot be used (MiT / SegFormer encoders use LayerNorm)."""
-    return sum(isinstance(m, _BatchNorm) and m.affine and m.track_running_stats for m in model.modules())
+    """How many BatchNorm layers of the model can take domain slots; 0: `--method dsbn` cannot be
+    used (MiT / SegFormer encoders use LayerNorm)."""
+    return sum(map(_slotted, model.modules()))
 
 
 def domain_layers(model: nn.Module) -> list:
@@ -89,7 +94,7 @@ def convert(model: nn.Module, n_slots: int) -> int:
         raise ValueError("domain-specific BatchNorm needs at least one domain")
     count = 0
     for m in model.modules():
-        if not isinstance(m, _BatchNorm) or not (m.affine and m.track_running_stats):
+        if not _slotted(m):
             continue
         count += 1
         if isinstance(m, _DomainSlots) and m.domain_weight.shape[0] == n_slots:
