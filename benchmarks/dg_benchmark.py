@@ -476,9 +476,10 @@ def bootstrap_ci(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[floa
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarise(results: dict) -> str:
+def summarise(results: dict, base: str = "erm") -> str:
+    """The tables; Δ is each row's paired difference to the row `base` (ERM unless --versus)."""
     sel = selected(results)
-    erm = sel.get("erm", {})
+    erm = sel.get(base, {})
     cols = [("seen (val)", None)] + [(d, d) for d in UNSEEN] + [("unseen mean", "mean")]
     deltas_of = [*UNSEEN, "mean"]
 
@@ -490,7 +491,7 @@ def summarise(results: dict) -> str:
         names = [r.name for r in rows() if r.table == table and r.name in sel]
         if not names:
             continue
-        lines += [f"\n**{table}** (Dice; mean ± s.e. over seeds; Δ: paired difference to ERM, bootstrap 95% interval)\n",
+        lines += [f"\n**{table}** (Dice; mean ± s.e. over seeds; Δ: paired difference to {base}, bootstrap 95% interval)\n",
                   "| run | seeds | lr chosen | " + " | ".join(c for c, _ in cols) + " | "
                   + " | ".join(f"Δ {d.replace('mean', 'unseen mean')}" for d in deltas_of) + " |",
                   "|---|---|---|" + "---|" * (len(cols) + len(deltas_of))]
@@ -503,7 +504,7 @@ def summarise(results: dict) -> str:
             deltas = []
             for d in deltas_of:
                 paired = [s for s in seeds if s in erm]
-                if name == "erm" or len(paired) < 2 or table == "oracle":
+                if name == base or len(paired) < 2 or table == "oracle":
                     deltas.append("")
                     continue
                 diff = np.array([test(runs[s], d) - test(erm[s], d) for s in paired])
@@ -527,6 +528,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="4 steps per stage: a smoke run of the whole machinery")
     ap.add_argument("--tables", action="store_true", help="print the tables of what has run, run nothing")
+    ap.add_argument("--versus", default="erm", metavar="ROW", help="the row the Δ columns are paired against, e.g. "
+                                                                   "--versus dsbn (default: erm)")
     ap.add_argument("--pilot", action="store_true", help="the SDS weight pilot (training-domain validation only)")
     ap.add_argument("--curve", action="store_true", help="ERM's Dice over the schedule (curve.png)")
     ap.add_argument("--cost", action="store_true", help="step time and peak memory of every method (fresh process each)")
@@ -554,7 +557,7 @@ def main() -> None:
         print((OUT / "curve.json").read_text())
         return
     results = json.loads((OUT / "results.json").read_text()) if args.tables else run_all(args)
-    text = summarise(results)
+    text = summarise(results, args.versus)
     (OUT / "tables.md").write_text(text + "\n")
     print(text)
 
