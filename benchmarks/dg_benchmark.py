@@ -7,7 +7,7 @@ that the numbers can be trusted (DomainBed's protocol, Gulrajani and Lopez-Paz 2
     .venv/bin/python benchmarks/dg_benchmark.py --row 'erm + stain normalisation'   # one row
     .venv/bin/python benchmarks/dg_benchmark.py --row erm --seeds 0 1 2   # one row, three seeds
     .venv/bin/python benchmarks/dg_benchmark.py --tables             # the tables from what has run
-    .venv/bin/python benchmarks/dg_benchmark.py --device cuda        # on a GPU
+    .venv/bin/python benchmarks/dg_benchmark.py --device cuda --out bench_out/dg2-cuda   # on a GPU, its own table
 
 Data (made here from `histodg synth`, tiled at 1 um/px in 128 px patches, >= 50% tissue):
 - training: seed 0, 4 cases per domain; cases 1-3 of colon, stomach, pancreas (organ task) and
@@ -106,6 +106,8 @@ def rows() -> list[Row]:
     # through their own BatchNorm, unseen ones through the shared one re-estimated per slide. Tier 1 and
     # its own learning-rate grid since it became the default method (until 2026-12-04 it took ERM's rate)
     r.append(Row("methods", "dsbn", (*CROSS, "--method", "dsbn"), 1))
+    # the default method with the strong acquisition augmentation: which --augment the default should have
+    r.append(Row("methods", "dsbn + strong augmentation", (*CROSS, "--method", "dsbn", "--augment", "strong"), 1))
     # stain normalisation (Macenko, reference fitted on the training stores) against and with augmentation;
     # a preprocessing variant of its parent, so it takes the parent's chosen learning rate per seed
     for name, parent, extra in (("erm + stain normalisation", "erm", ()),
@@ -125,7 +127,7 @@ def rows() -> list[Row]:
 
 # -- data ------------------------------------------------------------------------------------------
 def histodg(*args, quiet=True, env=None) -> None:
-    cmd = [str(REPO / ".venv" / "bin" / "histodg"), *map(str, args)]
+    cmd = [sys.executable, "-m", "histodg", *map(str, args)]  # the interpreter this benchmark runs under
     r = subprocess.run(cmd, capture_output=quiet, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:] if quiet else ''}")
@@ -149,6 +151,9 @@ def prepare_data() -> None:
     # slides since issue 16, pinned so that the stores stay the same whatever the default becomes.
     # The tables made before 2026-12-02 were on lossless (lz4) stores of the same slides.
     tile = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+    names = ["train", "val", "test", *(f"oracle-{dom}" for dom in UNSEEN)]
+    if all((OUT / "stores" / name / "summary.json").exists() for name in names):
+        return  # every store finished earlier (or was copied here from the machine that made them)
     for seed, cases in ((0, 4), (1, 6)):
         synth = OUT / f"synth{seed}"
         if not (synth / "manifest.csv").exists():
@@ -283,8 +288,8 @@ def run_one(row: Row, seed: int, lr: str, args) -> dict:
     val = score_stores(run_dir, OUT / "stores" / "val", args.device)
     test = score_stores(run_dir, OUT / "stores" / "test", args.device)
     return {"table": row.table, "name": row.name, "seed": seed, "lr": lr, "val": val, "test": test, "seconds": seconds,
-            "command": "histodg train " + " ".join(map(str, [f"bench_out/dg2/stores/{row.stores}", "-o",
-                                                             run_dir.relative_to(REPO), *train_args]))}
+            "command": "histodg train " + " ".join(map(str, [os.path.relpath(OUT / "stores" / row.stores, REPO), "-o",
+                                                             os.path.relpath(run_dir, REPO), *train_args]))}
 
 
 def run_all(args) -> dict:
@@ -517,6 +522,7 @@ def summarise(results: dict, base: str = "erm") -> str:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", type=int, choices=[1, 2, 3], help="only this tier (1: ERM, SDS, strong augmentation, "
                                                                "oracles; 2: the peers; 3: ablations, protocols, from scratch)")
@@ -526,6 +532,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "dg2", help="the folder of stores, runs and results.json (default: "
+                                                           "bench_out/dg2; e.g. bench_out/dg2-cuda for a GPU's own table)")
     ap.add_argument("--quick", action="store_true", help="4 steps per stage: a smoke run of the whole machinery")
     ap.add_argument("--tables", action="store_true", help="print the tables of what has run, run nothing")
     ap.add_argument("--versus", default="erm", metavar="ROW", help="the row the Δ columns are paired against, e.g. "
@@ -544,9 +552,9 @@ def main() -> None:
     if args.cost:
         print(cost_table(args.steps, args.rounds))
         return
-    global OUT
+    OUT = args.out.resolve()
     if args.quick:  # a smoke run never mixes with real results
-        OUT = OUT.with_name("dg2-quick")
+        OUT = OUT.with_name(OUT.name + "-quick")
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if args.pilot:
