@@ -77,7 +77,10 @@ def csv_text(rows: list[dict]) -> str:
 
 @contextmanager
 def _turn(out_dir: Path):
-    """Hold OUT_DIR/.summary.lock (a POSIX lock: released when the process dies)."""
+    """Hold OUT_DIR/.summary.lock (a POSIX lock: released when the process dies).
+
+    The empty lock file stays behind on purpose: removing it would let a process that still waits
+    on the old file and one that opens a new file both hold "the" lock at once."""
     with open(out_dir / ".summary.lock", "a") as f:
         fcntl.lockf(f, fcntl.LOCK_EX)
         try:

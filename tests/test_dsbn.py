@@ -141,7 +141,10 @@ def test_the_default_method_on_an_encoder_without_batchnorm_says_to_add_method_e
     r = cli(*args)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert "--method dsbn (the default)" in lines[0] and "add --method erm" in lines[0] and "mit_b0" in lines[0]
+    assert "--method dsbn: " in lines[0] and "dsbn is the default method: add --method erm" in lines[0], lines[0]
+    assert "mit_b0" in lines[0]
+    explicit = cli(*args, "--method", "dsbn")  # typed by the user: the same one line, which claims no default
+    assert explicit.exit_code == 1 and [x for x in explicit.stderr.splitlines() if x.strip()] == lines
     assert (tmp_path / "run" / "last.pt").read_bytes() == b"an older run"
     r = cli(*args, "--method", "erm")
     assert r.exit_code == 0, r.output

@@ -98,9 +98,11 @@ class Trainer:
         np.random.seed(cfg.seed + rt.rank)
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
         if cfg.method == "dsbn" and not convertible(model):
-            raise TrainError(f"--method {cfg.method}" + (" (the default)" if cfg.method == TrainConfig.method else ""),
+            # the same words whether dsbn came from the user or from the default: the config cannot tell which
+            raise TrainError(f"--method {cfg.method}",
                              f"{cfg.arch}-{cfg.encoder} has no BatchNorm layers to make domain-specific (MiT / SegFormer "
-                             f"encoders use LayerNorm): add --method erm, or choose a ResNet or EfficientNet encoder")
+                             f"encoders use LayerNorm), and dsbn is the default method: add --method erm, or choose a "
+                             f"ResNet or EfficientNet encoder")
         return place_model(model, rt.placement)
 
     def run(self) -> dict:
