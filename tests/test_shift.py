@@ -157,3 +157,35 @@ def test_slide_shift_without_calibration_reports_raw_only():
     assert ref["calibration"] == []  # one slide of one domain: nothing to leave it out against
     out = slide_shift(ref, m, 3)
     assert out["score"] is None and out["warn"] is False and out["raw"] == pytest.approx(0.0, abs=1e-9)
+
+
+def _store(path, patches: np.ndarray):
+    from histodg.store import StoreAttrs, StoreWriter
+
+    attrs = StoreAttrs(tile_size=TILE, mpp=MPP, labels={"0": "background", "1": "tumor"})
+    w = StoreWriter(path, attrs, len(patches), True).create()
+    for i, p in enumerate(patches):
+        w.append(w.encode(p, np.zeros((TILE, TILE), np.uint8)), (i * TILE, 0), 1.0, plan_done=i + 1)
+    w.finish()
+    return path
+
+
+def test_evaluate_on_stores_reports_each_stores_shift_score(tmp_path, checkpoint, he, cli):
+    plain = _patches(he[:500, :500])  # the patches of a training slide (the top-left quarter)
+    blue = np.clip(plain.astype(np.float32) * (0.6, 0.7, 1.0), 0, 255).astype(np.uint8)  # a scanner with a blue cast
+    a, b = _store(tmp_path / "plain.zarr", plain), _store(tmp_path / "foreign.zarr", blue)
+    r = cli("evaluate", checkpoint, a, b, "--device", "cpu", "--tta", "none", "--batch-size", "5", "--json")
+    assert r.exit_code == 0, r.output
+    got = {x["name"]: x["shift"] for x in json.loads(r.stdout)["images"]}
+    assert got["foreign"]["warn"] and got["foreign"]["score"] > 1 > got["plain"]["score"] and not got["plain"]["warn"]
+    assert got["plain"]["nearest"] == "top" and got["plain"]["windows"] == len(plain)
+    # the score of exactly the store's patches through the checkpoint (no batch padding counted)
+    pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu"))
+    expected = slide_shift(load_checkpoint(checkpoint)["model_config"]["shift"], _moments(pred.model, pred.normalizer, plain),
+                           len(plain))
+    assert got["plain"]["raw"] == pytest.approx(expected["raw"], rel=1e-4)
+    table = cli("evaluate", checkpoint, a, b, "--device", "cpu", "--tta", "none")  # the rich tables: a column, one warning
+    assert table.exit_code == 0, table.output
+    warned = [line for line in table.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "foreign: domain shift" in warned[0], table.output
+    assert "shift" in next(line for line in table.output.splitlines() if "Dice" in line and "IoU" in line)

@@ -157,9 +157,7 @@ def print_summary(results, verb: str, spec: SummarySpec) -> None:
         cells = [escape(r.name), f"[{style.get(r.status, '')}]{r.status}[/]", str(getattr(r, count_attr)), area,
                  str(r.bad_windows or ""), f"{r.seconds:.1f}", escape(note)]
         if shifts:
-            sh = getattr(r, "shift", None) or {}
-            score = sh.get("score")
-            cells.append("" if score is None else (f"[bold yellow]{score:.2f} ⚠[/]" if sh.get("warn") else f"{score:.2f}"))
+            cells.append(_shift_cell(getattr(r, "shift", None) or {}))
         table.add_row(*cells)
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     total = sum(getattr(r, count_attr) for r in results)
@@ -170,11 +168,20 @@ def print_summary(results, verb: str, spec: SummarySpec) -> None:
     table.caption_justify = "left"
     out.print(table)
     for r in results:  # the domain-shift warning (predict): one line per slide outside what the model was trained on
-        shift = getattr(r, "shift", None) or {}
-        if shift.get("warn"):
-            out.print(f"[bold yellow]warning:[/] {escape(r.name)}: domain shift {shift['score']:.1f}x the farthest training "
-                      f"slide (nearest training domain {escape(str(shift['nearest']))}): outside what the model was trained "
-                      f"on; check its result before trusting it")
+        _warn_shift(r.name, getattr(r, "shift", None) or {})
+
+
+def _shift_cell(shift: dict) -> str:
+    score = shift.get("score")
+    return "" if score is None else (f"[bold yellow]{score:.2f} ⚠[/]" if shift.get("warn") else f"{score:.2f}")
+
+
+def _warn_shift(name: str, shift: dict) -> None:
+    """One line for an input whose domain-shift score is above every training slide's."""
+    if shift.get("warn"):
+        out.print(f"[bold yellow]warning:[/] {escape(name)}: domain shift {shift['score']:.1f}x the farthest training "
+                  f"slide (nearest training domain {escape(str(shift['nearest']))}): outside what the model was trained "
+                  f"on; check its result before trusting it")
 
 
 def print_info(items: list[dict]) -> None:
@@ -327,12 +334,17 @@ def print_evaluation(table: dict, title: str = "histodg evaluate") -> None:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
     images = Table(title=f"{title}: {len(table['images'])} image(s)", title_justify="left")
-    for c in ("image", "domain", "Dice", "IoU", "predicted px", "true px"):
+    shifts = any(r.get("shift") for r in table["images"])  # stores scored by a checkpoint with a shift reference
+    for c in ("image", "domain", "Dice", "IoU", "predicted px", "true px", *(("shift",) if shifts else ())):
         images.add_column(c, justify="left" if c in ("image", "domain") else "right")
     for r in table["images"]:
-        images.add_row(escape(r["name"]), escape(r["domain"]), f(r["dice"]), f(r["iou"]), str(r["predicted_px"]),
-                       str(r["true_px"]))
+        cells = [escape(r["name"]), escape(r["domain"]), f(r["dice"]), f(r["iou"]), str(r["predicted_px"]), str(r["true_px"])]
+        if shifts:
+            cells.append(_shift_cell(r.get("shift") or {}))
+        images.add_row(*cells)
     out.print(images)
+    for r in table["images"]:  # as predict warns: one line per image outside what the model was trained on
+        _warn_shift(r["name"], r.get("shift") or {})
     doms = Table(title="per domain (mean over images)", title_justify="left")
     for c in ("domain", "images", "Dice", "IoU", "Dice (pixels)", "IoU (pixels)"):
         doms.add_column(c, justify="left" if c == "domain" else "right")

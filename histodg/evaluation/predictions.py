@@ -122,7 +122,7 @@ def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, thr
             organ = organ if organ != UNKNOWN else done.get("organ")
             scanner = scanner if scanner != UNKNOWN else done.get("scanner")
             counts = score_prediction(d, annotation, labels, threshold)
-            ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d))
+            ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d), shift=done.get("shift"))
         if progress:
             progress(advance=1)
     return ev

@@ -31,6 +31,7 @@ class ImageScore:
     predicted_px: int
     true_px: int
     source: str = ""
+    shift: dict | None = None  # the domain-shift score of a store (`model.shift.slide_shift`), when scored by a checkpoint
 
 
 @dataclass
@@ -38,9 +39,10 @@ class Evaluation:
     images: list[ImageScore] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def add(self, name: str, domain: str, inter: int, n_pred: int, n_true: int, source: str = "") -> ImageScore:
+    def add(self, name: str, domain: str, inter: int, n_pred: int, n_true: int, source: str = "",
+            shift: dict | None = None) -> ImageScore:
         s = ImageScore(name, domain, dice_from(inter, n_pred, n_true), iou_from(inter, n_pred, n_true),
-                       int(inter), int(n_pred), int(n_true), source)
+                       int(inter), int(n_pred), int(n_true), source, shift)
         self.images.append(s)
         return s
 

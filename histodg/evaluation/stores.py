@@ -19,14 +19,23 @@ from .scoring import EvaluateError, Evaluation, binarise_truth, domain_of
 
 def score_store(predictor, store, cut: int) -> tuple[int, int, int]:
     """(|P & T|, |P|, |T|) summed over the patches of one store."""
+    return score_and_shift(predictor, store, cut)[0]
+
+
+def score_and_shift(predictor, store, cut: int) -> tuple[tuple[int, int, int], dict | None]:
+    """The counts of `score_store`, and the store's domain-shift score (`model.shift.slide_shift`:
+    its patches against the checkpoint's training domains, as `predict` scores a slide; None when
+    the checkpoint has no reference)."""
     if store.masks is None:
         raise EvaluateError(store.path, "store has no masks to score against (tile it with --annotations)")
     if abs(store.attrs.mpp / predictor.mpp - 1) > predictor.options.mpp_tolerance:
         raise EvaluateError(store.path, f"patches are at {store.attrs.mpp:g} um/px but the model runs at {predictor.mpp:g} um/px: "
                                         f"tile the images at the model's resolution")
     job = SimpleNamespace(organ=store.attrs.organ, scanner=store.attrs.scanner)  # a DSBN model's domain, per store
+    predictor.start_shift()
     with slide_batchnorm(predictor, job, store.tissue, lambda i: np.asarray(store.images[i])):  # --adapt bn: per store
-        return _score_patches(predictor, store, cut)
+        counts = _score_patches(predictor, store, cut)
+    return counts, predictor.end_shift()
 
 
 def _score_patches(predictor, store, cut: int) -> tuple[int, int, int]:
@@ -60,8 +69,9 @@ def evaluate_stores(predictor, paths, domain_axis: str | None = None, threshold:
     for path in stores:
         with collected(ev.errors, path):
             store = open_store(path)
-            counts = score_store(predictor, store, cut)
-            ev.add(store.name, domain_of(store.attrs.organ, store.attrs.scanner, domain_axis), *counts, source=str(path))
+            counts, shift = score_and_shift(predictor, store, cut)
+            ev.add(store.name, domain_of(store.attrs.organ, store.attrs.scanner, domain_axis), *counts, source=str(path),
+                   shift=shift)
         if progress:
             progress(advance=1)
     return ev
