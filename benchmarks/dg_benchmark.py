@@ -532,7 +532,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "dg2", help="the folder of stores, runs and results.json (default: "
+    ap.add_argument("--out", type=Path, default=OUT, help="the folder of stores, runs and results.json (default: "
                                                            "bench_out/dg2; e.g. bench_out/dg2-cuda for a GPU's own table)")
     ap.add_argument("--quick", action="store_true", help="4 steps per stage: a smoke run of the whole machinery")
     ap.add_argument("--tables", action="store_true", help="print the tables of what has run, run nothing")

@@ -31,7 +31,7 @@ class ImageScore:
     predicted_px: int
     true_px: int
     source: str = ""
-    shift: dict | None = None  # the domain-shift score of a store (`model.shift.slide_shift`), when scored by a checkpoint
+    shift: dict | None = None  # the image's domain-shift score (`model.shift.slide_shift`): a store's, or a prediction's done.json
 
 
 @dataclass
