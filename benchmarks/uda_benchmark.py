@@ -4,6 +4,8 @@ DG benchmark's own ERM models.
 
     .venv/bin/python benchmarks/uda_benchmark.py --seeds 0 1 2      # after dg_benchmark.py --row erm
     .venv/bin/python benchmarks/uda_benchmark.py --tables           # the table of what has run
+    .venv/bin/python benchmarks/uda_benchmark.py --row dsbn --variant "both parts" --variant neither
+                                                                    # the default method's checkpoints
 
 For each seed, the ERM checkpoint the DG protocol selected (training-domain validation chose its
 learning rate) is adapted to one unseen domain: the source is the DG training stores (with
@@ -36,9 +38,16 @@ VARIANTS = {"both parts": [], "global only": ["--hp", "local=false"], "local onl
 TARGETS = {"scanner-d": list(VARIANTS), "lung": ["both parts"]}
 
 
-def run_one(seed: int, lr: str, target: str, variant: str, device: str) -> dict:
-    src = dg.run_dir_of("methods", "erm", seed, lr)
-    out = dg.OUT / "uda" / f"erm-s{seed}-{target}-{variant.split(' ')[0]}"
+def key_of(row: str, seed: int, target: str, variant: str) -> str:
+    """uda.json's key of one run (ERM's keep their first form)."""
+    return f"{seed}|{target}|{variant}" if row == "erm" else f"{row}|{seed}|{target}|{variant}"
+
+
+def run_one(row: str, seed: int, lr: str, target: str, variant: str, device: str) -> dict:
+    src = dg.run_dir_of("methods", row, seed, lr)
+    if not (src / "last.pt").is_file():
+        raise SystemExit(f"{src}: no last.pt (the DG run's checkpoint is needed: dg_benchmark.py keeps only results.json)")
+    out = dg.OUT / "uda" / f"{row}-s{seed}-{target}-{variant.split(' ')[0]}"
     args = ["adapt", src / "last.pt", "--source", dg.OUT / "stores" / "train", "--target", dg.OUT / "stores" / f"oracle-{target}",
             "-o", out, "--steps", STEPS, "--seed", seed, "--device", device, "--overwrite", *VARIANTS[variant]]
     t0 = time.time()
@@ -49,14 +58,14 @@ def run_one(seed: int, lr: str, target: str, variant: str, device: str) -> dict:
             "command": "histodg " + " ".join(str(a).replace(str(dg.REPO) + "/", "") for a in args)}
 
 
-def table(done: dict, dg_results: dict, oracle: dict) -> str:
-    sel = dg.selected(dg_results).get("erm", {})
-    lines = ["| target | variant | seeds | DG model (ERM) | adapted | Δ (paired, 95% CI) | oracle | gap closed |",
+def table(done: dict, dg_results: dict, oracle: dict, row: str = "erm") -> str:
+    sel = dg.selected(dg_results).get(row, {})
+    lines = [f"| target | variant | seeds | DG model ({row}) | adapted | Δ (paired, 95% CI) | oracle | gap closed |",
              "|---|---|---|---|---|---|---|---|"]
     for target, variants in TARGETS.items():
         for variant in variants:
-            pairs = [(sel[s]["test"][target], done[f"{s}|{target}|{variant}"]["dice"]) for s in sorted(sel)
-                     if f"{s}|{target}|{variant}" in done]
+            pairs = [(sel[s]["test"][target], done[key_of(row, s, target, variant)]["dice"]) for s in sorted(sel)
+                     if key_of(row, s, target, variant) in done]
             if not pairs:
                 continue
             a, b = np.array(pairs).T
@@ -77,6 +86,10 @@ def main() -> None:
     ap.add_argument("--oracle", nargs=2, action="append", metavar=("DOMAIN", "DICE"), default=[],
                     help="the oracle's Dice on a domain, when results.json has no oracle run for it")
     ap.add_argument("--tables", action="store_true")
+    ap.add_argument("--row", default="erm", help="the DG row whose checkpoints are adapted (its runs' last.pt "
+                                                 "must be in DG_OUT/runs), e.g. dsbn")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME",
+                    help="only these variants (by their first word: both, global, local, neither)")
     args = ap.parse_args()
     dg.OUT = args.dg_out
     results = json.loads((dg.OUT / "results.json").read_text())
@@ -87,22 +100,22 @@ def main() -> None:
             oracle[t] = r["test"][t]
     path = dg.OUT / "uda.json"
     done = json.loads(path.read_text()) if path.exists() else {}
-    sel = dg.selected(results).get("erm", {})
+    sel = dg.selected(results).get(args.row, {})
     if not args.tables:
         for seed in args.seeds:
             if seed not in sel:
-                print(f"seed {seed}: no selected ERM run yet (dg_benchmark.py --row erm)", file=sys.stderr)
+                print(f"seed {seed}: no selected {args.row} run yet (dg_benchmark.py --row {args.row})", file=sys.stderr)
                 continue
             for target, variants in TARGETS.items():
                 for variant in variants:
-                    key = f"{seed}|{target}|{variant}"
-                    if key in done:
+                    key = key_of(args.row, seed, target, variant)
+                    if key in done or (args.variant and variant.split(" ")[0] not in args.variant):
                         continue
-                    done[key] = run_one(seed, sel[seed]["lr"], target, variant, args.device)
+                    done[key] = run_one(args.row, seed, sel[seed]["lr"], target, variant, args.device)
                     path.write_text(json.dumps(done, indent=1))
                     print(f"{key}: {done[key]['dice']:.3f} (DG {sel[seed]['test'][target]:.3f}, "
                           f"{done[key]['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    print(table(done, results, oracle))
+    print(table(done, results, oracle, args.row))
 
 
 if __name__ == "__main__":

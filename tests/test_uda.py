@@ -107,3 +107,54 @@ def test_cli_adapt_tiles_slide_targets_and_refuses_a_finished_run(data, tmp_path
     assert again.exit_code == 1 and "--overwrite" in again.output and "Traceback" not in again.output
     bad = cli(*args[:-4], "--hp", "style=sepia", "--overwrite")
     assert bad.exit_code == 2 and "style=sepia" in bad.output
+
+
+@pytest.mark.slow
+def test_adapting_a_dsbn_model_trains_and_reestimates_each_source_domains_own_batchnorm(tmp_path):
+    """A DSBN checkpoint (the default method): each source patch goes through its domain's slot
+    while adapting, and at the end each slot's statistics are its own source patches' under the
+    adapted weights, the shared slot's the target's. Before, the source went through the shared
+    slot and the slots kept statistics of the weights before adaptation."""
+    from histodg.model import domain_bn
+
+    for k in range(2):
+        make_store(tmp_path / "source" / f"s1-{k}.zarr", 16, scanner="s1", seed=k)
+        make_store(tmp_path / "source" / f"s2-{k}.zarr", 16, scanner="s2", seed=20 + k, tint=(30, -20, -30))
+        make_store(tmp_path / "target" / f"s9-{k}.zarr", 16, scanner="s9", seed=10 + k, tint=TARGET_TINT, masks=False)
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", "none", 1)
+    mc = ModelConfig(arch="unet", encoder="resnet18", mpp=1.0, tile_size=64, domain_bn=["s1", "s2"])
+    norm = Normalizer(mc.normalization.mean, mc.normalization.std, "cpu")
+    domain_bn.convert(model, 2)
+    stores = {d: Patches([open_store(p) for p in sorted((tmp_path / "source").glob(f"{d}-*.zarr"))], True) for d in ("s1", "s2")}
+    for k, d in enumerate(("s1", "s2")):
+        x = torch.from_numpy(stores[d].get(stores[d].spread(32))[0]).permute(0, 3, 1, 2)
+        domain_bn.estimate_slot(model, k, [norm(x[a:a + 8]) for a in range(0, 32, 8)])
+    domain_bn.sync_shared(model)
+    save_checkpoint(tmp_path / "ck.pt", {"model_state": model.state_dict(), "model_config": mc})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    adapt(AdaptConfig(checkpoint=str(tmp_path / "ck.pt"), source=(str(tmp_path / "source"),),
+                      target=(str(tmp_path / "target"),), out_dir=str(tmp_path / "run"), steps=4, batch_size=4,
+                      lr=1e-3, device="cpu", hparams={"global": False}))
+    state = load_checkpoint(tmp_path / "run" / "best.pt")["model_state"]
+    adapted = build_model("unet", "resnet18", "none", 1)
+    domain_bn.load_model_state(adapted, state)
+    adapted.eval()
+    key = "encoder.bn1"
+    for k in range(2):  # each slot's affine parameters were trained (its patches went through it)
+        assert not torch.equal(state[f"{key}.domain_weight"][k], before[f"{key}.domain_weight"][k])
+    torch.testing.assert_close(state[f"{key}.weight"], state[f"{key}.domain_weight"].mean(0))  # shared: the mixture
+    for k, d in enumerate(("s1", "s2")):  # a slot's statistics: its own source patches, with the adapted weights
+        x = torch.from_numpy(stores[d].get(stores[d].spread(256))[0]).permute(0, 3, 1, 2)
+        f = _stem(adapted, norm(x))
+        torch.testing.assert_close(state[f"{key}.domain_mean"][k], f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    target = Patches([open_store(p) for p in sorted((tmp_path / "target").glob("*.zarr"))], False)
+    f = _stem(adapted, norm(torch.from_numpy(target.get(target.spread(256))[0]).permute(0, 3, 1, 2)))
+    torch.testing.assert_close(state[f"{key}.running_mean"], f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)  # shared: target
+
+
+def _stem(model, x):
+    """What the encoder's first BatchNorm sees for `x`."""
+    with torch.no_grad():
+        return model.encoder.conv1(x)

@@ -11,7 +11,15 @@ encoder features (`align`). AdamW with cosine decay from `lr`. At the end (`bn=t
 BatchNorm layer's statistics are re-estimated on target patches, the domain-shift reference
 is made again (the source domains and the target), and RUN_DIR gets `best.pt`, an ordinary
 checkpoint for `histodg predict`, then `result.json` (written last: a folder without it is
-unfinished, and a rerun starts it again). `result.json` records the measurable effect:
+unfinished, and a rerun starts it again).
+
+A DSBN model (`--method dsbn`, the default; `model.domain_bn`) is adapted as it was trained: each
+source patch goes through its organ's or scanner's BatchNorm slot (a source domain without one,
+and the target, through the shared slot), the shared slot is the slots' mixture again after the
+steps, and with `bn=true` the shared slot's statistics are the target's and each slot's those of
+its own source patches under the adapted weights, so source slides are predicted as well as
+before. `histodg predict` still predicts a slide of the target (a domain without a slot) through
+the shared slot with the slide's own statistics, as it does for any DSBN model. `result.json` records the measurable effect:
 `target_bn_gap`, the mean divergence between the BatchNorm layers' statistics and the
 statistics of what they see on the target patches, before and after.
 """
@@ -29,6 +37,7 @@ import torch
 from ..constants import UNKNOWN
 from ..files import file_sha256, write_json_atomic
 from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..model.domain_bn import sync_shared
 from ..model.normalize import Normalizer
 from .align import FeatureTap, masked_alignment
 from .batchnorm import bn_gap, reestimate_batchnorm
@@ -50,6 +59,10 @@ class Patches:
         self.bounds = np.cumsum(self.sizes)
         self.masks = masks
 
+    def store_of(self, flat: np.ndarray) -> np.ndarray:
+        """The store each flat index is in."""
+        return np.searchsorted(self.bounds, flat, side="right")
+
     def __len__(self) -> int:
         return int(self.sizes.sum())
 
@@ -63,9 +76,41 @@ class Patches:
                 masks.append(np.asarray(self.stores[k].masks[j]))
         return np.stack(images), (np.stack(masks) if self.masks else None)
 
-    def spread(self, n: int) -> np.ndarray:
-        """`n` indices evenly spread over every patch."""
-        return np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(int))
+    def spread(self, n: int, store: int | None = None) -> np.ndarray:
+        """`n` indices evenly spread over every patch (or over one store's)."""
+        lo = 0 if not store else int(self.bounds[store - 1])
+        hi = len(self) if store is None else int(self.bounds[store])
+        return np.unique(np.linspace(lo, hi - 1, min(n, hi - lo)).round().astype(int))
+
+
+def _slots(stores, names) -> np.ndarray:
+    """For a DSBN model (`names`: its slots' domains), each store's slot: its organ's or scanner's
+    (as `predict` chooses), -1 for the shared one."""
+    names = list(names or ())
+    return np.array([next((names.index(d) for d in (s.attrs.organ, s.attrs.scanner) if d in names), -1)
+                     for s in stores], dtype=int)
+
+
+def _routed(model, x: torch.Tensor, slots: np.ndarray | None, tap=None):
+    """(model(x), the tapped features of x or None). With `slots` (one per image, sorted) each run
+    of equal slots goes through its domain's BatchNorm (-1: the shared one), as in DSBN's
+    training, and the features of the runs are put back together."""
+    from ..model.domain_bn import domain
+
+    if slots is None:
+        out = model(x)
+        return out, (tap.take() if tap is not None else None)
+    outs, feats = [], []
+    for k in np.unique(slots):
+        a, b = np.searchsorted(slots, k), np.searchsorted(slots, k, side="right")
+        if k < 0:
+            outs.append(model(x[a:b]))
+        else:
+            with domain(model, int(k)):
+                outs.append(model(x[a:b]))
+        if tap is not None:
+            feats.append(tap.take())
+    return torch.cat(outs), ([torch.cat(f) for f in zip(*feats)] if tap is not None else None)
 
 
 def _flip(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator):
@@ -121,8 +166,12 @@ def adapt(cfg: AdaptConfig, on_step=None) -> dict:
     probe = torch.from_numpy(target.get(target.spread(64))[0]).permute(0, 3, 1, 2).to(device)
     gap_before = bn_gap(model, normalizer(probe))
     log = _train(cfg, hp, model, mc, normalizer, source, target, device, on_step)
+    if mc.domain_bn:
+        sync_shared(model)  # the shared slot: the mixture of the adapted domain slots, as DSBN leaves it
     if hp.bn:
         reestimate_batchnorm(model, normalizer, target, BN_PATCHES, cfg.batch_size, device)
+        if mc.domain_bn:
+            _reestimate_slots(model, normalizer, source, mc.domain_bn, cfg.batch_size, device)
     model.eval()
     gap_after = bn_gap(model, normalizer(probe))
     domain = _domain_of(target_refs, "target")
@@ -156,20 +205,26 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     tap, log = FeatureTap(model), []
+    by_store = _slots(source.stores, mc.domain_bn) if mc.domain_bn else None
     model.train()
     try:
         for step in range(cfg.steps):
-            xs, ys = source.get(rng.integers(0, len(source), cfg.batch_size))
+            pick, slots = rng.integers(0, len(source), cfg.batch_size), None
+            if by_store is not None:  # a DSBN model: each source patch through its domain's BatchNorm
+                order = np.argsort(by_store[source.store_of(pick)], kind="stable")
+                pick = pick[order]
+                slots = by_store[source.store_of(pick)]
+            xs, ys = source.get(pick)
             xt, _ = target.get(rng.integers(0, len(target), cfg.batch_size))
             xs, ys = _flip(torch.from_numpy(xs).permute(0, 3, 1, 2).to(device).float(), torch.from_numpy(ys).to(device), gen)
             xt, _ = _flip(torch.from_numpy(xt).permute(0, 3, 1, 2).to(device).float(), None, gen)
             if restyler is not None:
                 xs = restyler(xs, xt, gen)
-            seg = seg_loss(model(normalizer(xs)), ys, task)
+            logits, fs = _routed(model, normalizer(xs), slots, tap)
+            seg = seg_loss(logits, ys, task)
             loss, logs = seg, {"step": step + 1, "seg_loss": float(seg.detach())}
             if hp.local:
-                fs = tap.take()
-                model(normalizer(xt))
+                model(normalizer(xt))  # the target: an unknown domain, through the shared BatchNorm
                 local, gaps = masked_alignment(fs, tap.take(), hp.mask_ratio)
                 loss = loss + hp.local_weight * local
                 logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
@@ -186,6 +241,21 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
     finally:
         tap.remove()
     return log
+
+
+def _reestimate_slots(model, normalizer, source: Patches, names, batch_size: int, device) -> None:
+    """A DSBN model: each domain slot's statistics re-estimated on its own source patches with the
+    adapted weights (a source slide keeps being predicted through its slot)."""
+    from ..model.domain_bn import estimate_slot
+
+    by_store = _slots(source.stores, names)
+    for k in range(len(names)):
+        idx = np.concatenate([source.spread(BN_PATCHES, j) for j in np.flatnonzero(by_store == k)] or [np.zeros(0, int)])
+        idx = idx[np.linspace(0, len(idx) - 1, min(BN_PATCHES, len(idx))).round().astype(int)] if len(idx) else idx
+        batches = (normalizer(torch.from_numpy(source.get(idx[a:a + batch_size])[0]).permute(0, 3, 1, 2).to(device))
+                   for a in range(0, len(idx), batch_size))
+        estimate_slot(model, k, batches)
+    model.eval()
 
 
 def _shift_reference(model, normalizer, source_refs, target_refs, target_domain: str, mc, device):

@@ -125,6 +125,27 @@ def sync_shared(model: nn.Module) -> None:
         m.running_var.copy_(m.domain_var.mean(0) + m.domain_mean.var(0, unbiased=False))
 
 
+@torch.no_grad()
+def estimate_slot(model: nn.Module, k: int, inputs) -> int:
+    """Slot `k`'s running statistics := the average over the batches `inputs` (normalised NCHW
+    tensors; each batch weighs the same, as PyTorch's cumulative average), every weight and every
+    other slot untouched. Returns how many batches there were."""
+    layers = domain_layers(model)
+    saved, was, n = [m.momentum for m in layers], model.training, 0
+    model.train()
+    try:
+        with domain(model, k):
+            for n, x in enumerate(inputs, 1):
+                for m in layers:
+                    m.momentum = 1.0 / n  # the first batch replaces the old statistics
+                model(x)
+    finally:
+        for m, mom in zip(layers, saved):
+            m.momentum = mom
+        model.train(was)
+    return n
+
+
 @contextmanager
 def domain(model: nn.Module, route):
     """Inside: the converted layers of `model` use `route` (see `_DomainSlots`); after: as before."""
