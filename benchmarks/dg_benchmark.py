@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -274,6 +275,42 @@ def run_dir_of(table: str, name: str, seed: int, lr: str) -> Path:
     return OUT / "runs" / "-".join(x for x in (table, name, f"s{seed}", f"lr{lr}")).replace(" ", "_").replace(":", "")
 
 
+_FINGERPRINTS: dict[Path, str] = {}
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the chunks of every store's images, masks and coordinates in `folder` (relative
+    paths and bytes, in sorted order; not the metadata, which holds times), first 16 hex digits:
+    two runs whose stores have the same fingerprint read the same patches."""
+    if folder not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in sorted(p for a in ("images", "masks", "coords") for p in folder.glob(f"*.zarr/{a}/c/**/*") if p.is_file()):
+            h.update(str(f.relative_to(folder)).encode() + b"\0")
+            h.update(f.read_bytes())
+        _FINGERPRINTS[folder] = h.hexdigest()[:16]
+    return _FINGERPRINTS[folder]
+
+
+def environment(stores: str, threads: int) -> dict:
+    """What a run's numbers depend on besides its arguments: the code (git commit, and whether the
+    tree had changes), the packages, the torch threads, and the stores' fingerprints."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    packages = {}
+    for name in ("torch", "timm", "segmentation-models-pytorch", "numpy", "zarr", "imagecodecs", "scikit-image"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "histodg")),
+            "packages": packages, "threads": threads,
+            "stores": {name: fingerprint(OUT / "stores" / name) for name in (stores, "val", "test")}}
+
+
 def run_one(row: Row, seed: int, lr: str, args) -> dict:
     run_dir = run_dir_of(row.table, row.name, seed, lr)
     train_args = [*row.model, *COMMON, *row.args, "--seed", seed, "--device", args.device, "--overwrite"]
@@ -288,6 +325,7 @@ def run_one(row: Row, seed: int, lr: str, args) -> dict:
     val = score_stores(run_dir, OUT / "stores" / "val", args.device)
     test = score_stores(run_dir, OUT / "stores" / "test", args.device)
     return {"table": row.table, "name": row.name, "seed": seed, "lr": lr, "val": val, "test": test, "seconds": seconds,
+            "env": environment(row.stores, args.threads),
             "command": "histodg train " + " ".join(map(str, [os.path.relpath(OUT / "stores" / row.stores, REPO), "-o",
                                                              os.path.relpath(run_dir, REPO), *train_args]))}
 
