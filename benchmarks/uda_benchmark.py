@@ -4,7 +4,7 @@ DG benchmark's own ERM models.
 
     .venv/bin/python benchmarks/uda_benchmark.py --seeds 0 1 2      # after dg_benchmark.py --row erm
     .venv/bin/python benchmarks/uda_benchmark.py --tables           # the table of what has run
-    .venv/bin/python benchmarks/uda_benchmark.py --row dsbn --variant "both parts" --variant neither
+    .venv/bin/python benchmarks/uda_benchmark.py --row dsbn --variant both --variant neither
                                                                     # the default method's checkpoints
 
 For each seed, the ERM checkpoint the DG protocol selected (training-domain validation chose its

@@ -127,3 +127,9 @@ BATCH_REPORT = {"summary.csv", "summary.json", ".summary.lock", "report.html"}  
 def outputs(folder: Path) -> list[str]:
     """The names in an output folder, less the batch report."""
     return sorted(p.name for p in Path(folder).iterdir() if p.name not in BATCH_REPORT)
+
+
+def stem_input(model, x):
+    """What the first BatchNorm of a ResNet encoder sees for `x`."""
+    with torch.no_grad():
+        return model.encoder.model.conv1(x) if hasattr(model.encoder, "model") else model.encoder.conv1(x)

@@ -10,7 +10,7 @@ import torch
 import zarr
 from PIL import Image
 
-from helpers import make_store, tissue_field
+from helpers import make_store, stem_input, tissue_field
 from histodg.inference import PredictOptions, Predictor, predict_slide
 from histodg.model import domain_bn
 from histodg.model.build import build_model
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = dict(arch="unet", encoder="resnet18", encoder_weights="none", batch_size=4, workers=0, lr=1e-3, method="dsbn")
 
 
-def _stem_input(model, x):
-    """What the first BatchNorm of the encoder sees for `x`."""
-    with torch.no_grad():
-        return model.encoder.model.conv1(x) if hasattr(model.encoder, "model") else model.encoder.conv1(x)
-
-
 def test_each_domain_keeps_its_own_statistics_and_its_images_go_through_them():
     torch.manual_seed(0)
     model = build_model("unet", "resnet18", "none", 1)
@@ -39,7 +33,7 @@ def test_each_domain_keeps_its_own_statistics_and_its_images_go_through_them():
     with domain_bn.domain(model, (3, 3)):
         model(x)
     for k, part in enumerate((x[:3], x[3:])):  # momentum 0.1 from 0 (mean) and 1 (var): this domain's moments only
-        f = _stem_input(model, part)
+        f = stem_input(model, part)
         torch.testing.assert_close(bn.domain_mean[k], 0.1 * f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bn.domain_var[k], 0.9 + 0.1 * f.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert (bn.domain_mean[0] - bn.domain_mean[1]).abs().max() > 0.1

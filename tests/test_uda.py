@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_store, tissue_field
+from helpers import make_store, stem_input, tissue_field
 from histodg.adaptation.align import masked_alignment
 from histodg.adaptation.batchnorm import reestimate_batchnorm
 from histodg.adaptation.config import AdaptConfig
@@ -147,14 +147,8 @@ def test_adapting_a_dsbn_model_trains_and_reestimates_each_source_domains_own_ba
     torch.testing.assert_close(state[f"{key}.weight"], state[f"{key}.domain_weight"].mean(0))  # shared: the mixture
     for k, d in enumerate(("s1", "s2")):  # a slot's statistics: its own source patches, with the adapted weights
         x = torch.from_numpy(stores[d].get(stores[d].spread(256))[0]).permute(0, 3, 1, 2)
-        f = _stem(adapted, norm(x))
+        f = stem_input(adapted, norm(x))
         torch.testing.assert_close(state[f"{key}.domain_mean"][k], f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     target = Patches([open_store(p) for p in sorted((tmp_path / "target").glob("*.zarr"))], False)
-    f = _stem(adapted, norm(torch.from_numpy(target.get(target.spread(256))[0]).permute(0, 3, 1, 2)))
+    f = stem_input(adapted, norm(torch.from_numpy(target.get(target.spread(256))[0]).permute(0, 3, 1, 2)))
     torch.testing.assert_close(state[f"{key}.running_mean"], f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)  # shared: target
-
-
-def _stem(model, x):
-    """What the encoder's first BatchNorm sees for `x`."""
-    with torch.no_grad():
-        return model.encoder.conv1(x)

@@ -48,10 +48,15 @@ def reestimate_batchnorm(model, normalizer, patches, n: int, batch_size: int, de
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    idx = patches.spread(n)
-    for a in range(0, len(idx), batch_size):
-        x = torch.from_numpy(patches.get(idx[a:a + batch_size])[0]).permute(0, 3, 1, 2).to(device)
-        model(normalizer(x))
+    for x in patch_batches(normalizer, patches, patches.spread(n), batch_size, device):
+        model(x)
     for m, mom in zip(layers, saved):
         m.momentum = mom
     model.eval()
+
+
+def patch_batches(normalizer, patches, idx: np.ndarray, batch_size: int, device):
+    """The patches `idx` of `patches`, normalised, in NCHW batches of `batch_size`."""
+    for a in range(0, len(idx), batch_size):
+        x = torch.from_numpy(patches.get(idx[a:a + batch_size])[0]).permute(0, 3, 1, 2).to(device)
+        yield normalizer(x)

@@ -11,7 +11,9 @@ encoder features (`align`). AdamW with cosine decay from `lr`. At the end (`bn=t
 BatchNorm layer's statistics are re-estimated on target patches, the domain-shift reference
 is made again (the source domains and the target), and RUN_DIR gets `best.pt`, an ordinary
 checkpoint for `histodg predict`, then `result.json` (written last: a folder without it is
-unfinished, and a rerun starts it again).
+unfinished, and a rerun starts it again). `result.json` records the measurable effect:
+`target_bn_gap`, the mean divergence between the BatchNorm layers' statistics and the
+statistics of what they see on the target patches, before and after.
 
 A DSBN model (`--method dsbn`, the default; `model.domain_bn`) is adapted as it was trained: each
 source patch goes through its organ's or scanner's BatchNorm slot (a source domain without one,
@@ -19,15 +21,14 @@ and the target, through the shared slot), the shared slot is the slots' mixture 
 steps, and with `bn=true` the shared slot's statistics are the target's and each slot's those of
 its own source patches under the adapted weights, so source slides are predicted as well as
 before. `histodg predict` still predicts a slide of the target (a domain without a slot) through
-the shared slot with the slide's own statistics, as it does for any DSBN model. `result.json` records the measurable effect:
-`target_bn_gap`, the mean divergence between the BatchNorm layers' statistics and the
-statistics of what they see on the target patches, before and after.
+the shared slot with the slide's own statistics, as it does for any DSBN model.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,7 +41,7 @@ from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_ch
 from ..model.domain_bn import sync_shared
 from ..model.normalize import Normalizer
 from .align import FeatureTap, masked_alignment
-from .batchnorm import bn_gap, reestimate_batchnorm
+from .batchnorm import bn_gap, patch_batches, reestimate_batchnorm
 from .config import AdaptConfig
 from .styles import MOSAIC, Restyler, fit_target_stain
 from .targets import AdaptError, target_stores
@@ -76,19 +77,20 @@ class Patches:
                 masks.append(np.asarray(self.stores[k].masks[j]))
         return np.stack(images), (np.stack(masks) if self.masks else None)
 
-    def spread(self, n: int, store: int | None = None) -> np.ndarray:
-        """`n` indices evenly spread over every patch (or over one store's)."""
-        lo = 0 if not store else int(self.bounds[store - 1])
-        hi = len(self) if store is None else int(self.bounds[store])
-        return np.unique(np.linspace(lo, hi - 1, min(n, hi - lo)).round().astype(int))
+    def spread(self, n: int, stores=None) -> np.ndarray:
+        """`n` indices evenly spread over every patch (or over the patches of the `stores`, by index)."""
+        pool = np.arange(len(self)) if stores is None else np.concatenate(
+            [np.arange(self.bounds[k] - self.sizes[k], self.bounds[k]) for k in stores] or [np.zeros(0, int)])
+        return pool[np.unique(np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int))]
 
 
 def _slots(stores, names) -> np.ndarray:
     """For a DSBN model (`names`: its slots' domains), each store's slot: its organ's or scanner's
     (as `predict` chooses), -1 for the shared one."""
-    names = list(names or ())
-    return np.array([next((names.index(d) for d in (s.attrs.organ, s.attrs.scanner) if d in names), -1)
-                     for s in stores], dtype=int)
+    from ..model.domain_bn import route_of
+
+    slots = (route_of(names, s.attrs.organ, s.attrs.scanner) for s in stores)
+    return np.array([-1 if k is None else k for k in slots], dtype=int)
 
 
 def _routed(model, x: torch.Tensor, slots: np.ndarray | None, tap=None):
@@ -103,11 +105,8 @@ def _routed(model, x: torch.Tensor, slots: np.ndarray | None, tap=None):
     outs, feats = [], []
     for k in np.unique(slots):
         a, b = np.searchsorted(slots, k), np.searchsorted(slots, k, side="right")
-        if k < 0:
+        with domain(model, int(k)) if k >= 0 else nullcontext():
             outs.append(model(x[a:b]))
-        else:
-            with domain(model, int(k)):
-                outs.append(model(x[a:b]))
         if tap is not None:
             feats.append(tap.take())
     return torch.cat(outs), ([torch.cat(f) for f in zip(*feats)] if tap is not None else None)
@@ -211,9 +210,9 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
         for step in range(cfg.steps):
             pick, slots = rng.integers(0, len(source), cfg.batch_size), None
             if by_store is not None:  # a DSBN model: each source patch through its domain's BatchNorm
-                order = np.argsort(by_store[source.store_of(pick)], kind="stable")
-                pick = pick[order]
                 slots = by_store[source.store_of(pick)]
+                order = np.argsort(slots, kind="stable")
+                pick, slots = pick[order], slots[order]
             xs, ys = source.get(pick)
             xt, _ = target.get(rng.integers(0, len(target), cfg.batch_size))
             xs, ys = _flip(torch.from_numpy(xs).permute(0, 3, 1, 2).to(device).float(), torch.from_numpy(ys).to(device), gen)
@@ -250,11 +249,8 @@ def _reestimate_slots(model, normalizer, source: Patches, names, batch_size: int
 
     by_store = _slots(source.stores, names)
     for k in range(len(names)):
-        idx = np.concatenate([source.spread(BN_PATCHES, j) for j in np.flatnonzero(by_store == k)] or [np.zeros(0, int)])
-        idx = idx[np.linspace(0, len(idx) - 1, min(BN_PATCHES, len(idx))).round().astype(int)] if len(idx) else idx
-        batches = (normalizer(torch.from_numpy(source.get(idx[a:a + batch_size])[0]).permute(0, 3, 1, 2).to(device))
-                   for a in range(0, len(idx), batch_size))
-        estimate_slot(model, k, batches)
+        idx = source.spread(BN_PATCHES, np.flatnonzero(by_store == k))
+        estimate_slot(model, k, patch_batches(normalizer, source, idx, batch_size, device))
     model.eval()
 
 

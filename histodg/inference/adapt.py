@@ -73,12 +73,12 @@ def slide_batchnorm(predictor, job, tissue, read):
         with adapted_to(predictor, tissue, read) as note:
             yield note
         return
-    from ..model.domain_bn import domain
+    from ..model.domain_bn import domain, route_of
 
-    name = next((d for d in (job.organ, job.scanner) if d in names), None)
-    if name is not None and predictor.options.adapt == "none":
-        with domain(predictor.model, names.index(name)):
-            yield f"dsbn: the BatchNorm of {name}"
+    k = route_of(names, job.organ, job.scanner)
+    if k is not None and predictor.options.adapt == "none":
+        with domain(predictor.model, k):
+            yield f"dsbn: the BatchNorm of {names[k]}"
         return
     mode = "bn" if predictor.options.adapt == "none" else predictor.options.adapt
     why = "asked for" if predictor.options.adapt != "none" else "not one of the model's domains"

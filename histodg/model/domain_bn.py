@@ -160,10 +160,11 @@ def domain(model: nn.Module, route):
             m.route = r
 
 
-def route_of(names, name: str):
-    """The slot of domain `name` among the model's domain `names`, or None (the shared slot)."""
+def route_of(names, *domains: str):
+    """The slot of the first of `domains` (a slide's organ, then its scanner, as `predict` chooses)
+    that is one of the model's domain `names`, or None (the shared slot)."""
     names = list(names or ())
-    return names.index(name) if name in names else None
+    return next((names.index(d) for d in domains if d in names), None)
 
 
 def domain_context(model: nn.Module, names, name: str):
