@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .. import HistodgError, exc_line
+from .safe_load import read_torch_file
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
          "manet": "MAnet", "linknet": "Linknet", "pspnet": "PSPNet", "pan": "PAN", "segformer": "Segformer", "upernet": "UPerNet"}
@@ -70,10 +70,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a state dict: a histodg checkpoint, a whole smp model, or just its encoder."""
     if not path.is_file():
         raise ModelError(path, "weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ModelError(path, f"not a PyTorch weights file ({exc_line(exc, 120)})") from None
+    state = read_torch_file(path, ModelError)  # as data: a weights file from elsewhere cannot run code
     if isinstance(state, dict) and "model_state" in state:
         state = state["model_state"]
     if isinstance(state, dict) and "state_dict" in state:

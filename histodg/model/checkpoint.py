@@ -5,8 +5,10 @@
 
 A checkpoint is a dict: `format`, `version`, `histodg_version`, `model_state`, `model_config`
 (a `ModelConfig` as plain data) and, in `last.pt`, what the trainer needs to continue exactly
-(optimizer, scheduler, RNG states, stage, epoch, step). Files are written to a temporary name
-and renamed, so a killed run never leaves a half-written checkpoint.
+(optimizer, scheduler, RNG states, stage, epoch, step). It holds tensors and plain data only
+(`safe_load.plain_data`), and is read as data (`safe_load.read_torch_file`): a checkpoint from
+elsewhere cannot run code. Files are written to a temporary name and renamed, so a killed run
+never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from .. import HistodgError, __version__, exc_line
 from ..files import atomic_write
 from .config import ModelConfig
+from .safe_load import plain_data, read_torch_file
 
 FORMAT = "histodg-checkpoint"
 VERSION = 1
@@ -30,6 +33,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     payload = {"format": FORMAT, "version": VERSION, "histodg_version": __version__, **payload}
     if isinstance(payload.get("model_config"), ModelConfig):
         payload["model_config"] = payload["model_config"].to_dict()
+    payload = plain_data(payload)
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
@@ -38,14 +42,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
                                     f"{Path(path).name}, if any, is unchanged") from None
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path) -> dict:
+    """A histodg checkpoint, read as data onto the CPU (`CheckpointError` for anything else)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(path, f"not a readable checkpoint ({exc_line(exc, 120)})") from None
+    ckpt = read_torch_file(path, CheckpointError)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(path, "not a histodg checkpoint (train one with `histodg train`)")
     if ckpt.get("version") != VERSION:

@@ -1,0 +1,64 @@
+"""The one way histodg reads a PyTorch file a user gives it: as data, never as code.
+
+    payload = read_torch_file(path, CheckpointError)
+
+A `.pt` file is a pickle, and a pickle can name any Python callable to run while it loads: a
+crafted `best.pt` passed from lab to lab would run code as the user. Every user-supplied file
+(`predict` / `evaluate` / `adapt` checkpoints, `train --resume`'s `last.pt`, `train
+--encoder-weights FILE`) is read with `torch.load(weights_only=True)`, which builds tensors,
+numbers, strings, lists, tuples and dicts and refuses every other global; a file that names one
+is refused in one line that says which. histodg writes only those types (`plain_data`), so its own
+checkpoints need nothing else. Checkpoints written before that held numpy scalars and one numpy
+array (the RNG state of `last.pt`): numpy's array and scalar constructors, which build values and
+call nothing, are allowed so those files keep loading. weights_only is only sound from torch 2.6
+on (CVE-2025-32434), which pyproject.toml requires.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+
+import numpy as np
+import torch
+
+from .. import HistodgError, exc_line
+
+
+def _numpy_values() -> list:
+    """The numpy globals a checkpoint of histodg before 0.2 may name: array and scalar
+    reconstruction and their dtypes (values only; no callable that acts)."""
+    core = getattr(np, "_core", None) or np.core
+    multiarray = core.multiarray
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def read_torch_file(path, error: type[HistodgError] = HistodgError):
+    """`torch.load(path)` as data (CPU tensors); `error(path, reason)` for a file that is not a
+    readable PyTorch file or that would run code."""
+    try:
+        with torch.serialization.safe_globals(_numpy_values()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "eights only load failed" not in text and "Unsupported global" not in text:
+            raise error(path, f"not a readable PyTorch file ({exc_line(exc, 120)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        raise error(path, f"refused: the file names Python code or objects{what}, not only tensors and plain data; "
+                          f"a model file from elsewhere could run code when loaded, so histodg reads data only") from None
+    except Exception as exc:
+        raise error(path, f"not a readable PyTorch file ({exc_line(exc, 120)})") from None
+
+
+def plain_data(value):
+    """`value` with every numpy array and scalar made plain (lists, ints, floats, bools), so that
+    `read_torch_file` reads it back: what histodg puts into a checkpoint besides tensors."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_data(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value

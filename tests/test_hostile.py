@@ -1,0 +1,136 @@
+"""Files a hostile user (or a careless share) hands histodg: model files that would run code,
+links planted where histodg writes, spreadsheet formulas in names, folders two runs write at once,
+locks a crash left behind. Each case failed before histodg guarded against it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_domains, make_store, tiny_checkpoint, tissue_field
+from histodg.model.checkpoint import FORMAT, VERSION, load_checkpoint
+
+TRAIN = ("--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--steps", "2", "--batch-size", "2",
+         "--method", "erm", "--device", "cpu", "--workers", "0", "--val-fraction", "0")
+
+
+class Planted:
+    """Unpickling this object opens (so creates) the marker file: what a crafted model file could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def crafted(path: Path, marker: Path, like: Path | None = None) -> Path:
+    """A model file that would run code when unpickled: a real checkpoint (or a plain state dict)
+    with the planted object inside."""
+    payload = torch.load(like, weights_only=True) if like else {"format": FORMAT, "version": VERSION}
+    payload["note"] = Planted(marker)
+    torch.save(payload, path)
+    return path
+
+
+def refused(result, path: Path) -> None:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if str(path) in ln]
+    assert lines and "refused" in lines[0] and "(io.open)" in lines[0], result.output
+
+
+# -- 1. a model file is data, never code --------------------------------------------------------------
+def test_a_crafted_checkpoint_runs_no_code_in_the_library(tmp_path):
+    marker = tmp_path / "pwned"
+    ck = crafted(tmp_path / "best.pt", marker, tiny_checkpoint(tmp_path / "real.pt"))
+    from histodg.model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(ck)
+    assert not marker.exists()
+
+
+def test_predict_refuses_a_crafted_checkpoint(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    ck = crafted(tmp_path / "best.pt", marker, tiny_checkpoint(tmp_path / "real.pt"))
+    Image.fromarray(tissue_field(128, 128)).save(tmp_path / "slide.png")
+    r = cli("predict", ck, tmp_path / "slide.png", "--mpp-override", "4", "-o", tmp_path / "pred", "--device", "cpu")
+    refused(r, ck)
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_a_crafted_checkpoint(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    ck = crafted(tmp_path / "best.pt", marker, tiny_checkpoint(tmp_path / "real.pt", mpp=1.0))
+    store = make_store(tmp_path / "s.zarr", n=2)
+    refused(cli("evaluate", ck, store, "--device", "cpu"), ck)
+    assert not marker.exists()
+
+
+def test_adapt_refuses_a_crafted_checkpoint(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    ck = crafted(tmp_path / "best.pt", marker, tiny_checkpoint(tmp_path / "real.pt", mpp=1.0))
+    make_store(tmp_path / "src" / "a.zarr", n=2)
+    make_store(tmp_path / "tgt" / "b.zarr", n=2, masks=False)
+    r = cli("adapt", ck, "--source", tmp_path / "src", "--target", tmp_path / "tgt", "-o", tmp_path / "run",
+            "--steps", "1", "--device", "cpu")
+    refused(r, ck)
+    assert not marker.exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_train_refuses_crafted_encoder_weights(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    weights = crafted(tmp_path / "w.pt", marker)
+    stores = make_domains(tmp_path / "stores", organs=("colon",), scanners=("s1", "s2"), stores_per_domain=1, n=4)
+    r = cli("train", stores, "-o", tmp_path / "run", *TRAIN, "--encoder-weights", weights, "--domains", "scanner")
+    refused(r, weights)
+    assert not marker.exists()
+
+
+def test_train_resume_refuses_a_crafted_last_pt(cli, tmp_path, one_torch_thread):
+    stores = make_domains(tmp_path / "stores", organs=("colon",), scanners=("s1", "s2"), stores_per_domain=1, n=4)
+    run = tmp_path / "run"
+    r = cli("train", stores, "-o", run, *TRAIN, "--domains", "scanner", "--steps-per-epoch", "1")
+    assert r.exit_code == 0, r.output
+    payload = torch.load(run / "last.pt", weights_only=True)
+    payload["done"] = False  # an unfinished run, as a crash leaves it
+    torch.save(payload, run / "last.pt")
+    marker = tmp_path / "pwned"
+    crafted(run / "last.pt", marker, run / "last.pt")
+    refused(cli("train", "-o", run, "--resume"), run / "last.pt")
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_data_and_resume_exactly(tmp_path, one_torch_thread):
+    """What histodg writes reads back without any global beyond tensors and plain data, RNG states included."""
+    stores = make_domains(tmp_path / "stores", organs=("colon",), scanners=("s1", "s2"), stores_per_domain=1, n=4)
+    from histodg.training.config import TrainConfig
+    from histodg.training.trainer import Trainer
+
+    cfg = TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "run"), arch="unet", encoder="resnet18",
+                      encoder_weights="none", steps=2, steps_per_epoch=1, batch_size=2, method="sds", domains="scanner",
+                      device="cpu", workers=0, val_fraction=0.0)
+    Trainer(cfg).run()
+    for name in ("last.pt", "best.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "run" / name) == []
+    rng = load_checkpoint(tmp_path / "run" / "last.pt")["rng"]
+    from histodg.training.state import set_rng_state
+
+    set_rng_state(rng)
+    first = (np.random.rand(), torch.rand(1).item())
+    set_rng_state(rng)
+    assert (np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_checkpoints_written_before_hold_numpy_values_and_still_load(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "ck.pt")
+    payload = torch.load(ck, weights_only=True)
+    payload["best"] = np.float64(0.5)  # what the trainer wrote before: numpy scalars and the numpy RNG state
+    payload["rng"] = {"numpy": np.random.get_state()}
+    torch.save(payload, ck)
+    back = load_checkpoint(ck)
+    assert back["best"] == 0.5 and back["rng"]["numpy"][1].shape == (624,)
