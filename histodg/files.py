@@ -10,20 +10,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Callable
 
 
-def temporary_name(path: Path) -> Path:
-    """Where `atomic_write` writes before renaming: `.NAME.tmp.EXT` beside `path`."""
+def safe_name(text: str, fallback: str = "slide") -> str:
+    """`text` as one harmless path component: letters, digits and `._+-` kept, every other run of
+    characters (a `/`, `..`, spaces, non-ASCII) one `_`, no leading dot; the one rule for every name
+    that becomes a file or folder name (slide names, cross-validation fold folders)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._") or fallback
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def new_temporary(path, tag: str = "tmp") -> Path:
+    """A new, empty file of this process beside `path`: `.NAME.<tag>-<random>.EXT` (the target's
+    extension kept, so writers that pick a format from it still work), created with O_EXCL and
+    O_NOFOLLOW, so a file or link planted at a guessable name is never written through: whatever
+    is found there, a new random name is tried."""
     path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+    for _ in range(100):
+        tmp = path.with_name(f".{path.stem}.{tag}-{secrets.token_hex(4)}{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 def atomic_write(path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp)` then rename tmp over `path`; on failure nothing is left under either name."""
+    """`write(tmp)` then rename tmp over `path`; on failure nothing is left under either name.
+    `tmp` is `new_temporary(path)`: a file of this process, never a planted link; the rename
+    replaces a link at `path` itself, never its target."""
     path = Path(path)
-    tmp = temporary_name(path)
+    tmp = new_temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -33,12 +57,30 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def append_text(path, text: str) -> None:
+    """Append `text` to `path` (created if missing), never through a link planted there."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_text_atomic(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path, data, indent: int | None = 2) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets run as a formula (OWASP: CSV injection)
+
+
+def csv_cell(value):
+    """A value as a CSV cell a spreadsheet shows and never runs: text that starts like a formula
+    gets a leading `'` (OWASP's advice); numbers, negative ones too, stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def read_csv_rows(path) -> list[dict]:

@@ -15,12 +15,14 @@ import csv
 import fcntl
 import io
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from .files import write_json_atomic, write_text_atomic
+from . import HistodgError
+from .files import NO_FOLLOW, csv_cell, write_json_atomic, write_text_atomic
 
 JSON_NAME, CSV_NAME = "summary.json", "summary.csv"
 # the first columns, in this order; any other field of a command's result follows
@@ -71,7 +73,7 @@ def csv_text(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in fields})
+        writer.writerow({k: "" if r.get(k) is None else csv_cell(r.get(k)) for k in fields})
     return buf.getvalue()
 
 
@@ -81,7 +83,12 @@ def _turn(out_dir: Path):
 
     The empty lock file stays behind on purpose: removing it would let a process that still waits
     on the old file and one that opens a new file both hold "the" lock at once."""
-    with open(out_dir / ".summary.lock", "a") as f:
+    lock = out_dir / ".summary.lock"
+    try:  # never through a link planted at that name
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+    except OSError as exc:
+        raise HistodgError(lock, f"cannot be opened ({exc.strerror}); a link there is refused: remove it") from None
+    with os.fdopen(fd, "r+") as f:
         fcntl.lockf(f, fcntl.LOCK_EX)
         try:
             yield
@@ -94,6 +101,9 @@ class BatchSummary:
 
     def __init__(self, out_dir, command: str):
         self.out_dir, self.command = Path(out_dir), command
+        lock = self.out_dir / ".summary.lock"
+        if lock.is_symlink():  # refused before the batch starts, not after its first input
+            raise HistodgError(lock, "is a link; histodg never writes through one: remove it")
 
     def add(self, result) -> list[dict]:
         """Record one input's result; returns every row of the summary."""

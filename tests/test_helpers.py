@@ -7,7 +7,7 @@ import pytest
 
 from histodg import SlideError
 from histodg.batch import BatchResult, bad_window, check_bad_windows, collected, recorded
-from histodg.files import atomic_write, setting_diffs, source_fingerprint, temporary_name, write_json_atomic
+from histodg.files import atomic_write, new_temporary, setting_diffs, source_fingerprint, write_json_atomic
 
 
 def test_atomic_write_leaves_nothing_when_writing_fails(tmp_path):
@@ -22,7 +22,8 @@ def test_atomic_write_leaves_nothing_when_writing_fails(tmp_path):
         atomic_write(target, broken)
     assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()  # old file kept
     assert sorted(os.listdir(tmp_path)) == ["done.json"]  # no temporary left behind
-    assert temporary_name(target).name == ".done.tmp.json"  # keeps the extension for format-picking writers
+    tmp = new_temporary(target)
+    assert tmp.name.startswith(".done.tmp-") and tmp.suffix == ".json"  # keeps the extension for format-picking writers
 
 
 def test_setting_diffs_name_each_change_and_a_changed_source(tmp_path):

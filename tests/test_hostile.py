@@ -3,6 +3,7 @@ links planted where histodg writes, spreadsheet formulas in names, folders two r
 locks a crash left behind. Each case failed before histodg guarded against it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,103 @@ def test_checkpoints_written_before_hold_numpy_values_and_still_load(tmp_path):
     torch.save(payload, ck)
     back = load_checkpoint(ck)
     assert back["best"] == 0.5 and back["rng"]["numpy"][1].shape == (624,)
+
+
+# -- 2. outputs stay where they belong --------------------------------------------------------------
+def test_cv_fold_folders_stay_in_the_run_folder_whatever_the_domain_names(cli, tmp_path, one_torch_thread):
+    outside = tmp_path / "outside"
+    names = ["../../escaped", str(outside)]
+    for i, organ in enumerate(names):
+        make_store(tmp_path / "stores" / f"s{i}.zarr", n=4, organ=organ, seed=i)
+    run = tmp_path / "sub" / "run"
+    r = cli("train", tmp_path / "stores", "-o", run, *TRAIN, "--domains", "organ", "--cv", "--json")
+    assert r.exit_code == 0, r.output
+    assert not outside.exists() and not (tmp_path / "escaped").exists()
+    assert sorted(p.name for p in (run / "cv").iterdir()) == sorted(["escaped", safe(outside)])
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert set(summary["folds"]) == set(names)  # the domains keep their names; only the folders are made safe
+
+
+def safe(path: Path) -> str:
+    from histodg.files import safe_name
+
+    return safe_name(str(path))
+
+
+def test_fold_folders_that_clash_are_numbered():
+    from histodg.training.crossval import fold_folders
+
+    assert fold_folders(["a/b", "a b", "..", "lung"]) == {"a/b": "a_b", "a b": "a_b-2", "..": "domain", "lung": "lung"}
+
+
+VICTIM_TEXT = "a file of someone else's\n"
+
+
+def plant_links(folder: Path, names, victim: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).symlink_to(victim)
+
+
+def test_no_write_goes_through_a_link_planted_at_a_temporary_name(cli, tmp_path, one_torch_thread):
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM_TEXT)
+    stores = make_domains(tmp_path / "stores", organs=("colon",), scanners=("s1", "s2"), stores_per_domain=1, n=4)
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    plant_links(run, [".last.tmp.pt", ".best.tmp.pt", ".config.tmp.json", ".result.tmp.json", ".metrics.tmp.jsonl"], victim)
+    plant_links(pred, [".summary.tmp.json", ".summary.tmp.csv", ".report.tmp.html"], victim)
+    r = cli("train", stores, "-o", run, *TRAIN, "--domains", "scanner")
+    assert r.exit_code == 0, r.output
+    Image.fromarray(tissue_field(96, 96)).save(tmp_path / "slide.png")
+    r = cli("predict", run / "best.pt", tmp_path / "slide.png", "--mpp-override", "1", "-o", pred, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert victim.read_text() == VICTIM_TEXT
+    for name in ("best.pt", "last.pt", "config.json", "result.json"):
+        assert not (run / name).is_symlink() and (run / name).stat().st_size > 0
+    for name in ("summary.json", "summary.csv", "report.html"):
+        assert not (pred / name).is_symlink() and (pred / name).stat().st_size > 0
+
+
+def test_a_link_at_a_final_name_is_replaced_not_written_through(tmp_path):
+    from histodg.files import append_text, write_json_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM_TEXT)
+    plant_links(tmp_path / "out", ["done.json", "metrics.jsonl"], victim)
+    write_json_atomic(tmp_path / "out" / "done.json", {"a": 1})
+    with pytest.raises(OSError):  # appending refuses the link (ELOOP) rather than write into its target
+        append_text(tmp_path / "out" / "metrics.jsonl", "{}\n")
+    assert victim.read_text() == VICTIM_TEXT and json.loads((tmp_path / "out" / "done.json").read_text()) == {"a": 1}
+
+
+def test_a_link_planted_at_the_summary_lock_is_refused_in_one_line(cli, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM_TEXT)
+    plant_links(tmp_path / "out", [".summary.lock"], victim)
+    r = cli("tile", tmp_path / "missing.svs", "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip() == f"error: {tmp_path / 'out' / '.summary.lock'}: is a link; histodg never writes through one: remove it"
+    assert victim.read_text() == VICTIM_TEXT
+
+
+def test_summary_csv_cells_that_look_like_formulas_are_neutralised(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = ["=1+1.svs", "+SUM(A1).svs", "-2+3.svs", "@cmd.svs"]
+    r = cli("tile", "-o", "out", "--", *names)  # missing files: each a failed row whose source and error start with its name
+    assert r.exit_code == 1
+    import csv
+
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells = [v for row in rows for v in row.values() if v]
+    assert len(rows) == 4 and not [c for c in cells if c.startswith(("=", "+", "-", "@"))]
+    assert sorted(row["source"] for row in rows) == sorted("'" + n for n in names)
+    from histodg.summary import read_rows  # summary.json keeps the names as they are
+
+    assert sorted(row["source"] for row in read_rows(tmp_path / "out")) == sorted(names)
+
+
+def test_csv_cell_keeps_numbers():
+    from histodg.files import csv_cell
+
+    assert csv_cell(-0.5) == -0.5 and csv_cell("-0.5") == "'-0.5" and csv_cell("slide") == "slide"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..constants import UNKNOWN
-from ..files import file_sha256, write_json_atomic
+from ..files import file_sha256, write_json_atomic, write_text_atomic
 from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..model.domain_bn import sync_shared
 from ..model.normalize import Normalizer
@@ -183,7 +183,7 @@ def adapt(cfg: AdaptConfig, on_step=None) -> dict:
                                       "train_config": ckpt.get("train_config"), "stage": ckpt.get("stage"),
                                       "epoch": ckpt.get("epoch"), "global_step": cfg.steps, "best": None})
     checkpoint_config(load_checkpoint(out / "best.pt"), out / "best.pt")  # it reads back
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     result = {"run_dir": str(out), "checkpoint": str(out / "best.pt"), **record,
               "target_bn_gap": {"before": gap_before, "after": gap_after},
               "final": log[-1] if log else {}, "seconds": time.perf_counter() - t0}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..files import atomic_write
+from ..files import atomic_write, new_temporary
 from .rasters import sample_index, threshold_u8
 
 TIFF_TILE = 512
@@ -113,8 +113,8 @@ class OmeTiffMask:
         self.mpp = mpp
         self.dims = tuple(int(v) for v in level0_size)
         self.shapes = pyramid_shapes(*self.dims)
-        self.spool_path = self.path.with_name(f".{self.path.name}.tiles.tmp")
-        self.spool = open(self.spool_path, "w+b")
+        self.spool_path = new_temporary(self.path, "tiles")  # never a link planted at a guessable name
+        self.spool = open(self.spool_path, "r+b")
         w0 = self.dims[0]
         self.levels = [_Level(s, w0 / s[0] if i else 1.0, level0_per_px, out_shape, self.spool)
                        for i, s in enumerate(self.shapes)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import HistodgError
 from ..constants import UNKNOWN
-from ..files import read_csv_rows
+from ..files import read_csv_rows, safe_name
 
 SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm",
@@ -57,11 +57,7 @@ def unusable(path: Path) -> str | None:
 
 
 def failed_job(path: Path, problem: str) -> SlideJob:
-    return SlideJob(path, _safe_name(path.stem), problem=problem)
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "slide"
+    return SlideJob(path, safe_name(path.stem), problem=problem)
 
 
 def is_cosas_domain(d: Path) -> bool:
@@ -93,7 +89,7 @@ def cosas_jobs(task_dir: Path, domain_axis: str | None, organ: str, scanner: str
             jobs.append(
                 SlideJob(
                     path=img,
-                    name=_safe_name(f"{d.name}-{img.stem}"),
+                    name=safe_name(f"{d.name}-{img.stem}"),
                     annotation=mask,
                     organ=values["organ"],
                     scanner=values["scanner"],
@@ -118,7 +114,7 @@ def manifest_jobs(path: Path, organ: str, scanner: str) -> list[SlideJob]:
         try:
             jobs.append(_manifest_row(raw, i, path, organ, scanner))
         except InputError as exc:  # a bad row fails alone
-            jobs.append(SlideJob(path, _safe_name(f"{path.stem}-line{i}"), problem=exc.reason))
+            jobs.append(SlideJob(path, safe_name(f"{path.stem}-line{i}"), problem=exc.reason))
     return jobs
 
 
@@ -142,7 +138,7 @@ def _manifest_row(raw: dict, i: int, path: Path, organ: str, scanner: str) -> Sl
         except ValueError:
             raise InputError(path, f"line {i}: mpp {row['mpp']!r} is not a number") from None
     meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k}
-    return SlideJob(path=p, name=_safe_name(row.get("name") or p.stem), annotation=ann_path,
+    return SlideJob(path=p, name=safe_name(row.get("name") or p.stem), annotation=ann_path,
                     organ=row.get("organ") or organ, scanner=row.get("scanner") or scanner, mpp=mpp, meta=meta)
 
 
@@ -192,9 +188,9 @@ def _input_jobs(p: Path, organ: str, scanner: str, domain_axis: str | None) -> l
         entries = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_SUFFIXES and not f.is_dir())
         if not entries:
             raise InputError(p, "folder holds no slides or images")
-        return [failed_job(f, why) if (why := unusable(f)) else SlideJob(f, _safe_name(f.stem), organ=organ, scanner=scanner)
+        return [failed_job(f, why) if (why := unusable(f)) else SlideJob(f, safe_name(f.stem), organ=organ, scanner=scanner)
                 for f in entries]
-    return [SlideJob(p, _safe_name(p.stem), organ=organ, scanner=scanner)]
+    return [SlideJob(p, safe_name(p.stem), organ=organ, scanner=scanner)]
 
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".png", ".tif", ".tiff")
@@ -231,7 +227,7 @@ def uniquify(jobs: list[SlideJob]) -> list[SlideJob]:
     for j in jobs:
         name = j.name
         if counts[name] > 1:
-            name = _safe_name(f"{j.path.parent.name}-{name}")
+            name = safe_name(f"{j.path.parent.name}-{name}")
         seen[name] += 1
         if seen[name] > 1:
             name = f"{name}-{seen[name]}"

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from ..constants import TUMOR_CLASS, UNKNOWN
-from ..files import atomic_write, write_text_atomic
+from ..files import atomic_write, csv_cell, write_text_atomic
 from .profiles import EXTRA_PREFIX, ORGANS, scanner_profile
 from .tissue import Case, render_case
 
@@ -304,7 +304,7 @@ def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",),
             w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
             w.writeheader()
             for job in jobs:
-                w.writerow(rows[job.name])
+                w.writerow({k: csv_cell(v) for k, v in rows[job.name].items()})
 
     atomic_write(manifest, write)
     return manifest

@@ -4,7 +4,7 @@ For each training domain of the last stage, a run holds that domain out and trai
 others; the fold's score is the held-out domain's Dice at the end of training (no model
 selection on the held-out domain). With `--pretrain A --finetune B` the pretraining stage is
 trained once (RUN_DIR/cv/_pretrain) and every fold fine-tunes from it with a fresh optimizer,
-which is what a two-stage run does. Results: RUN_DIR/cv/<domain>/ (a full run each) and
+which is what a two-stage run does. Results: RUN_DIR/cv/<domain>/ (a full run each; the domain's name made a safe folder name, `fold_folders`) and
 RUN_DIR/cv_summary.json with each fold's Dice and IoU, their mean and standard deviation.
 Finished folds (result.json present) are skipped when the command is run again.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_json_atomic
+from ..files import safe_name, write_json_atomic
 from .config import TrainConfig
 from .data import load_stores
 from .splits import default_axis, group, heldout_stores
@@ -47,8 +47,8 @@ def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, call
         base = cfg.replace(pretrain=None, finetune=None, domains=cfg.finetune,
                            encoder_weights=str(out / "cv" / "_pretrain" / "last.pt"))
     folds = {}
-    for name in names:
-        fold_cfg = base.replace(out_dir=str(out / "cv" / name), val_domains=tuple(cfg.val_domains) + (name,), cv=False)
+    for name, folder in fold_folders(names).items():
+        fold_cfg = base.replace(out_dir=str(out / "cv" / folder), val_domains=tuple(cfg.val_domains) + (name,), cv=False)
         result = _run_once(fold_cfg, resume, overwrite, callbacks)
         scores = result["final"]["heldout"]["domains"][name]
         folds[name] = {"dice": scores["dice"], "iou": scores["iou"], "dice_pixels": scores["dice_pixels"],
@@ -61,6 +61,20 @@ def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, call
                "iou_mean": float(iou.mean()), "iou_std": float(iou.std()), "pretrain": cfg.pretrain}
     write_json_atomic(out / "cv_summary.json", summary)
     return summary
+
+
+def fold_folders(names: list[str]) -> dict[str, str]:
+    """Each domain's fold folder under RUN_DIR/cv: its name made a safe path component (domain
+    names come from store attributes and manifests, so `../x` or `/abs` must not leave the run
+    folder), `_pretrain` kept for the pretraining stage, and names that clash numbered."""
+    folders: dict[str, str] = {}
+    for name in names:
+        base = safe_name(name, "domain")
+        folder, k = base, 2
+        while folder in folders.values():  # never `_pretrain`: safe_name strips leading `_`
+            folder, k = f"{base}-{k}", k + 1
+        folders[name] = folder
+    return folders
 
 
 def _run_once(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 from .. import HistodgError
 from ..device import place_model
-from ..files import write_json_atomic, write_text_atomic
+from ..files import append_text, write_json_atomic, write_text_atomic
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
@@ -187,8 +187,7 @@ class Trainer:
             record["best"] = True
             save_checkpoint(self.out / "best.pt", self._payload(run.model, st, final=False, light=True, record=record))
         save_checkpoint(self.out / "last.pt", self._payload(run.model, st, final=False))
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
         if self.cb.on_epoch:
             self.cb.on_epoch(record)
 
