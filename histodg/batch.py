@@ -11,15 +11,12 @@ nothing) is told when each input starts, how far it got and how it ended.
 from __future__ import annotations
 
 import errno
-import json
-import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import HistodgError
+from .locks import Locked, held_by, output_lock, stale_note
 
 
 @dataclass
@@ -68,8 +65,7 @@ def recorded(result: BatchResult, path, out=None):
     try:
         yield result
     except Locked as exc:  # another process is making this output: not a failure, not ours to do
-        h = exc.holder
-        result.status, result.note = "skipped", f"being written by another process (host {h.get('host')}, pid {h.get('pid')})"
+        result.status, result.note = "skipped", held_by(exc.holder)
     except (HistodgError, OSError) as exc:
         result.status, result.error = "failed", error_line(exc, path, out)
     finally:
@@ -112,80 +108,6 @@ class QuietView:
         pass
 
 
-class Locked(Exception):
-    """Another live process holds the lock of an output."""
-
-    def __init__(self, out, holder: dict):
-        self.out, self.holder = out, holder
-        super().__init__(f"{out}: being written by another process (host {holder.get('host')}, pid {holder.get('pid')}); "
-                         f"skipped")
-
-
-def _read_lock(lock: Path) -> dict | None:
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    """Whether a lock's holder may still run: a process on another host is assumed to."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder.get("pid", -1)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    return True
-
-
-def _create_lock(lock: Path, me: dict) -> bool:
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-    return True
-
-
-@contextmanager
-def output_lock(out):
-    """Hold `<out>.lock` while this process writes `out` (a store, a prediction folder), so that
-    two processes on one batch (an overlapping shard, a resubmitted task, two people) never write
-    the same output at once. The lock is created atomically (O_EXCL) and names this host and pid;
-    `Locked` is raised while a live process holds it. A lock left by a dead process of this host
-    is taken over (one process at a time, under `<out>.lock.takeover`); yields the dead holder
-    taken over from, or None. Removed at the end if still this process's."""
-    out = Path(out)
-    lock = out.with_name(out.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": round(time.time(), 1)}
-    stale = None
-    if not _create_lock(lock, me):
-        holder = _read_lock(lock)
-        if holder is None or _alive(holder):
-            raise Locked(out, holder or {})
-        guard = lock.with_name(lock.name + ".takeover")
-        if not _create_lock(guard, me):
-            raise Locked(out, holder)
-        try:
-            if _read_lock(lock) == holder:  # still the dead one's: nobody took it over meanwhile
-                lock.unlink(missing_ok=True)
-            if not _create_lock(lock, me):
-                raise Locked(out, _read_lock(lock) or {})
-        finally:
-            guard.unlink(missing_ok=True)
-        stale = holder
-    try:
-        yield stale
-    finally:
-        if _read_lock(lock) == me:
-            lock.unlink(missing_ok=True)
-
-
 @contextmanager
 def claimed(result: BatchResult, job, out):
     """Start an input's work on its output `out`: an input that could not be resolved fails here
@@ -194,8 +116,7 @@ def claimed(result: BatchResult, job, out):
     if job.problem:
         raise HistodgError(job.path, job.problem)
     with output_lock(out) as stale:
-        if stale:
-            result.note = f"took over the lock of a process that died (pid {stale.get('pid')})"
+        result.note = stale_note(stale) or result.note
         yield
 
 

@@ -10,20 +10,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "histodg"
-HELPERS = {"constants", "files", "device", "batch", "summary", "__init__", "__main__"}
+HELPERS = {"constants", "files", "locks", "device", "batch", "summary", "__init__", "__main__"}
 
 # what each part may import from histodg (besides itself and the package root); cli may import anything
 ALLOWED = {
-    "constants": set(), "files": set(), "device": {"constants"}, "batch": set(), "summary": {"files"},
+    "constants": set(), "files": set(), "locks": {"files"}, "device": {"constants"}, "batch": {"locks"},
+    "summary": {"files"},
     "slides": {"constants", "files"},
     "store": {"constants", "files", "batch"},
     "model": {"constants", "files", "device"},
     "tiling": {"constants", "files", "batch", "slides", "store"},
-    "training": {"constants", "files", "device", "model", "store", "evaluation.metrics"},
-    "adaptation": {"constants", "files", "device", "model", "store", "training", "tiling", "slides"},
+    "training": {"constants", "files", "locks", "device", "model", "store", "evaluation.metrics"},
+    "adaptation": {"constants", "files", "locks", "device", "model", "store", "training", "tiling", "slides"},
     "inference": {"constants", "files", "device", "batch", "slides", "model"},
     "evaluation": {"constants", "files", "batch", "inference", "slides", "store"},
-    "synth": {"constants", "files", "slides"},
+    "synth": {"constants", "files", "locks", "slides"},
 }
 
 # import name -> distribution, for the third-party packages histodg imports

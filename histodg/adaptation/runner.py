@@ -37,6 +37,7 @@ import torch
 
 from ..constants import UNKNOWN
 from ..files import file_sha256, write_json_atomic, write_text_atomic
+from ..locks import run_lock
 from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..model.domain_bn import sync_shared
 from ..model.normalize import Normalizer
@@ -151,8 +152,14 @@ def _prepare(cfg: AdaptConfig):
     return ckpt, model.to(device), mc, source, target, device
 
 
-def adapt(cfg: AdaptConfig, on_step=None) -> dict:
-    """Run `cfg`; returns what result.json says."""
+def adapt(cfg: AdaptConfig, on_step=None, on_note=None) -> dict:
+    """Run `cfg`; returns what result.json says. One writer per run folder: another live `histodg
+    adapt` into it is refused (`AdaptError`); `on_note(line)` hears of a stale lock taken over."""
+    with run_lock(Path(cfg.out_dir), AdaptError, on_note):
+        return _adapt(cfg, on_step)
+
+
+def _adapt(cfg: AdaptConfig, on_step=None) -> dict:
     t0 = time.perf_counter()
     hp = cfg.settings
     ckpt, model, mc, source_refs, target_refs, device = _prepare(cfg)

@@ -48,7 +48,7 @@ def adapt(checkpoint, source, target, out_dir, hp, steps, batch_size, lr, mpp_ov
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     with AdaptView() as view:
-        result = run_adapt(cfg, on_step=view.on_step)
+        result = run_adapt(cfg, on_step=view.on_step, on_note=view.on_note)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
         return

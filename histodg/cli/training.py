@@ -94,7 +94,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     with TrainView() as view:
-        cbs = Callbacks(view.on_stage_start, view.on_step, view.on_epoch)
+        cbs = Callbacks(view.on_stage_start, view.on_step, view.on_epoch, view.on_note)
         if cfg.cv:
             from ..training.crossval import run_cv
 

@@ -229,6 +229,9 @@ class TrainView:
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
 
+    def on_note(self, line: str) -> None:
+        self.progress.console.print(f"note: {escape(line)}")
+
     def on_stage_start(self, stage, model, total_steps):
         import time
 
@@ -275,6 +278,9 @@ class AdaptView:
 
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
+
+    def on_note(self, line: str) -> None:
+        self.progress.console.print(f"note: {escape(line)}")
 
     def on_step(self, logs: dict, total: int) -> None:
         if self.task is None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..constants import TUMOR_CLASS, UNKNOWN
 from ..files import atomic_write, csv_cell, write_text_atomic
+from ..locks import run_lock
 from .profiles import EXTRA_PREFIX, ORGANS, scanner_profile
 from .tissue import Case, render_case
 
@@ -263,6 +264,11 @@ def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",),
     """
     out_dir = Path(out_dir)
     formats = _check_args(out_dir, seed, formats, cases, size_um, overwrite)
+    with run_lock(out_dir, on_note=progress):  # one writer: a second `histodg synth` into OUT_DIR is refused
+        return _make(out_dir, seed, formats, cases, size_um, progress, workers, extra_scanners)
+
+
+def _make(out_dir: Path, seed, formats, cases, size_um, progress, workers, extra_scanners) -> Path:
     manifest = out_dir / "manifest.csv"
     if out_dir.is_dir():
         manifest.unlink(missing_ok=True)

@@ -11,11 +11,14 @@ Finished folds (result.json present) are skipped when the command is run again.
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from ..files import safe_name, write_json_atomic
+from ..locks import run_lock
 from .config import TrainConfig
 from .data import load_stores
 from .splits import default_axis, group, heldout_stores
@@ -35,6 +38,13 @@ def cv_domains(cfg: TrainConfig) -> tuple[str, list[str]]:
 
 def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks: Callbacks | None = None,
            on_fold=None) -> dict:
+    """Every fold (one writer of RUN_DIR at a time: another live `--cv` run into it is refused)."""
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun the ranks run together; rank 0 holds the lock
+    with run_lock(Path(cfg.out_dir), TrainError, callbacks and callbacks.on_note) if main else nullcontext():
+        return _run_folds(cfg, resume, overwrite, callbacks, on_fold)
+
+
+def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fold) -> dict:
     out = Path(cfg.out_dir)
     axis, names = cv_domains(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from .. import HistodgError
 from ..device import place_model
 from ..files import append_text, write_json_atomic, write_text_atomic
+from ..locks import run_lock
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
@@ -57,6 +59,7 @@ class Callbacks:
     on_stage_start: object = None  # (stage, model, steps_total) -> None
     on_step: object = None  # (dict) -> None
     on_epoch: object = None  # (record dict) -> None
+    on_note: object = None  # (one line: a stale lock of the run folder was taken over) -> None
 
 
 class Trainer:
@@ -115,6 +118,18 @@ class Trainer:
         classes = 1 if len(labels) <= 2 else max(labels) + 1
         task = SegTask(classes=classes, loss=cfg.loss)
         model = self._model(classes, rt)  # built (and a method it cannot take refused) before the folder is touched
+        self.model_config = ModelConfig(
+            arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
+            mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
+            loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
+            normalization=Normalization(stain=stain),
+            domain_bn=list(stages[-1].domain_names) if cfg.method == "dsbn" else None)
+        # one writer per run folder: a second `histodg train` into it is refused while this one runs
+        with run_lock(self.out, TrainError, self.cb.on_note) if rt.main else nullcontext():
+            return self._run_in_folder(model, task, stores, stages, rt)
+
+    def _run_in_folder(self, model, task, stores, stages, rt: Runtime) -> dict:
+        cfg = self.cfg
         if rt.main:
             self.out.mkdir(parents=True, exist_ok=True)
         st = self._prepare_dir(rt)
@@ -122,12 +137,6 @@ class Trainer:
             torch.distributed.barrier()  # every rank has looked at the folder before rank 0 writes
         if self._resume_model_state is not None:
             load_model_state(model, self._resume_model_state)
-        self.model_config = ModelConfig(
-            arch=cfg.arch, encoder=cfg.encoder, classes=classes, labels={str(k): v for k, v in labels.items()},
-            mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
-            loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
-            normalization=Normalization(stain=stain),
-            domain_bn=list(stages[-1].domain_names) if cfg.method == "dsbn" else None)
         if rt.main:
             write_json_atomic(self.out / "config.json", {**cfg.to_dict(), "resolved": {
                 "model": self.model_config.to_dict(), "device": str(rt.device), "amp": str(rt.placement.amp_dtype),
