@@ -73,10 +73,10 @@ def slide_batchnorm(predictor, job, tissue, read):
         with adapted_to(predictor, tissue, read) as note:
             yield note
         return
-    from ..model.domain_bn import domain, route_of
+    from ..model.domain_bn import domain
 
-    k = route_of(names, job.organ, job.scanner)
-    if k is not None and predictor.options.adapt == "none":
+    k = dsbn_slot(predictor, job)
+    if k is not None:
         with domain(predictor.model, k):
             yield f"dsbn: the BatchNorm of {names[k]}"
         return
@@ -84,6 +84,25 @@ def slide_batchnorm(predictor, job, tissue, read):
     why = "asked for" if predictor.options.adapt != "none" else "not one of the model's domains"
     with adapted_to(predictor, tissue, read, mode) as note:
         yield f"{note} (dsbn: shared BatchNorm; {why})"
+
+
+def dsbn_slot(predictor, job) -> int | None:
+    """The domain slot a DSBN model predicts `job` through (the first of its organ, then its
+    scanner, that is one of the model's domains), or None: the shared slot (`--adapt` asked for,
+    or neither is a domain of the model), or a model without slots."""
+    if not predictor.config.domain_bn or predictor.options.adapt != "none":
+        return None
+    from ..model.domain_bn import route_of
+
+    return route_of(predictor.config.domain_bn, job.organ, job.scanner)
+
+
+def dsbn_route(predictor, job) -> str | None:
+    """For done.json: the name of the slot `job` goes through, "shared", or None (no slots)."""
+    if not predictor.config.domain_bn:
+        return None
+    k = dsbn_slot(predictor, job)
+    return "shared" if k is None else predictor.config.domain_bn[k]
 
 
 @contextmanager

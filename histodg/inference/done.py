@@ -8,10 +8,12 @@ a changed slide (`source`), which are refused with one line. Keys:
 | --- | --- |
 | `histodg_version`, `name`, `source` (path, size, mtime), `organ`, `scanner`, `meta` | the input |
 | `model` | the checkpoint, its sha256, arch, encoder, classes, labels, method, trained mpp and tile |
-| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
+| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles, qc, mpp_override (`--mpp-override` or the manifest's mpp; null: none), dsbn_route (a DSBN model's BatchNorm slot the slide went through: its domain's name or "shared"; null: a model without slots) (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
 | `slide` | dimensions, mpp, backend, read_level, read_size |
 | `output` | shape (H, W) and mpp of prob.zarr, level0_per_px, chunk, geojson_factor, polygons |
-| `windows` | grid, tissue, run, bad, bad_list (first 100: level-0 x, y, reason) |
+| `windows` | grid, tissue, run, bad, excluded (left out by `--qc exclude`), bad_list (first 100: level-0 x, y, reason) |
+| `qc` | the artefact QC: mode, windows, flagged, excluded, counts (per flag), excluded_list (first 100), thresholds, area_mm2 (tissue left out); null with `--qc off` |
+| `adaptation` | what was done to the BatchNorm for this slide: `--adapt`'s note, or a DSBN model's slot ("dsbn: the BatchNorm of s1", or the shared slot and why); null when nothing was |
 | `stitching` | chunk, cache_chunks, max_alive, spilled, reloaded |
 | `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result |
 | `stain_unnormalised` | windows stain normalisation left as they were (too little tissue), when it is on |
@@ -24,24 +26,33 @@ from pathlib import Path
 
 from .. import __version__
 from ..files import setting_diffs, source_fingerprint, write_json_atomic
+from .adapt import dsbn_route
 
 DONE = "done.json"
 
 
-def compared_settings(predictor, options) -> dict:
-    """The settings a finished prediction must have been made with to be reused."""
+def compared_settings(predictor, options, job) -> dict:
+    """The settings a finished prediction of `job` must have been made with to be reused."""
     return {"checkpoint": predictor.checkpoint, "checkpoint_sha256": predictor.checkpoint_sha256,
             "mpp": predictor.mpp, "tile_size": predictor.tile, "overlap_px": predictor.overlap, "tta": options.tta,
             "threshold": options.threshold, "tissue_method": options.tissue_method,
             "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain,
-            "geojson_tiles": options.geojson_tiles, "qc": options.qc}
+            "geojson_tiles": options.geojson_tiles, "qc": options.qc, "mpp_override": job.mpp,
+            "dsbn_route": dsbn_route(predictor, job)}
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
     have = {"adapt": "none", "stain": None, "geojson_tiles": False, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
     have.setdefault("qc", predictor.options.qc)  # made before artefact QC: kept as it is
-    return setting_diffs(have, compared_settings(predictor, predictor.options), done.get("source"),
+    wanted = compared_settings(predictor, predictor.options, job)
+    # Made before the DSBN route was recorded: taken to be the route the slide gets now (kept). Made before
+    # mpp_override was recorded: read as made without one (None), and, as for any other, an override equal to
+    # the um/px the slide was read at (`slide.mpp`: the same override, or its own mpp) changes nothing.
+    have.setdefault("dsbn_route", wanted["dsbn_route"])
+    if wanted["mpp_override"] is not None and (done.get("slide") or {}).get("mpp") == wanted["mpp_override"]:
+        wanted.pop("mpp_override")
+    return setting_diffs(have, wanted, done.get("source"),
                          job.path, {"checkpoint_sha256": "the checkpoint file's contents differ",
                                     "stain": "the stain normalisation differs"})
 

@@ -205,7 +205,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         write_done(out, {
             **input_record(job),
             "model": pred.describe(),
-            "settings": {**compared_settings(pred, o), "batch_size": o.batch_size, "device": str(pred.device),
+            "settings": {**compared_settings(pred, o, job), "batch_size": o.batch_size, "device": str(pred.device),
                          "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
                          "workers": o.workers, "threshold_u8": threshold_u8(o.threshold),
                          "mpp_tolerance": o.mpp_tolerance},

@@ -26,7 +26,7 @@ ARRAYS = ("images", "masks", "coords", "tissue", "qc")
 
 # the settings a rerun of `histodg tile` must match to skip or resume an existing store
 REUSE_KEYS = ("tile_size", "mpp", "magnification", "overlap", "min_tissue", "tissue_method", "mpp_tolerance", "organ",
-              "scanner", "compression", "jpeg_quality", "qc")
+              "scanner", "compression", "jpeg_quality", "qc", "mpp_override")
 # attributes left out of zarr.json when they have no value
 OMITTED_WHEN_NONE = ("annotation_objects", "annotations_skipped", "source_tiles_copied", "source_tiles_not_copied", "qc",
                      "qc_report")
@@ -49,6 +49,7 @@ class StoreAttrs:
     compression: str = "lz4"
     jpeg_quality: int | None = None  # only for compression "jpeg"
     qc: str | None = None  # --qc exclude|flag|off (None: made before artefact QC)
+    mpp_override: float | None = None  # --mpp-override (or a manifest's mpp): the um/px the slide was said to have
     # how the slide was read
     mpp_actual: float | None = None  # the patches' true um/px (a level within the tolerance is read as is)
     level0_size: float | None = None  # a window's side in level-0 px

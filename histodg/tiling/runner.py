@@ -64,7 +64,8 @@ def requested(job: SlideJob, opts: TileOptions) -> dict:
     values = {"tile_size": s.tile_size, "mpp": s.mpp, "magnification": s.magnification, "overlap": s.overlap,
               "min_tissue": s.min_tissue, "tissue_method": s.tissue_method, "mpp_tolerance": s.mpp_tolerance,
               "organ": job.organ, "scanner": job.scanner, "compression": opts.compression,
-              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None, "qc": opts.qc}
+              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None, "qc": opts.qc,
+              "mpp_override": job.mpp}
     assert tuple(values) == REUSE_KEYS
     return values
 
@@ -80,6 +81,11 @@ def reuse_mismatch(path: Path, job: SlideJob, opts: TileOptions) -> str | None:
         wanted.pop("mpp")  # with --magnification the stored mpp is the resolved one
     if attrs.get("qc") is None:
         wanted.pop("qc")  # a store made before artefact QC is reused as it is
+    # --mpp-override: stores made before it was recorded read as made without one (None). An override equal
+    # to the um/px the slide was read at (slide_mpp: the same override, or its own mpp) changes nothing, so
+    # such an old store is also kept by a rerun with the override it was made with.
+    if wanted["mpp_override"] is not None and attrs.get("slide_mpp") == wanted["mpp_override"]:
+        wanted.pop("mpp_override")
     wanted["annotation"] = str(job.annotation.resolve()) if job.annotation else None
     if job.annotation and attrs.get("label_map") is not None:  # stores made before label maps were recorded: not compared
         wanted["label_map"] = dict(opts.labels.mapping)
