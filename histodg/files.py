@@ -41,6 +41,20 @@ def write_json_atomic(path, data, indent: int | None = 2) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
 
 
+def parse_json(text: str):
+    """`json.loads`, but JSON nested deeper than Python's parser can follow (a hostile or broken
+    file: thousands of `[`) is a ValueError like any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path):
+    """The JSON of the UTF-8 file at `path` (`parse_json`'s errors; OSError when it cannot be read)."""
+    return parse_json(Path(path).read_text(encoding="utf-8"))
+
+
 def read_csv_rows(path) -> list[dict]:
     """The rows of a CSV file with a header (a byte-order mark is allowed), as dicts."""
     import csv

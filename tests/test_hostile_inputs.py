@@ -1,0 +1,59 @@
+"""Inputs that used to slip through: JSON nested thousands of levels deep, an empty `*.zarr`
+folder given by name, an input without read permission, a file name that is not UTF-8."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from helpers import tissue_field
+from histodg.inference.done import read_done
+from histodg.summary import read_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = ["--mpp", "1", "--mpp-override", "1", "--tile-size", "64", "--min-tissue", "0"]
+DEEP = "[" * 10_000 + "]" * 10_000
+
+
+def _png(path):
+    Image.fromarray(tissue_field(192, 256)).save(path)
+    return path
+
+
+def _rows(out) -> dict:
+    return {r["name"]: r for r in json.loads((out / "summary.json").read_text())}
+
+
+# -- 1. JSON nested too deeply ----------------------------------------------------------------------
+def test_annotations_nested_thousands_deep_fail_their_slide_alone(cli, tmp_path):
+    anns = tmp_path / "anns"
+    anns.mkdir()
+    (anns / "a.geojson").write_text('{"type": "FeatureCollection", "features": ' + DEEP + "}")
+    (anns / "b.geojson").write_text('{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", '
+                                    '"coordinates": ' + DEEP + "}}")
+    images = [_png(tmp_path / f"{n}.png") for n in "abc"]
+    r = cli("tile", *images, "-o", tmp_path / "out", *IMAGE, "--annotations", anns)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    rows = _rows(tmp_path / "out")
+    assert rows["c"]["status"] == "done"  # the rest of the batch ran
+    for n in "ab":
+        assert rows[n]["status"] == "failed"
+        assert rows[n]["error"] == f"{anns / n}.geojson: not readable JSON (nested too deeply)"
+        assert f"error: {anns / n}.geojson: not readable JSON" in r.stderr
+
+
+def test_json_files_histodg_reads_back_may_be_nested_too_deeply(tmp_path):
+    from histodg.files import parse_json
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(DEEP)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "done.json").write_text(DEEP)
+    assert read_done(pred) is None  # an unfinished prediction: redone, not a crash
+    (tmp_path / "summary.json").write_text(DEEP)
+    assert read_rows(tmp_path) == []
