@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import tissue_field
+from helpers import make_store, tiny_checkpoint, tissue_field
 from histodg.inference.done import read_done
+from histodg.store import find_stores
 from histodg.summary import read_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,3 +58,27 @@ def test_json_files_histodg_reads_back_may_be_nested_too_deeply(tmp_path):
     assert read_done(pred) is None  # an unfinished prediction: redone, not a crash
     (tmp_path / "summary.json").write_text(DEEP)
     assert read_rows(tmp_path) == []
+
+
+# -- 2. an empty *.zarr folder given by name -----------------------------------------------------------
+def test_an_empty_zarr_folder_given_to_evaluate_is_reported_and_the_rest_scored(cli, tmp_path):
+    good = make_store(tmp_path / "stores" / "good.zarr", n=4)
+    empty = tmp_path / "stores" / "empty.zarr"
+    empty.mkdir()
+    ck = tiny_checkpoint(tmp_path / "ck.pt", mpp=1.0, head_logit=10.0)
+    r = cli("evaluate", ck, good, empty, "--json")
+    assert r.exit_code == 1
+    assert [x["name"] for x in json.loads(r.stdout)["images"]] == ["good"]
+    assert f"{empty}: not a patch store (no zarr.json in it)" in r.stderr
+    assert find_stores([tmp_path / "stores"]) == [good]  # a folder scan passes over it, as before
+
+
+def test_an_empty_zarr_folder_given_to_train_is_refused_in_one_line(cli, tmp_path):
+    good = make_store(tmp_path / "good.zarr", n=4, organ="colon")
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    r = cli("train", good, empty, "-o", tmp_path / "run", "--arch", "unet", "--encoder", "resnet18",
+            "--encoder-weights", "none", "--steps", "1", "--workers", "0")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"error: {empty}: not a patch store (no zarr.json in it)"
+    assert not (tmp_path / "run" / "last.pt").exists()
