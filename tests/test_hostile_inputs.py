@@ -3,6 +3,7 @@ folder given by name, an input without read permission, a file name that is not 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,24 @@ def test_an_empty_zarr_folder_given_to_train_is_refused_in_one_line(cli, tmp_pat
     assert r.exit_code == 1
     assert r.stderr.strip() == f"error: {empty}: not a patch store (no zarr.json in it)"
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# -- 3. an input without read permission ---------------------------------------------------------------
+@pytest.mark.parametrize("command", ["tile", "predict"])
+def test_an_input_without_read_permission_is_its_own_failed_row(cli, tmp_path, monkeypatch, command):
+    locked, good = _png(tmp_path / "locked.png"), _png(tmp_path / "good.png")
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads a chmod 000 file: deny it as the kernel would deny a user (Click and histodg ask os.access)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(locked) else real(p, mode, **k))
+    out = tmp_path / "out"
+    if command == "tile":
+        r = cli("tile", locked, good, "-o", out, *IMAGE)
+    else:
+        r = cli("predict", tiny_checkpoint(tmp_path / "ck.pt", mpp=1.0), locked, good, "-o", out, "--mpp-override", "1")
+    assert r.exit_code == 1, r.output  # not 2: no usage error, the batch ran
+    rows = _rows(out)
+    assert rows["good"]["status"] == "done"
+    assert rows["locked"]["status"] == "failed"
+    assert rows["locked"]["error"] == f"{locked}: cannot be read (permission denied)"
