@@ -34,7 +34,9 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """`text` as UTF-8; a file name that was not UTF-8 (held by Python as surrogate escapes,
+    `os.fsdecode`) is written back as its original bytes, so the name stays exact."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_json_atomic(path, data, indent: int | None = 2) -> Path:

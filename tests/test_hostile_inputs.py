@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,53 @@ def test_an_input_without_read_permission_is_its_own_failed_row(cli, tmp_path, m
     assert rows["good"]["status"] == "done"
     assert rows["locked"]["status"] == "failed"
     assert rows["locked"]["error"] == f"{locked}: cannot be read (permission denied)"
+
+
+# -- 4. a file name that is not UTF-8 ------------------------------------------------------------------
+@pytest.fixture
+def latin1(tmp_path):
+    """An image and a file that is not one, both under latin-1 names (bytes that are not UTF-8)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    image = _png(d / os.fsdecode(b"slide_\xe9.png"))
+    junk = d / os.fsdecode(b"junk_\xe9.png")
+    junk.write_bytes(b"not an image")
+    return image, junk
+
+
+def _summary_names_them(out, image, junk):
+    rows = _rows(out)  # JSON keeps the name as \udce9: it reads back as the same str
+    assert rows["slide"]["status"] == "done" and rows["slide"]["source"] == str(image)
+    assert rows["junk"]["status"] == "failed" and rows["junk"]["error"].startswith(f"{junk}: ")
+    csv = (out / "summary.csv").read_bytes()  # the name's own bytes
+    assert os.fsencode(image) in csv and os.fsencode(junk) in csv
+
+
+def test_a_name_that_is_not_utf8_is_kept_in_tile_outputs(cli, tmp_path, latin1):
+    image, junk = latin1
+    r = cli("tile", image, junk, "-o", tmp_path / "out", *IMAGE)  # a UnicodeEncodeError would raise here
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    _summary_names_them(tmp_path / "out", image, junk)
+    assert os.fsencode(junk) in r.stdout_bytes + r.stderr_bytes  # printed as its bytes, as `ls` does
+
+
+def test_a_name_that_is_not_utf8_is_kept_in_predict_outputs(cli, tmp_path, latin1):
+    image, junk = latin1
+    out = tmp_path / "out"
+    r = cli("predict", tiny_checkpoint(tmp_path / "ck.pt", mpp=1.0), image, junk, "-o", out, "--mpp-override", "1")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    _summary_names_them(out, image, junk)
+    assert os.fsencode(junk) in (out / "report.html").read_bytes()
+    assert read_done(out / "slide")["source"]["path"] == str(image.resolve())
+
+
+def test_a_name_that_is_not_utf8_prints_on_a_strict_utf8_console(tmp_path, latin1):
+    """A UTF-8 locale (en_US.UTF-8) makes stdout strict; PYTHONIOENCODING=utf-8 does the same here."""
+    image, junk = latin1
+    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
+           "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "histodg", "tile", os.fsencode(image), os.fsencode(junk), "-o", tmp_path / "out", *IMAGE]
+    p = subprocess.run(args, env=env, capture_output=True, timeout=300)
+    assert p.returncode == 1 and b"Traceback" not in p.stderr, p.stderr[-2000:]
+    assert os.fsencode(junk) in p.stdout + p.stderr
+    _summary_names_them(tmp_path / "out", image, junk)
