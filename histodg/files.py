@@ -65,7 +65,9 @@ def append_text(path, text: str) -> None:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """`text` as UTF-8; a file name that was not UTF-8 (held by Python as surrogate escapes,
+    `os.fsdecode`) is written back as its original bytes, so the name stays exact."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_json_atomic(path, data, indent: int | None = 2) -> Path:
@@ -81,6 +83,20 @@ def csv_cell(value):
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def parse_json(text: str):
+    """`json.loads`, but JSON nested deeper than Python's parser can follow (a hostile or broken
+    file: thousands of `[`) is a ValueError like any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path):
+    """The JSON of the UTF-8 file at `path` (`parse_json`'s errors; OSError when it cannot be read)."""
+    return parse_json(Path(path).read_text(encoding="utf-8"))
 
 
 def read_csv_rows(path) -> list[dict]:

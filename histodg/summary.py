@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import HistodgError
-from .files import NO_FOLLOW, csv_cell, write_json_atomic, write_text_atomic
+from .files import NO_FOLLOW, csv_cell, read_json, write_json_atomic, write_text_atomic
 
 JSON_NAME, CSV_NAME = "summary.json", "summary.csv"
 # the first columns, in this order; any other field of a command's result follows
@@ -61,7 +61,7 @@ def merged(old: list[dict], new: dict) -> list[dict]:
 def read_rows(out_dir) -> list[dict]:
     """The rows of `OUT_DIR/summary.json` ([] when there is none or it cannot be read)."""
     try:
-        rows = json.loads((Path(out_dir) / JSON_NAME).read_text())
+        rows = read_json(Path(out_dir) / JSON_NAME)
     except (OSError, ValueError):
         return []
     return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []

@@ -50,6 +50,15 @@ def main():
       histodg predict runs/a/best.pt slides/*.svs -o preds/
     """
     quiet_readers()
+    names_as_bytes()
+
+
+def names_as_bytes() -> None:
+    """A file name that is not UTF-8 (Python holds it with surrogate escapes) is printed as its own
+    bytes, as `ls` does; a strict stdout (a UTF-8 locale) would stop the command at the first one."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
 
 
 def quiet_readers() -> None:

@@ -24,7 +24,9 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
 
     `recorded` says what the organ/scanner of the inputs is used for."""
     options = [
-        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        # readable=False: an input without read permission is its own failed row (`slides.inputs.unusable`), not a
+        # usage error that stops the batch
+        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False)),
         click.option("--tissue-method", type=TISSUE_CHOICE, default="otsu", show_default=True, help=tissue_help),
         click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
         click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]"),

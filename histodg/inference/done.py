@@ -21,11 +21,10 @@ a changed slide (`source`), which are refused with one line. Keys:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import __version__
-from ..files import setting_diffs, source_fingerprint, write_json_atomic
+from ..files import read_json, setting_diffs, source_fingerprint, write_json_atomic
 from .adapt import dsbn_route
 
 DONE = "done.json"
@@ -63,8 +62,8 @@ def read_done(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, ValueError):
         return None
 
 

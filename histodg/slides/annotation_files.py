@@ -14,13 +14,14 @@ cell and tile objects are counted as skipped unless asked for with `--objects`);
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
+from json import JSONDecodeError
 from pathlib import Path
 
 import numpy as np
 
 from ..constants import too_large
+from ..files import parse_json
 from .annotation_xml import read_xml
 from .annotations import AnnotationError, LabelMap, MaskAnnotations, Polygon, PolygonAnnotations
 from .opening import image_kind
@@ -66,11 +67,13 @@ def load_annotations(path, dimensions: tuple[int, int], labels: LabelMap | None 
 
 def _read_geojson(path: Path, labels: LabelMap):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise AnnotationError(path, "not a text file (GeoJSON expected)") from None
-    except json.JSONDecodeError as exc:
+    except JSONDecodeError as exc:
         raise AnnotationError(path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError as exc:
+        raise AnnotationError(path, f"not readable JSON ({exc})") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":

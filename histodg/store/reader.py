@@ -190,7 +190,8 @@ def describe_store(path, verify: bool = True) -> dict:
 
 def find_stores(paths) -> list[Path]:
     """Expand store paths, folders of stores (recursively) and CSV lists (a `path` or `store`
-    column, relative to the CSV) into store paths."""
+    column, relative to the CSV) into store paths. A folder scan passes over `*.zarr` folders
+    without `zarr.json` (tiling that never began); one given by name is a bad input."""
     found = []
     for p in paths:
         p = Path(p)
@@ -199,7 +200,10 @@ def find_stores(paths) -> list[Path]:
         elif (p / "zarr.json").is_file():
             found.append(p)
         elif p.is_dir():
-            found.extend(sorted(q for q in p.rglob("*.zarr") if (q / "zarr.json").is_file()))
+            inside = sorted(q for q in p.rglob("*.zarr") if (q / "zarr.json").is_file())
+            if not inside and p.suffix.lower() == ".zarr":
+                raise StoreError(p, "not a patch store (no zarr.json in it)")
+            found.extend(inside)
         else:
             raise StoreError(p, "not a patch store, a folder of stores or a CSV list of stores")
     return found
