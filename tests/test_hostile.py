@@ -118,7 +118,7 @@ def test_checkpoints_hold_only_data_and_resume_exactly(tmp_path, one_torch_threa
     Trainer(cfg).run()
     for name in ("last.pt", "best.pt"):
         assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "run" / name) == []
-    rng = load_checkpoint(tmp_path / "run" / "last.pt")["rng"]
+    rng = load_checkpoint(tmp_path / "run" / "last.pt")["rng"]["ranks"][0]
     from histodg.training.state import set_rng_state
 
     set_rng_state(rng)
@@ -382,3 +382,11 @@ def test_a_predict_killed_early_leaves_nothing_that_stops_the_rerun(tmp_path):
     row = json.loads(again.stdout)[0]
     assert again.returncode == 0 and row["status"] == "done", again.stderr
     assert not (tmp_path / "p" / "img.lock").exists()
+
+
+def test_a_file_that_is_no_pickle_is_unreadable_not_refused(tmp_path):
+    from histodg.model.checkpoint import CheckpointError
+
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")

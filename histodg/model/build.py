@@ -70,7 +70,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a state dict: a histodg checkpoint, a whole smp model, or just its encoder."""
     if not path.is_file():
         raise ModelError(path, "weights file not found")
-    state = read_torch_file(path, ModelError)  # as data: a weights file from elsewhere cannot run code
+    state = read_torch_file(path, ModelError, "PyTorch weights file")  # as data: a weights file from elsewhere cannot run code
     if isinstance(state, dict) and "model_state" in state:
         state = state["model_state"]
     if isinstance(state, dict) and "state_dict" in state:

@@ -47,7 +47,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
-    ckpt = read_torch_file(path, CheckpointError)
+    ckpt = read_torch_file(path, CheckpointError, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(path, "not a histodg checkpoint (train one with `histodg train`)")
     if ckpt.get("version") != VERSION:

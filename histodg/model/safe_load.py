@@ -33,22 +33,23 @@ def _numpy_values() -> list:
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
-def read_torch_file(path, error: type[HistodgError] = HistodgError):
+def read_torch_file(path, error: type[HistodgError] = HistodgError, what: str = "PyTorch file"):
     """`torch.load(path)` as data (CPU tensors); `error(path, reason)` for a file that is not a
-    readable PyTorch file or that would run code."""
+    readable `what` or that would run code."""
     try:
         with torch.serialization.safe_globals(_numpy_values()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "eights only load failed" not in text and "Unsupported global" not in text:
-            raise error(path, f"not a readable PyTorch file ({exc_line(exc, 120)})") from None
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" ({found.group(1)})" if found else ""
-        raise error(path, f"refused: the file names Python code or objects{what}, not only tensors and plain data; "
-                          f"a model file from elsewhere could run code when loaded, so histodg reads data only") from None
+        if found:
+            raise error(path, f"refused: the file names Python code or objects ({found.group(1)}), not only tensors and "
+                              f"plain data; a model file from elsewhere could run code when loaded, so histodg reads "
+                              f"data only") from None
+        why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # e.g. "Unsupported operand 110": not a pickle of data
+        raise error(path, f"not a readable {what} ({why.group(1)[:120] if why else exc_line(exc, 120)})") from None
     except Exception as exc:
-        raise error(path, f"not a readable PyTorch file ({exc_line(exc, 120)})") from None
+        raise error(path, f"not a readable {what} ({exc_line(exc, 120)})") from None
 
 
 def plain_data(value):
