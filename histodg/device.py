@@ -52,6 +52,62 @@ def resolve_placement(device, amp: str = "auto", channels_last: str = "auto") ->
     return Placement(device, torch.bfloat16 if use_amp else None, use_cl)
 
 
+def bind_device(device) -> None:
+    """Make `device` this process's current CUDA device (a no-op for the CPU).
+
+    Streams and events are per device, and CUDA's "current" device is cuda:0 until told
+    otherwise: a process that computes on cuda:1 without this records its events on cuda:0's
+    stream (where they complete at once, before the work they should wait for) and opens a
+    context on GPU 0 too. Every process that uses a GPU binds it first (`Predictor`, each
+    `--devices` worker, each training rank)."""
+    import torch
+
+    if isinstance(device, str) and not device.startswith("cuda"):
+        return  # "cpu", "auto" (resolved later, by the code that binds again)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+class HostCopy:
+    """A device -> host copy in flight: `wait()` blocks until it has landed and returns the host tensor."""
+
+    def __init__(self, host, event=None):
+        self.host, self.event = host, event
+
+    def wait(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+class HostTransfers:
+    """Copies model outputs to the host while the device goes on: on CUDA into two pinned buffers
+    in turn, with an event recorded on the stream of the tensors' own device (not the current
+    device's); elsewhere the output is already on the host. The window pipeline only ever reads
+    a result through `to_host(...).wait()`, so a test can drive it with copies that land late."""
+
+    def __init__(self, device, shape):
+        import torch
+
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.buffers = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(2)] if cuda else None
+        self.turn = 0
+
+    def to_host(self, src) -> HostCopy:
+        import torch
+
+        if self.buffers is None:
+            return HostCopy(src)
+        host = self.buffers[self.turn % 2][: src.shape[0]]
+        self.turn += 1
+        host.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return HostCopy(host, event)
+
+
 def place_model(model, placement: Placement):
     """The model on the placement's device, channels_last when the placement says so."""
     import torch
@@ -60,6 +116,16 @@ def place_model(model, placement: Placement):
     if placement.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def float32(device):
+    """Autocast off (for `device`'s type) inside: what linear algebra and colour maths need. On CUDA
+    a matmul under bf16 autocast gives bf16, and `linalg.solve`, `eigh`, `inv` have no bf16 kernel
+    there (CPU autocast hides this by running them in float32); statistics of small differences
+    lose their digits in bf16. Callers also make their inputs float32."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def autocast(placement: Placement):

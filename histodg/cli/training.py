@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -70,6 +72,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
     """
     from ..device import loader_processes
     from ..training.config import TrainConfig
+    from ..training.state import end_process_group
     from ..training.trainer import Callbacks, Trainer
     from .views import TrainView, print_cv, print_train_result
 
@@ -93,15 +96,19 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
                 workers=loader_processes() if workers is None else workers, seed=seed)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-    with TrainView() as view:
-        cbs = Callbacks(view.on_stage_start, view.on_step, view.on_epoch, view.on_note)
-        if cfg.cv:
-            from ..training.crossval import run_cv
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 shows progress and results
+    try:
+        with TrainView() if main else nullcontext() as view:
+            cbs = Callbacks(view.on_stage_start, view.on_step, view.on_epoch, view.on_note) if main else Callbacks()
+            if cfg.cv:
+                from ..training.crossval import run_cv
 
-            result = run_cv(cfg, resume=resume, overwrite=overwrite, callbacks=cbs)
-        else:
-            result = Trainer(cfg, resume=resume, overwrite=overwrite, callbacks=cbs).run()
-    if not result:  # a non-zero rank of a distributed run
+                result = run_cv(cfg, resume=resume, overwrite=overwrite, callbacks=cbs)
+            else:
+                result = Trainer(cfg, resume=resume, overwrite=overwrite, callbacks=cbs).run()
+    finally:
+        end_process_group()
+    if not main:
         return
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))

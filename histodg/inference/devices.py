@@ -41,11 +41,13 @@ def _worker(checkpoint: str, options: PredictOptions, out_dir: str, jobs, result
     import torch
 
     from ..batch import release_memory
+    from ..device import bind_device
     from .pipeline import predict_slide
     from .predictor import Predictor
 
     torch.set_num_threads(threads)
     try:
+        bind_device(options.device)  # this worker's GPU before anything touches CUDA (no context on GPU 0)
         predictor = Predictor.from_checkpoint(checkpoint, options)
     except Exception as exc:  # a model that cannot load on this device: the main process says so
         results.put(("error", None, f"{options.device}: {exc}"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import HistodgError, exc_line
-from ..device import autocast, place_model, resolve_device, resolve_placement
+from ..device import HostTransfers, autocast, bind_device, place_model, resolve_device, resolve_placement
 from ..files import file_sha256
 from ..model.config import ModelConfig
 from ..model.stain import resolve_stain
@@ -42,6 +42,7 @@ class Predictor:
         where = checkpoint or "model"
         self.placement = resolve_placement(resolve_device(options.device, where, PredictError), options.amp, "auto")
         self.device, self.cuda = self.placement.device, self.placement.cuda
+        bind_device(self.device)  # cuda:1's streams and events, not cuda:0's
         self.classes = config.classes
         self.mpp = float(options.mpp if options.mpp is not None else (config.mpp or 0)) or None
         if self.mpp is None:
@@ -61,6 +62,7 @@ class Predictor:
             raise PredictError(options.stain_ref or where, str(exc)) from None
         self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last, self.stain)
         self.model = place_model(model.eval(), self.placement)
+        self.transfers = HostTransfers(self.device, (options.batch_size, self.tile, self.tile))  # results to the host
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self._check_shapes()
@@ -149,11 +151,6 @@ class Predictor:
         import torch
 
         return torch.empty((self.options.batch_size, self.tile, self.tile, 3), dtype=torch.uint8, pin_memory=self.cuda)
-
-    def new_output(self):
-        import torch
-
-        return torch.empty((self.options.batch_size, self.tile, self.tile), dtype=torch.float32, pin_memory=self.cuda)
 
     def start_shift(self) -> None:
         """A new slide: its feature statistics start from nothing."""

@@ -39,7 +39,6 @@ class WindowRunner:
         self.clock = {"reading": 0.0, "waiting_for_reads": 0.0, "model": 0.0, "stitching": 0.0}
         n_buffers = 2 + max(2, o.workers)
         self.free = deque(predictor.new_batch() for _ in range(min(n_buffers, len(self.batches) + 1)))
-        self.outs = [predictor.new_output() for _ in range(2)] if predictor.cuda else None
         self.inflight: deque = deque()
         self.next_batch = 0
 
@@ -102,26 +101,16 @@ class WindowRunner:
 
     # -- the model and stitching -----------------------------------------------------------------
     def _launch(self, bno: int, buf):
-        """Start the model on a batch; returns the host tensor that will hold its output and an event."""
-        import torch
-
+        """Start the model on a batch; returns its output's copy to the host, in flight (`HostCopy`)."""
         b0, b1 = self.batches[bno]
         t = time.perf_counter()
-        weighted = self.pred.weighted(buf[: b1 - b0])
-        if self.pred.cuda:
-            host = self.outs[bno % 2][: b1 - b0]
-            host.copy_(weighted, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = weighted, None
+        copy = self.pred.transfers.to_host(self.pred.weighted(buf[: b1 - b0]))
         self.clock["model"] += time.perf_counter() - t
-        return host, event
+        return copy
 
-    def _stitch(self, bno: int, buf, host, event, failed: dict) -> None:
+    def _stitch(self, bno: int, buf, copy, failed: dict) -> None:
         t = time.perf_counter()
-        if event is not None:
-            event.synchronize()
+        host = copy.wait()  # the output has landed: only now is it read, and the input buffer reused
         self.clock["model"] += time.perf_counter() - t
         t = time.perf_counter()
         b0, b1 = self.batches[bno]
@@ -145,10 +134,10 @@ class WindowRunner:
             while self.inflight:
                 bno, buf, futs = self.inflight.popleft()
                 failed = self._collect_reads(futs)
-                host, event = self._launch(bno, buf)
+                copy = self._launch(bno, buf)
                 if pending is not None:
                     self._stitch(*pending)
-                pending = (bno, buf, host, event, failed)
+                pending = (bno, buf, copy, failed)
                 self._fill(pool)
             if pending is not None:
                 self._stitch(*pending)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..device import float32
+
 
 class Normalizer:
     """uint8 NCHW on any device -> normalised float (ImageNet statistics by default)."""
@@ -16,12 +18,14 @@ class Normalizer:
         self.stain = StainNormalizer(stain, device) if stain else None  # applied first, on 0-255
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.stain is not None:
-            x = self.stain(x)
-        x = (x - self.mean) / self.std
+        with float32(x.device):  # the same pixels inside autocast (methods' jitter) as outside (predict)
+            x = x.float()
+            if self.stain is not None:
+                x = self.stain(x)
+            x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised -> RGB in 0-255 (float)."""
-        return x.float() * self.std + self.mean
+        with float32(x.device):
+            return x.float() * self.std + self.mean

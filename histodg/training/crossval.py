@@ -38,17 +38,22 @@ def cv_domains(cfg: TrainConfig) -> tuple[str, list[str]]:
 
 def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks: Callbacks | None = None,
            on_fold=None) -> dict:
-    """Every fold (one writer of RUN_DIR at a time: another live `--cv` run into it is refused)."""
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun the ranks run together; rank 0 holds the lock
+    """Every fold (one writer of RUN_DIR at a time: another live `--cv` run into it is refused).
+    Under torchrun every rank trains every fold and rank 0 alone writes; all return the summary."""
+    main = _rank() == 0
     with run_lock(Path(cfg.out_dir), TrainError, callbacks and callbacks.on_note) if main else nullcontext():
-        return _run_folds(cfg, resume, overwrite, callbacks, on_fold)
+        return _run_folds(cfg, resume, overwrite, callbacks, on_fold, main)
 
 
-def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fold) -> dict:
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fold, main: bool) -> dict:
     out = Path(cfg.out_dir)
     axis, names = cv_domains(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite or not (out / "config.json").exists():
+    if main and (overwrite or not (out / "config.json").exists()):
         write_json_atomic(out / "config.json", cfg.to_dict())  # `histodg train -o RUN_DIR --resume` needs no more
     base = cfg
     if cfg.pretrain:
@@ -69,7 +74,8 @@ def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fo
     iou = np.array([f["iou"] for f in folds.values()])
     summary = {"axis": axis, "folds": folds, "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                "iou_mean": float(iou.mean()), "iou_std": float(iou.std()), "pretrain": cfg.pretrain}
-    write_json_atomic(out / "cv_summary.json", summary)
+    if main:
+        write_json_atomic(out / "cv_summary.json", summary)
     return summary
 
 
@@ -93,4 +99,6 @@ def _run_once(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks) -> dic
     if done.is_file() and not overwrite:
         return json.loads(done.read_text())
     can_resume = resume and (out / "last.pt").is_file()
-    return Trainer(cfg, resume=can_resume, overwrite=overwrite, callbacks=callbacks).run()
+    result = Trainer(cfg, resume=can_resume, overwrite=overwrite, callbacks=callbacks).run()
+    # another rank than 0 gets nothing back: rank 0 wrote result.json before the run's last barrier
+    return result or json.loads(done.read_text())

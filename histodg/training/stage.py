@@ -22,7 +22,7 @@ from .data import PatchDataset, collate, loaded
 from .methods import METHODS, parse_hparams
 from .sampler import BalancedBatchSampler
 from .splits import Stage
-from .state import TrainState, lr_factor, set_rng_state
+from .state import TrainState, lr_factor, restore_rng
 from .validation import quiet_worker
 
 
@@ -48,7 +48,7 @@ class StageRun:
         self.optimizer, self.scheduler = self._optimizer()
         self.method.start_stage(self.total)
         if state.rng is not None:
-            set_rng_state(state.rng)
+            restore_rng(state.rng, runtime, cfg.seed, state.global_step)  # each rank its own streams
             state.rng = None
 
     def _method(self):

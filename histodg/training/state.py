@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..device import Placement, resolve_device, resolve_placement
+from ..device import Placement, bind_device, resolve_device, resolve_placement
 
 
 @dataclass
@@ -31,18 +31,35 @@ class Runtime:
         return self.rank == 0
 
 
+DDP_TIMEOUT_MIN = 120  # HISTODG_DDP_TIMEOUT_MIN: how long a rank waits for the others (rank 0 validating, describing the domains)
+
+
 def resolve_runtime(cfg, error) -> Runtime:
-    """The device (one GPU per rank under torchrun), AMP and channels_last of a training run;
-    starts the process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1."""
+    """The device (one GPU per rank under torchrun: LOCAL_RANK's), AMP and channels_last of a
+    training run; starts the process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1, with
+    a timeout long enough for the work rank 0 does alone at the end of an epoch and of training
+    (NCCL's default, 10 minutes, is not)."""
+    import datetime
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and cfg.device.startswith("cuda:"):
+        raise error(f"--device {cfg.device}", "under torchrun each rank takes the GPU of its LOCAL_RANK: use --device cuda "
+                                              "(or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     device = resolve_device(cfg.device, cfg.out_dir, error, local_rank=local if world > 1 else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    bind_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        minutes = float(os.environ.get("HISTODG_DDP_TIMEOUT_MIN", DDP_TIMEOUT_MIN))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=minutes))
     return Runtime(resolve_placement(device, cfg.amp, cfg.channels_last), rank, world, local)
+
+
+def end_process_group() -> None:
+    """Leave the process group, if one was started (every rank, once the command's runs are done)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -71,8 +88,9 @@ class TrainState:
         self.stage, self.epoch, self.optimizer, self.scheduler, self.method_extra = index + 1, 0, None, None, None
 
     def payload(self, model, model_config, train_config: dict, final: bool, light: bool = False,
-                record: dict | None = None) -> dict:
-        """A checkpoint's contents; `light` (best.pt, stageN.pt) leaves out what only a resume needs."""
+                record: dict | None = None, rng: dict | None = None) -> dict:
+        """A checkpoint's contents; `light` (best.pt, stageN.pt) leaves out what only a resume needs
+        (`rng`: every rank's random states, `all_rng_states`; this process's alone when not given)."""
         p = {"model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "model_config": model_config, "train_config": train_config, "stage": self.stage, "epoch": self.epoch,
              "global_step": self.global_step, "best": self.best, "done": final}
@@ -80,23 +98,69 @@ class TrainState:
             p["metrics"] = record
         if not light:
             p.update({"optimizer_state": self.optimizer, "scheduler_state": self.scheduler,
-                      "method_state": self.method_extra, "rng": rng_state(), "history": self.history})
+                      "method_state": self.method_extra, "rng": rng or {"ranks": [rng_state()]}, "history": self.history})
         return p
 
 
-def rng_state() -> dict:
+def rng_state(device=None) -> dict:
+    """This process's random states: Python, NumPy, torch's CPU generator and, on a GPU, the
+    generator of this process's own device only (a node with fewer GPUs can resume it)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def all_rng_states(rt: Runtime) -> dict:
+    """Every rank's `rng_state`, gathered (collective: every rank calls it), for `last.pt`."""
+    mine = rng_state(rt.device)
+    if rt.world == 1:
+        return {"ranks": [mine]}
+    gathered = [None] * rt.world
+    torch.distributed.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
+def restore_rng(saved: dict, rt: Runtime, seed: int, step: int) -> None:
+    """Each rank continues its own random streams: its own saved state when the run had as many
+    ranks; otherwise (another world size, or a checkpoint that kept rank 0's state only) streams
+    derived from (seed, rank, step), so no two ranks draw the same augmentation or dropout."""
+    ranks = saved.get("ranks")
+    if ranks is not None and len(ranks) == rt.world:
+        set_rng_state(ranks[rt.rank], rt.device)
+    elif ranks is None and rt.world == 1:
+        set_rng_state(saved, rt.device)  # written before every rank's state was kept: rank 0's
+    else:
+        seed_all([seed, rt.rank, step, 29])
+
+
+def seed_all(entropy) -> None:
+    seq = np.random.SeedSequence(entropy)
+    words = seq.generate_state(4)
+    random.seed(int(words[0]))
+    np.random.seed(words[1:2])
+    torch.manual_seed(int(words[2]) << 32 | int(words[3]))
+
+
+def set_rng_state(state: dict, device=None) -> None:
+    random.setstate(_tuples(state["python"]))
+    np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return
+    device = torch.device(device)
+    if isinstance(cuda, (list, tuple)):  # every GPU's state (before): this device's, when it had one
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def _tuples(value):
+    """Python's random state as `random.setstate` wants it (tuples, also after a round trip as lists)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -42,7 +42,7 @@ from .shift_reference import shift_reference
 from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
 from .stain_reference import stain_reference
-from .state import Runtime, TrainState, params_checksum, resolve_runtime
+from .state import Runtime, TrainState, all_rng_states, params_checksum, resolve_runtime
 from .validation import score_domains
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json", "curves.png")
@@ -146,9 +146,10 @@ class Trainer:
         for stage in stages[st.stage:]:
             self._run_stage(stage, len(stages), model, task, rt, st)
             st.next_stage(stage.index)
+            rng = all_rng_states(rt)  # every rank's, gathered by every rank
             if rt.main:
                 save_checkpoint(self.out / f"stage{stage.index + 1}.pt", self._payload(model, st, final=False, light=True))
-                save_checkpoint(self.out / "last.pt", self._payload(model, st, final=False))
+                save_checkpoint(self.out / "last.pt", self._payload(model, st, final=False, rng=rng))
         result = self._finish(model, stages, st, rt)
         if rt.world > 1:
             torch.distributed.barrier()
@@ -162,8 +163,9 @@ class Trainer:
         final_stage = stage.index == n_stages - 1
 
         def on_epoch_end(run: StageRun, epoch: int, record: dict) -> None:
+            rng = all_rng_states(rt)  # every rank's random state goes into last.pt, so a resume continues each
             if rt.main:
-                self._end_epoch(run, epoch, record, final_stage)
+                self._end_epoch(run, epoch, record, final_stage, rng)
             else:
                 st.epoch = epoch + 1
             if rt.world > 1:
@@ -180,7 +182,7 @@ class Trainer:
             raise TrainError(self.out, f"loss is not finite at stage {stage.index + 1} ({stage.axis}), step "
                                        f"{st.global_step + 1}, {where}; stopped, {kept}") from None
 
-    def _end_epoch(self, run: StageRun, epoch: int, record: dict, final_stage: bool) -> None:
+    def _end_epoch(self, run: StageRun, epoch: int, record: dict, final_stage: bool, rng: dict) -> None:
         """Validate, keep the best, write last.pt and the metrics line (rank 0)."""
         st, stage = run.st, run.stage
         record["val"] = self.validate(run, stage.val)
@@ -195,7 +197,7 @@ class Trainer:
             st.best = score
             record["best"] = True
             save_checkpoint(self.out / "best.pt", self._payload(run.model, st, final=False, light=True, record=record))
-        save_checkpoint(self.out / "last.pt", self._payload(run.model, st, final=False))
+        save_checkpoint(self.out / "last.pt", self._payload(run.model, st, final=False, rng=rng))
         append_text(self.out / "metrics.jsonl", json.dumps(record) + "\n")
         if self.cb.on_epoch:
             self.cb.on_epoch(record)
@@ -212,8 +214,9 @@ class Trainer:
                              lambda name: run.method.own_statistics(index(name)))
 
     # -- output --------------------------------------------------------------------------------
-    def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None) -> dict:
-        return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record)
+    def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None,
+                 rng: dict | None = None) -> dict:
+        return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record, rng)
 
     def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:
         """The training domains' description (`model.shift`) into best.pt and, for the final

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...device import float32
 from ...model.taps import DecoderTap
 from .base import Method, seg_loss
 
@@ -16,12 +17,15 @@ class CoralHparams:
 
 
 def coral_penalty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared differences of the means and covariances of two (N, C) feature sets."""
-    mx, my = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
-    cx, cy = x - mx, y - my
-    cov_x = cx.t() @ cx / max(len(x) - 1, 1)
-    cov_y = cy.t() @ cy / max(len(y) - 1, 1)
-    return (mx - my).pow(2).mean() + (cov_x - cov_y).pow(2).mean()
+    """Squared differences of the means and covariances of two (N, C) feature sets (in float32,
+    also under bf16 autocast: covariances are sums of products)."""
+    with float32(x.device):
+        x, y = x.float(), y.float()
+        mx, my = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
+        cx, cy = x - mx, y - my
+        cov_x = cx.t() @ cx / max(len(x) - 1, 1)
+        cov_y = cy.t() @ cy / max(len(y) - 1, 1)
+        return (mx - my).pow(2).mean() + (cov_x - cov_y).pow(2).mean()
 
 
 class Coral(Method):

@@ -115,7 +115,7 @@ class SDS(Method):
         if not (self.training and self.aligns and self.hparams.pool and (len(micro_batches) > 1 or world > 1)):
             return
         rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # this rank's device's only
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         net = self.net
         self.use_net(self.model)  # no DDP hooks for a pass without gradients
@@ -167,7 +167,7 @@ class SDS(Method):
         if step is not None and step["next"] == 0:  # the random draws of the pass without gradients
             torch.set_rng_state(step["rng"])
             if step["cuda_rng"] is not None:
-                torch.cuda.set_rng_state_all(step["cuda_rng"])
+                torch.cuda.set_rng_state(step["cuda_rng"])
         x, y, sizes = self.concat(batches)
         logits = self.net(self.shallow_input(x))
         per_image = seg_loss(logits, y, self.task, reduction="none")
