@@ -1,13 +1,15 @@
 """What the slide benchmarks share: the large test slides and peak-RSS reading."""
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAKE_SLIDE = REPO.parent / "shared" / "tools" / "make_large_slide.py"
+# ../shared beside the checkout; HISTODG_SHARED points elsewhere (a GPU machine gets a copy: gpu_check.sh)
+MAKE_SLIDE = Path(os.environ.get("HISTODG_SHARED") or REPO.parent / "shared") / "tools" / "make_large_slide.py"
 
 
 def maxrss_mb() -> float:

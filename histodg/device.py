@@ -59,7 +59,8 @@ def bind_device(device) -> None:
     otherwise: a process that computes on cuda:1 without this records its events on cuda:0's
     stream (where they complete at once, before the work they should wait for) and opens a
     context on GPU 0 too. Every process that uses a GPU binds it first (`Predictor`, each
-    `--devices` worker, each training rank)."""
+    `--devices` worker, each training rank). cuDNN may then pick its fastest convolution for the
+    one window size (`cudnn.benchmark`)."""
     import torch
 
     if isinstance(device, str) and not device.startswith("cuda"):
@@ -67,6 +68,7 @@ def bind_device(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # every input histodg feeds a GPU has one size (windows, patches)
 
 
 class HostCopy:

@@ -97,3 +97,24 @@ def test_an_explicit_gpu_under_torchrun_is_refused_in_one_line(cli, stores, tmp_
             "--device", "cuda:0", "--steps", "1", "--domains", "scanner")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.stderr.strip().startswith("error: --device cuda:0: under torchrun each rank takes the GPU of its LOCAL_RANK")
+
+
+def test_the_ranks_share_the_domain_description_and_it_is_the_one_process_one(stores, tmp_path):
+    """Each rank describes half the training stores; gathered, it is what one process makes of the same weights."""
+    import torch
+
+    from histodg.model.checkpoint import load_checkpoint, model_from_checkpoint
+    from histodg.model.normalize import Normalizer
+    from histodg.training.config import TrainConfig
+    from histodg.training.data import load_stores
+    from histodg.training.shift_reference import shift_reference
+    from histodg.training.splits import plan_stages
+
+    torchrun(stores, "-o", tmp_path / "run", *ARGS, "--method", "erm", "--steps", "2")
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    model, mc = model_from_checkpoint(ckpt)
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    stages = plan_stages(load_stores(cfg.stores), cfg.stage_axes, cfg.val_domains, cfg.val_fraction, cfg.seed)
+    norm = mc.normalization
+    alone = shift_reference(model, Normalizer(norm.mean, norm.std, "cpu"), stages, torch.device("cpu"))
+    assert mc.shift == alone and set(alone["domains"]) == {"s1", "s2"} and alone["precision"] == "float32"

@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from helpers import DarkModel, raw_config, tissue_field
 from histodg.device import HostCopy
@@ -188,3 +189,108 @@ def test_the_coral_penalty_is_float32_under_autocast():
     with cuda_autocast_rules(), torch.autocast("cpu", dtype=torch.bfloat16):
         under = coral_penalty(x, y)
     assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+# -- host syncs ------------------------------------------------------------------------------------------
+SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}  # wait for a GPU
+
+
+def _flat(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flat(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _flat(o)
+
+
+class CountSyncs(TorchFunctionMode):
+    """Counts reads of values that would live on the GPU: what derives from the model's parameters
+    and buffers or the batch (taint tracking); a coin drawn on the CPU generator is no GPU sync."""
+
+    def __init__(self, sources):
+        super().__init__()
+        self.device = {id(t): t for t in _flat(list(sources))}  # held, so that no id is reused meanwhile
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        on_device = any(id(t) in self.device for t in _flat((args, kwargs)))
+        if on_device and getattr(func, "__name__", "") in SYNCS:
+            self.count += 1
+        out = func(*args, **kwargs)
+        if on_device:
+            self.device.update((id(t), t) for t in _flat(out))
+        return out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_micro_batch_never_waits_for_the_device(method, stores, tmp_path, monkeypatch):
+    """Every read of a device value is a host sync that drains the GPU's queue: the loop reads a
+    step's losses once, after its last micro-batch, never inside one."""
+    from histodg.training import stage as stage_mod
+    from histodg.training.config import TrainConfig
+    from histodg.training.trainer import Trainer
+
+    inside, backward = [], stage_mod.StageRun._backward
+
+    def counted(self, batches, *a, **k):
+        sources = [*self.method.parameters(), *self.method.buffers(), *_flat(batches)]
+        with CountSyncs(sources) as c:
+            out = backward(self, batches, *a, **k)
+        inside.append(c.count)
+        return out
+
+    monkeypatch.setattr(stage_mod.StageRun, "_backward", counted)
+    cfg = TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "run"), arch="unet", encoder="resnet18",
+                      encoder_weights="none", domains="scanner", steps=2, batch_size=2, accumulate=2, val_fraction=0.0,
+                      device="cpu", workers=0, method=method, hparams={"anneal": 0} if method == "fishr" else {})
+    Trainer(cfg).run()
+    assert len(inside) == 4 and inside == [0, 0, 0, 0]
+
+
+def test_macenko_angle_percentiles_of_the_batch_are_each_images_own():
+    """One sort for the batch gives what torchstain's per-image percentile gives (the loop it replaced)."""
+    from histodg.model.stain import masked_percentiles
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(6, 999, generator=g)
+    mask = torch.rand(6, 999, generator=g) < torch.linspace(0.05, 1, 6).unsqueeze(1)
+    mask[0, :] = False
+    mask[0, :51] = True  # n = 51: q (n - 1) = 0.5, rounded half to even
+    lo, hi = masked_percentiles(values, mask, (0.01, 0.99))
+    for i in range(6):
+        p = values[i][mask[i]]
+        assert lo[i] == p.kthvalue(1 + round(0.01 * (p.numel() - 1))).values
+        assert hi[i] == p.kthvalue(1 + round(0.99 * (p.numel() - 1))).values
+
+
+def test_binding_a_gpu_sets_it_current_and_lets_cudnn_pick_for_the_fixed_window(monkeypatch):
+    from histodg.device import bind_device
+
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(str(d)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    bind_device("cpu")
+    bind_device("auto")
+    assert bound == [] and torch.backends.cudnn.benchmark is False
+    bind_device("cuda:1")
+    assert bound == ["cuda:1"] and torch.backends.cudnn.benchmark is True
+
+
+def test_checkpoints_get_detached_cpu_tensors_whatever_device_they_came_from():
+    """`histodg adapt` saved its model's state as it was (CUDA tensors on a GPU): `plain_data` moves every tensor."""
+    from histodg.model.safe_load import plain_data
+
+    class Elsewhere(torch.Tensor):  # a tensor that says where it is, as a CUDA one would
+        moved = False
+
+        def cpu(self, *a, **k):
+            Elsewhere.moved = True
+            return torch.Tensor(self)
+
+    w = torch.ones(3, requires_grad=True)
+    out = plain_data({"model_state": {"w": w * 2, "far": torch.zeros(2).as_subclass(Elsewhere)}})
+    assert not out["model_state"]["w"].requires_grad and Elsewhere.moved

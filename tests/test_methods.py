@@ -16,6 +16,7 @@ from histodg.training.augment import hed_jitter
 from histodg.training.methods import METHODS, SegTask, parse_hparams
 from histodg.training.methods.fishr import head_sample_grads
 from histodg.training.methods.ops import class_sums
+from histodg.training.stage import plain_logs
 
 NORM = Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
@@ -103,7 +104,7 @@ def _loss_and_grads(name, hp, batches, seed=5):
     loss, logs = method.loss(batches)
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     method.close()
-    return float(loss.detach()), logs, torch.cat([g.flatten() for g in grads])
+    return float(loss.detach()), plain_logs(logs), torch.cat([g.flatten() for g in grads])
 
 
 @pytest.mark.parametrize("name", sorted(OWN_TERM))
@@ -184,7 +185,7 @@ def test_a_pooled_step_has_the_gradient_of_one_batch_k_times_larger():
     for batches in micro:  # what the loop does: each micro-batch's loss / K, backward
         loss, log = pooled.loss(batches)
         (loss / k).backward()
-        logs.append(log)
+        logs.append(plain_logs(log))
     pooled_grads = _grads(model).clone()
     model.zero_grad()
     single = make("sds", model, shallow=False)
@@ -192,6 +193,7 @@ def test_a_pooled_step_has_the_gradient_of_one_batch_k_times_larger():
     model.eval()
     loss, ref = single.loss(big)
     loss.backward()
+    ref = plain_logs(ref)
     for log in logs:  # every micro-batch aligns on the pooled statistics
         assert log["grad_align"] == pytest.approx(ref["grad_align"], rel=1e-4)
         assert log["feat_align"] == pytest.approx(ref["feat_align"], rel=1e-4)
@@ -215,11 +217,11 @@ def test_the_pass_without_gradients_changes_neither_batchnorm_nor_randomness():
     torch.manual_seed(11)
     sds.begin_step(micro)
     assert all(torch.equal(before[k], v) for k, v in model.named_buffers())  # running stats untouched
-    first = sds.loss(micro[0])[1]["seg"]
+    first = float(sds.loss(micro[0])[1]["seg"])
     sds._step = None  # the same micro-batch again, from the same random state, without pooling
     model.load_state_dict({**model.state_dict(), **before})
     torch.manual_seed(11)
-    assert sds.loss(micro[0])[1]["seg"] == pytest.approx(first, rel=1e-6)  # the same draws as the pass without gradients
+    assert float(sds.loss(micro[0])[1]["seg"]) == pytest.approx(first, rel=1e-6)  # the same draws as the pass without gradients
     sds.close()
 
 
@@ -274,7 +276,7 @@ def test_switching_a_part_off_removes_exactly_its_term():
         m.train()
         loss, logs = m.loss(batches)
         m.close()
-        return float(loss.detach()), logs
+        return float(loss.detach()), plain_logs(logs)
 
     full, logs = run(feat_align=0.7, grad_align=0.3)
     no_feat, _ = run(feat_align=0.0, grad_align=0.3)
@@ -375,6 +377,7 @@ def test_fishr_follows_domainbed_schedule_and_resumes():
     resets = []
     for step in range(10):
         loss, logs = fishr.loss(batches)
+        logs = plain_logs(logs)
         expected = logs["seg"] + (1000 * logs["fishr"] if step >= 6 else 0.0)
         assert float(loss.detach()) == pytest.approx(expected, rel=1e-4), step
         resets.append(fishr.end_of_step())

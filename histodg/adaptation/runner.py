@@ -271,4 +271,7 @@ def _shift_reference(model, normalizer, source_refs, target_refs, target_domain:
         name = s.attrs.scanner if s.attrs.scanner != UNKNOWN else s.attrs.organ
         train.setdefault(name if name != UNKNOWN else "source", []).append(Part(s, 0, s.n))
     train[target_domain] = [Part(s, 0, s.n) for s in target_refs]
-    return shift_reference(model, normalizer, [SimpleNamespace(train=train)], device, domain_bn=mc.domain_bn)
+    from ..device import resolve_placement
+
+    return shift_reference(model, normalizer, [SimpleNamespace(train=train)], device, domain_bn=mc.domain_bn,
+                           placement=resolve_placement(device))  # under predict's autocast on this device

@@ -53,8 +53,8 @@ def read_torch_file(path, error: type[HistodgError] = HistodgError, what: str = 
 
 
 def plain_data(value):
-    """`value` with every numpy array and scalar made plain (lists, ints, floats, bools), so that
-    `read_torch_file` reads it back: what histodg puts into a checkpoint besides tensors."""
+    """`value` with every numpy array and scalar made plain (lists, ints, floats, bools) and every
+    tensor detached onto the CPU, so that `read_torch_file` reads it back on any machine."""
     if isinstance(value, dict):
         return {k: plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -62,4 +62,6 @@ def plain_data(value):
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
+    if isinstance(value, torch.Tensor):  # a model's state as it is on a GPU: saved on the CPU, without its graph
+        return value.detach().cpu()
     return value

@@ -142,11 +142,7 @@ class StainNormalizer:
         vecs = vecs[:, :, [1, 2]]  # (B, 3, 2): the two largest
         t = vecs.transpose(1, 2) @ od  # (B, 2, N)
         phi = torch.atan2(t[:, 1], t[:, 0])
-        lo, hi = torch.empty(b, device=od.device), torch.empty(b, device=od.device)
-        for i in range(b):  # torchstain's percentile: the k-th value, no interpolation
-            p = phi[i][mask[i]]
-            lo[i] = p.kthvalue(1 + round(ALPHA / 100 * (p.numel() - 1))).values
-            hi[i] = p.kthvalue(1 + round((1 - ALPHA / 100) * (p.numel() - 1))).values
+        lo, hi = masked_percentiles(phi, mask, (ALPHA / 100, 1 - ALPHA / 100))
         v_min = vecs @ torch.stack([torch.cos(lo), torch.sin(lo)], 1).unsqueeze(2)  # (B, 3, 1)
         v_max = vecs @ torch.stack([torch.cos(hi), torch.sin(hi)], 1).unsqueeze(2)
         first = (v_min[:, 0] > v_max[:, 0]).view(b, 1, 1)  # haematoxylin first (torchstain's heuristic)
@@ -166,6 +162,19 @@ class StainNormalizer:
         mu, sd = scaled.mean(2, keepdim=True), scaled.std(2, keepdim=True)
         out = (scaled - mu) / sd * self.stds.view(1, 3, 1) + self.means.view(1, 3, 1)
         return (lab_to_rgb((out - shift) / scale) * 255).clamp(0, 255).floor()
+
+
+def masked_percentiles(values: torch.Tensor, mask: torch.Tensor, qs) -> list[torch.Tensor]:
+    """Per row of (B, N) `values`, torchstain's percentile of the entries where `mask` is true: the
+    k-th smallest, k = 1 + round(q (n - 1)), no interpolation; one sort for the whole batch, on the
+    device (a loop over images would wait for the GPU once per image)."""
+    ordered = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(dim=1).values
+    n = mask.sum(1).to(torch.float64)
+    out = []
+    for q in qs:
+        k = torch.round(q * (n - 1)).long().clamp(min=0)  # half to even, as Python's round
+        out.append(ordered.gather(1, k.unsqueeze(1)).squeeze(1))
+    return out
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

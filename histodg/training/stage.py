@@ -115,10 +115,10 @@ class StageRun:
                 continue
             with autocast(self.rt.placement):  # the same precision as the losses that follow
                 self.method.begin_step(step)  # every micro-batch of the step, before their losses
-            for k, batches in enumerate(step):
-                loss, logs = self._backward(batches, last_micro=k == len(step) - 1)
-                losses.append(float(logs.get("loss", loss.item())))
+            done = [self._backward(batches, last_micro=k == len(step) - 1) for k, batches in enumerate(step)]
             step = []
+            step_losses, logs = self._read_step(done)  # the step's one wait for the device
+            losses.extend(step_losses)
             self._optimizer_step()
             if on_step:
                 on_step({"stage": self.stage.index + 1, "epoch": epoch + 1, "step": self.st.global_step,
@@ -149,10 +149,24 @@ class StageRun:
         with sync:
             with autocast(self.rt.placement):
                 loss, logs = self.method.loss(batches)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(logs)
             (loss / self.cfg.accumulate).backward()
-        return loss, logs
+        return loss.detach(), logs
+
+    def _read_step(self, done: list) -> tuple[list[float], dict]:
+        """The losses of a step's micro-batches and the last one's logs as numbers: one host sync
+        per optimizer step (not one per micro-batch, which would stall the GPU's queue). A loss that
+        is not finite on any rank stops the run before the optimizer steps (NonFiniteLoss, with
+        that micro-batch's logs), every rank alike."""
+        values = torch.stack([loss.float() for loss, _ in done])
+        finite = torch.isfinite(values).all().to(torch.int32)
+        if self.rt.world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        numbers = values.tolist()
+        if not bool(finite):
+            bad = next((i for i, v in enumerate(numbers) if not math.isfinite(v)), len(done) - 1)
+            raise NonFiniteLoss(plain_logs(done[bad][1]))
+        logs = [plain_logs(lg) for _, lg in done]
+        return [float(lg.get("loss", v)) for v, lg in zip(numbers, logs)], logs[-1]
 
     def _optimizer_step(self) -> None:
         self.optimizer.step()
@@ -161,6 +175,11 @@ class StageRun:
         if self.method.end_of_step():  # the method asks for fresh moment estimates (Fishr's penalty starts)
             self.optimizer.state.clear()
         self.st.global_step += 1
+
+
+def plain_logs(logs: dict) -> dict:
+    """A method's logs with its tensors as numbers: 0-d as float, 1-d (per domain) as lists."""
+    return {k: (v.tolist() if v.ndim else float(v)) if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
 
 
 class NonFiniteLoss(Exception):

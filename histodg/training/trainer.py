@@ -220,26 +220,43 @@ class Trainer:
 
     def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:
         """The training domains' description (`model.shift`) into best.pt and, for the final
-        weights, into the model config last.pt gets; best.pt's own weights when they differ."""
+        weights, into the model config last.pt gets; best.pt's own weights when they differ.
+        Every rank describes its share of the stores (`shift_reference(rt=...)`); rank 0 writes."""
         norm = self.model_config.normalization
         normalizer = Normalizer(norm.mean, norm.std, rt.device, rt.placement.channels_last, norm.stain)
         slots = self.model_config.domain_bn
-        final = shift_reference(model, normalizer, stages, rt.device, domain_bn=slots)
+
+        def describe(net):
+            return shift_reference(net, normalizer, stages, rt.device, domain_bn=slots, placement=rt.placement, rt=rt)
+
+        net = getattr(model, "module", model)
+        if rt.world > 1:  # rank 0's BatchNorm statistics (what it saves) on every rank: each rank's own last batch moved its own
+            for buf in net.buffers():
+                torch.distributed.broadcast(buf, src=0)
+        final = describe(model)
         best_path = self.out / "best.pt"
-        if best_path.exists():
+        best, other_weights = None, None
+        if rt.main and best_path.exists():
             best = load_checkpoint(best_path)
-            net = getattr(model, "module", model)
             current = net.state_dict()
-            if all(torch.equal(v, current[k].detach().cpu()) for k, v in best["model_state"].items()):
-                ref = final
-            else:
-                other = copy.deepcopy(net)
-                other.load_state_dict(best["model_state"])
-                ref = shift_reference(other, normalizer, stages, rt.device, domain_bn=slots)
+            if not all(torch.equal(v, current[k].detach().cpu()) for k, v in best["model_state"].items()):
+                other_weights = best["model_state"]
+        if rt.world > 1:  # rank 0's answer (and best.pt's weights) to every rank: no shared disk needed
+            box = [other_weights]
+            torch.distributed.broadcast_object_list(box, src=0)
+            other_weights = box[0]
+        ref = final
+        if other_weights is not None:
+            other = copy.deepcopy(net)
+            other.load_state_dict(other_weights)
+            ref = describe(other)
+        self.model_config = self.model_config.replace(shift=final)
+        if not rt.main:
+            return
+        if best is not None:
             best["model_config"] = self.model_config.replace(shift=ref).to_dict()
             save_checkpoint(best_path, best)
-        self.model_config = self.model_config.replace(shift=final)
-        if not best_path.exists():
+        else:
             save_checkpoint(best_path, self._payload(model, st, final=True, light=True, record=last))
 
     def _finish(self, model, stages, st: TrainState, rt: Runtime) -> dict:
@@ -248,10 +265,10 @@ class Trainer:
             gathered = [None] * rt.world
             torch.distributed.all_gather_object(gathered, checks[0])
             checks = gathered
+        last = st.history[-1] if st.history else {}
+        self._describe_domains(model, stages, rt, st, last)  # every rank: each describes its share of the stores
         if not rt.main:
             return {}
-        last = st.history[-1] if st.history else {}
-        self._describe_domains(model, stages, rt, st, last)
         result = {"run_dir": str(self.out), "stages": [s.summary() for s in stages], "epochs_run": len(st.history),
                   "global_step": st.global_step, "final": last,
                   "best_val_dice": st.best if any(s.val for s in stages) else None,

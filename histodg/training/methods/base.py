@@ -6,7 +6,7 @@
 
         def loss(self, batches):             # batches[d] = (images, masks) of domain d
             ...
-            return loss, {"loss": float(loss), "domain_losses": [...], ...}
+            return loss, {"loss": loss.detach(), "domain_losses": ..., ...}   # tensors: no host sync
 
 The loop owns everything else (optimizer, AMP, accumulation, logging, checkpoints) and tells
 the method about it through hooks: `start_stage(total_steps)` before a stage,
@@ -148,9 +148,10 @@ class Method(nn.Module):
         return x, y, sizes
 
     @staticmethod
-    def domain_losses(per_image: torch.Tensor, sizes: list[int]) -> list[float]:
-        """Each domain's mean loss (what the loop logs, and names when a loss turns NaN)."""
-        return [float(d.mean().detach()) for d in torch.split(per_image, sizes)]
+    def domain_losses(per_image: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Each domain's mean loss (what the loop logs, and names when a loss turns NaN), on the
+        device: the loop reads a step's logs once, after its last micro-batch."""
+        return torch.stack([d.mean() for d in torch.split(per_image.detach(), sizes)])
 
 
 def parse_hparams(cls, items) -> object:

@@ -20,7 +20,8 @@ def coral_penalty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared differences of the means and covariances of two (N, C) feature sets (in float32,
     also under bf16 autocast: covariances are sums of products)."""
     with float32(x.device):
-        x, y = x.float(), y.float()
+        wide = torch.promote_types(x.dtype, torch.float32)  # bf16 -> float32; float64 stays
+        x, y = x.to(wide), y.to(wide)
         mx, my = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
         cx, cy = x - mx, y - my
         cov_x = cx.t() @ cx / max(len(x) - 1, 1)
@@ -56,5 +57,5 @@ class Coral(Method):
         pairs = [(i, j) for i in range(len(per_domain)) for j in range(i + 1, len(per_domain))]
         penalty = sum(coral_penalty(per_domain[i], per_domain[j]) for i, j in pairs) / max(len(pairs), 1)
         total = seg + self.hparams.weight * penalty
-        return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "coral": float(penalty.detach()),
+        return total, {"loss": total.detach(), "seg": seg.detach(), "coral": penalty.detach(),
                        "domain_losses": self.domain_losses(per_image, sizes)}

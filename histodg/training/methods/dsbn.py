@@ -38,7 +38,7 @@ class DSBN(Method):
             logits = self.net(x)
         per_image = seg_loss(logits, y, self.task, reduction="none")
         loss = per_image.mean()
-        return loss, {"loss": float(loss.detach()), "domain_losses": self.domain_losses(per_image, sizes)}
+        return loss, {"loss": loss.detach(), "domain_losses": self.domain_losses(per_image, sizes)}
 
     def end_of_step(self) -> bool:
         sync_shared(self.model)

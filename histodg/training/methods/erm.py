@@ -13,4 +13,4 @@ class ERM(Method):
         x, y, sizes = self.concat(batches)
         per_image = seg_loss(self.net(x), y, self.task, reduction="none")
         loss = per_image.mean()
-        return loss, {"loss": float(loss.detach()), "domain_losses": self.domain_losses(per_image, sizes)}
+        return loss, {"loss": loss.detach(), "domain_losses": self.domain_losses(per_image, sizes)}

@@ -80,6 +80,7 @@ class Fishr(Method):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.anneal_at = max(self.hparams.anneal_steps, 0)
+        self._updates = self._steps = 0  # the two counters on the host: reading a buffer on a GPU waits for it
 
     def close(self) -> None:
         self.tap.remove()
@@ -88,10 +89,12 @@ class Fishr(Method):
         super().start_stage(total_steps)
         hp = self.hparams
         self.anneal_at = hp.anneal_steps if hp.anneal_steps >= 0 else int(round(hp.anneal * total_steps))
+        self._updates, self._steps = int(self.updates), int(self.steps)  # as loaded (a resume), once per stage
 
     def end_of_step(self) -> bool:
         self.steps += 1
-        return 0 < self.anneal_at == int(self.steps)  # the penalty starts: fresh optimizer moments
+        self._steps += 1
+        return 0 < self.anneal_at == self._steps  # the penalty starts: fresh optimizer moments
 
     def sample_grads(self, per_image, logits, y) -> torch.Tensor:
         if self.hparams.scope == "head":
@@ -112,13 +115,14 @@ class Fishr(Method):
         grads = self.sample_grads(per_image, logits, y)
         variances = torch.stack([g.var(0, unbiased=False) for g in torch.split(grads, sizes)])  # (D, P)
         if self.training:
-            previous = self.ema_var if int(self.updates) > 0 else torch.zeros_like(variances)
+            previous = self.ema_var if self._updates > 0 else torch.zeros_like(variances)
             averaged = hp.ema * previous + (1 - hp.ema) * variances
             self.ema_var.copy_(averaged.detach())
             self.updates += 1
+            self._updates += 1
             variances = averaged / (1 - hp.ema) if hp.ema > 0 else averaged
         penalty = ((variances - variances.mean(0, keepdim=True)) ** 2).mean(1).mean()
-        weight = hp.weight if int(self.steps) >= self.anneal_at else 0.0
+        weight = hp.weight if self._steps >= self.anneal_at else 0.0
         total = seg + weight * penalty
-        return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "fishr": float(penalty.detach()),
+        return total, {"loss": total.detach(), "seg": seg.detach(), "fishr": penalty.detach(),
                        "domain_losses": self.domain_losses(per_image, sizes)}

@@ -172,15 +172,15 @@ class SDS(Method):
         logits = self.net(self.shallow_input(x))
         per_image = seg_loss(logits, y, self.task, reduction="none")
         seg = per_image.mean()
-        logs = {"seg": float(seg.detach()), "domain_losses": self.domain_losses(per_image, sizes)}
+        logs = {"seg": seg.detach(), "domain_losses": self.domain_losses(per_image, sizes)}
         total = seg
         if self.aligns:
             own, _, _, _ = self.statistics(batches, logits)
             stats, scale = self.pooled(own)
             feat, grad = self.alignment(*stats)
-            logs["feat_align"], logs["grad_align"] = float(feat.detach()), float(grad.detach())
+            logs["feat_align"], logs["grad_align"] = feat.detach(), grad.detach()
             penalty = hp.feat_align * feat + hp.grad_align * grad
-            logs["loss"] = float((seg + penalty).detach())  # the step's objective; the gradient is scaled
+            logs["loss"] = (seg + penalty).detach()  # the step's objective; the gradient is scaled
             return total + scale * penalty, logs
-        logs["loss"] = float(total.detach())
+        logs["loss"] = total.detach()
         return total, logs
