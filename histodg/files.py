@@ -47,6 +47,7 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
     `tmp` is `new_temporary(path)`: a file of this process, never a planted link; the rename
     replaces a link at `path` itself, never its target."""
     path = Path(path)
+    _sweep(path)
     tmp = new_temporary(path)
     try:
         write(tmp)
@@ -55,6 +56,24 @@ def atomic_write(path, write: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+STALE_TEMPORARY_S = 3600  # a temporary of `atomic_write` this old was left by a killed process
+
+
+def _sweep(path: Path) -> None:
+    """Remove what killed writers of `path` left (`.NAME.tmp-*.EXT` older than an hour), so that a
+    folder written again and again after interruptions does not fill with model-sized temporaries."""
+    import glob
+    import time
+
+    pattern = f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"
+    for old in path.parent.glob(pattern):
+        try:
+            if time.time() - old.lstat().st_mtime > STALE_TEMPORARY_S:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def append_text(path, text: str) -> None:

@@ -10,8 +10,11 @@ if the name exists), so a crash can never leave an empty or half-written lock. A
 holder is dead is taken over; one that cannot be read (left by histodg before 0.2, or damaged)
 is taken over once it is older than `UNREADABLE_GRACE_S`. Another host's holder is assumed alive.
 
-`run_lock(folder, error)` is the form the one-folder commands use (`train`, `adapt`, `synth`,
-`evaluate --json-out`): a held lock is refused with one line naming the holder.
+`run_lock(folder, error)` is the form the one-folder commands use (`train`, `train --cv`, `adapt`,
+`synth`; `evaluate` writes no files): a held lock is refused with one line naming the holder.
+The commands release their locks on SIGTERM too (`cli.stop_cleanly_on_sigterm`); a lock left on
+another host by a process killed outright stays until deleted by hand (histodg cannot see
+whether that process still runs).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from . import HistodgError
-from .files import new_temporary
+from .files import NO_FOLLOW, new_temporary
 
 UNREADABLE_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written by older histodg
 
@@ -97,15 +100,29 @@ def _age(path: Path) -> float:
 
 
 def create(lock: Path, holder: dict) -> bool:
-    """Put `holder` at `lock` whole, or return False when the name is taken."""
+    """Put `holder` at `lock` whole, or return False when the name is taken. Where the filesystem
+    has no hard links (exFAT drives, object-store mounts) the lock is created exclusively and then
+    written: a crash in between leaves it unreadable, which heals after `UNREADABLE_GRACE_S`."""
     tmp = new_temporary(lock)
     try:
         tmp.write_text(json.dumps(holder))
         os.link(tmp, lock)
     except FileExistsError:
         return False
+    except OSError:  # EPERM / ENOTSUP / EOPNOTSUPP: no hard links here
+        return _create_in_place(lock, holder)
     finally:
         tmp.unlink(missing_ok=True)
+    return True
+
+
+def _create_in_place(lock: Path, holder: dict) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY | NO_FOLLOW, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(holder))
     return True
 
 
@@ -140,6 +157,13 @@ def _take_over(out: Path, lock: Path, mine: dict) -> dict:
     return holder or {"unreadable": True}
 
 
+def lock_path(out: Path) -> Path:
+    """`<out>.lock` beside the output, named from its resolved path: `-o .` or `-o runs/../a` name the
+    same lock as its plain spelling; the filesystem's root has its lock inside."""
+    where = Path(out).resolve()
+    return where.with_name(where.name + ".lock") if where.name else where / ".histodg.lock"
+
+
 @contextmanager
 def output_lock(out):
     """Hold `<out>.lock` while this process writes `out`, so that two processes (an overlapping
@@ -147,7 +171,7 @@ def output_lock(out):
     holder taken over from (`{"unreadable": True}` for a damaged lock), or None. Removed at the
     end if still this process's."""
     out = Path(out)
-    lock = out.with_name(out.name + ".lock")
+    lock = lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
     mine = me()
     stale = None if create(lock, mine) else _take_over(out, lock, mine)

@@ -83,11 +83,8 @@ def _turn(out_dir: Path):
 
     The empty lock file stays behind on purpose: removing it would let a process that still waits
     on the old file and one that opens a new file both hold "the" lock at once."""
-    lock = out_dir / ".summary.lock"
-    try:  # never through a link planted at that name
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
-    except OSError as exc:
-        raise HistodgError(lock, f"cannot be opened ({exc.strerror}); a link there is refused: remove it") from None
+    # never through a link planted at that name (ELOOP); an OSError here is the summary's, not the batch's
+    fd = os.open(out_dir / ".summary.lock", os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
     with os.fdopen(fd, "r+") as f:
         fcntl.lockf(f, fcntl.LOCK_EX)
         try:

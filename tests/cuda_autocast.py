@@ -36,12 +36,16 @@ CUDA_FP32 = {  # run in float32 on CUDA
 CUDA_LOWER_ONLY = {"einsum", "mv", "addmv", "addr", "multi_dot", "chain_matmul"}  # lowered on CUDA, not on CPU
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every tensor in a nest of lists, tuples and dicts (a call's arguments, its result)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors(o)
+            yield from tensors_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from tensors_in(o)
 
 
 def _cast(obj, dtype):
@@ -64,7 +68,7 @@ class CudaAutocastRules(TorchFunctionMode):
             return func(*args, **kwargs)
         self.under_autocast += 1
         name = getattr(func, "__name__", "").removeprefix("linalg_")  # torch.linalg.eigh is "linalg_eigh"
-        bf16 = any(t.dtype == torch.bfloat16 for t in _tensors((args, list(kwargs.values()))))
+        bf16 = any(t.dtype == torch.bfloat16 for t in tensors_in((args, kwargs)))
         if name in NO_BF16_KERNEL and bf16:
             self.refused.append(name)
             raise RuntimeError(f'"{name}" not implemented for \'BFloat16\' (CUDA autocast, emulated on the CPU)')

@@ -118,3 +118,29 @@ def test_the_ranks_share_the_domain_description_and_it_is_the_one_process_one(st
     norm = mc.normalization
     alone = shift_reference(model, Normalizer(norm.mean, norm.std, "cpu"), stages, torch.device("cpu"))
     assert mc.shift == alone and set(alone["domains"]) == {"s1", "s2"} and alone["precision"] == "float32"
+
+
+def test_a_locked_run_folder_stops_every_rank_not_only_rank_0(stores, tmp_path):
+    """Rank 0 alone takes the lock; its refusal must reach the others, which would wait at a barrier for ever."""
+    import socket
+
+    from histodg.locks import _boot_id, _start_time
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "start": _start_time(sleeper.pid), "boot": _boot_id()}
+        (tmp_path / "run.lock").write_text(json.dumps(holder))
+        proc = torchrun(stores, "-o", tmp_path / "run", *ARGS, "--method", "erm", "--steps", "2", wait=False)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert proc.returncode != 0
+    assert err.count(f"pid {sleeper.pid}): wait for it to finish, or write elsewhere") == 2  # both ranks said why
+
+
+def test_a_ddp_timeout_that_is_no_number_is_one_line(cli, stores, tmp_path, monkeypatch):
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "HISTODG_DDP_TIMEOUT_MIN": "2h"}.items():
+        monkeypatch.setenv(k, v)
+    r = cli("train", stores, "-o", tmp_path / "run", *ARGS, "--method", "erm", "--steps", "1")
+    assert r.exit_code == 1 and r.stderr.strip() == "error: HISTODG_DDP_TIMEOUT_MIN: '2h' is not a number of minutes above 0"

@@ -113,7 +113,7 @@ def test_host_copies_record_their_event_on_the_stream_of_their_own_device(monkey
 
 
 # -- CUDA's autocast policy ----------------------------------------------------------------------------
-from cuda_autocast import cuda_autocast_rules  # noqa: E402
+from cuda_autocast import cuda_autocast_rules, tensors_in  # noqa: E402
 
 from helpers import make_domains  # noqa: E402
 from histodg.training.methods import METHODS  # noqa: E402
@@ -195,34 +195,23 @@ def test_the_coral_penalty_is_float32_under_autocast():
 SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}  # wait for a GPU
 
 
-def _flat(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _flat(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _flat(o)
-
-
 class CountSyncs(TorchFunctionMode):
     """Counts reads of values that would live on the GPU: what derives from the model's parameters
     and buffers or the batch (taint tracking); a coin drawn on the CPU generator is no GPU sync."""
 
     def __init__(self, sources):
         super().__init__()
-        self.device = {id(t): t for t in _flat(list(sources))}  # held, so that no id is reused meanwhile
+        self.device = {id(t): t for t in tensors_in(list(sources))}  # held, so that no id is reused meanwhile
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        on_device = any(id(t) in self.device for t in _flat((args, kwargs)))
+        on_device = any(id(t) in self.device for t in tensors_in((args, kwargs)))
         if on_device and getattr(func, "__name__", "") in SYNCS:
             self.count += 1
         out = func(*args, **kwargs)
         if on_device:
-            self.device.update((id(t), t) for t in _flat(out))
+            self.device.update((id(t), t) for t in tensors_in(out))
         return out
 
 
@@ -237,7 +226,7 @@ def test_a_micro_batch_never_waits_for_the_device(method, stores, tmp_path, monk
     inside, backward = [], stage_mod.StageRun._backward
 
     def counted(self, batches, *a, **k):
-        sources = [*self.method.parameters(), *self.method.buffers(), *_flat(batches)]
+        sources = [*self.method.parameters(), *self.method.buffers(), *tensors_in(batches)]
         with CountSyncs(sources) as c:
             out = backward(self, batches, *a, **k)
         inside.append(c.count)

@@ -390,3 +390,97 @@ def test_a_file_that_is_no_pickle_is_unreadable_not_refused(tmp_path):
     (tmp_path / "bad.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_checkpoint_pickled_under_numpy_1_still_loads(tmp_path):
+    """numpy 1 names its constructors `numpy.core.multiarray.*`, numpy 2 `numpy._core...`: a file keeps the writer's."""
+    import zipfile
+
+    ck = tiny_checkpoint(tmp_path / "ck.pt")
+    payload = torch.load(ck, weights_only=True)
+    payload["best"] = np.float64(0.5)
+    payload["rng"] = {"numpy": np.random.get_state()}
+    torch.save(payload, ck)
+    old = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(ck) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    back = load_checkpoint(old)
+    assert back["best"] == 0.5 and back["rng"]["numpy"][1].shape == (624,)
+
+
+def test_fold_folders_an_earlier_histodg_made_under_the_plain_name_are_kept(tmp_path):
+    from histodg.training.crossval import fold_folders
+
+    (tmp_path / "cv" / "Aperio GT450").mkdir(parents=True)  # made by histodg before fold names were made safe
+    assert fold_folders(["Aperio GT450", "Zürich", ".."], tmp_path / "cv") == {
+        "Aperio GT450": "Aperio GT450", "Zürich": "Z_rich", "..": "domain"}
+
+
+def test_the_lock_of_dot_is_named_from_the_resolved_folder(tmp_path, monkeypatch):
+    from histodg.locks import lock_path, output_lock
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert lock_path(Path(".")) == tmp_path / "run.lock" == lock_path(tmp_path / "x" / ".." / "run")
+    assert lock_path(Path("/")) == Path("/.histodg.lock")
+    with output_lock(Path(".")):
+        assert (tmp_path / "run.lock").is_file()
+
+
+def test_a_filesystem_without_hard_links_still_gets_whole_locks(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import histodg.locks as locks
+
+    def no_links(*a):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(locks.os, "link", no_links)
+    with locks.output_lock(tmp_path / "a.zarr") as stale:
+        assert stale is None and json.loads((tmp_path / "a.zarr.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(locks.Locked):
+            with locks.output_lock(tmp_path / "a.zarr"):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temporaries_killed_writers_left_are_swept_by_the_next_write(tmp_path):
+    import os
+    import time
+
+    from histodg.files import write_json_atomic
+
+    old, fresh = tmp_path / ".done.tmp-dead0001.json", tmp_path / ".done.tmp-live0001.json"
+    old.write_text("{")
+    fresh.write_text("{")  # a write still going on in another process: kept
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    write_json_atomic(tmp_path / "done.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".done.tmp-live0001.json", "done.json"]
+
+
+def test_sigterm_ends_a_run_through_its_finally_and_leaves_no_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stores = make_domains(tmp_path / "stores", organs=("colon",), scanners=("s1", "s2"), stores_per_domain=1, n=4)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "histodg", "train", stores, "-o", run, *TRAIN[:-2], "--steps", "400", "--domains", "scanner"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "run.lock").exists()
+    proc.send_signal(signal.SIGTERM)  # Slurm's time limit, scancel
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped (SIGTERM); rerun the same command to resume" in err
+    assert "Traceback" not in err and not (tmp_path / "run.lock").exists()

@@ -21,12 +21,23 @@ from .. import HistodgError, __version__
 from .options import CONTEXT, fail_line
 
 
+class Terminated(Exception):
+    """SIGTERM (Slurm's time limit, `scancel`, torchrun stopping its ranks): unwind like Ctrl-C."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 class Group(click.Group):
     """Turn library errors into one line and exit 1; never a traceback for bad input."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Terminated:  # locks released and temporaries removed on the way out (their `finally`s ran)
+            fail_line("stopped (SIGTERM); rerun the same command to resume")
+            sys.exit(143)
         except HistodgError as exc:
             fail_line(str(exc))
             sys.exit(1)
@@ -51,6 +62,17 @@ def main():
     """
     quiet_readers()
     names_as_bytes()
+    stop_cleanly_on_sigterm()
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does, through every `finally`: a batch job stopped by
+    its time limit leaves no lock behind that would hold up the requeued job on another node."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def names_as_bytes() -> None:

@@ -26,26 +26,42 @@ from .. import HistodgError, exc_line
 
 def _numpy_values() -> list:
     """The numpy globals a checkpoint of histodg before 0.2 may name: array and scalar
-    reconstruction and their dtypes (values only; no callable that acts)."""
+    reconstruction and their dtypes (values only; no callable that acts), under numpy 2's names
+    and numpy 1's (`numpy.core`), since a file keeps the names of the numpy that wrote it."""
     core = getattr(np, "_core", None) or np.core
-    multiarray = core.multiarray
+    rebuild, scalar = core.multiarray._reconstruct, core.multiarray.scalar
     dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
-    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+    spelled = [(f, f"{mod}.multiarray.{name}") for f, name in ((rebuild, "_reconstruct"), (scalar, "scalar"))
+               for mod in ("numpy.core", "numpy._core")]
+    return [np.ndarray, np.dtype, *dtypes, *spelled]
+
+
+_ALLOWED = False
+
+
+def _allow_numpy_values() -> None:
+    """Put numpy's value constructors on torch's allowlist, once per process (`safe_globals` as a
+    context would change the process-wide list for the time of each load, racing other threads)."""
+    global _ALLOWED
+    if not _ALLOWED:
+        torch.serialization.add_safe_globals(_numpy_values())
+        _ALLOWED = True
 
 
 def read_torch_file(path, error: type[HistodgError] = HistodgError, what: str = "PyTorch file"):
     """`torch.load(path)` as data (CPU tensors); `error(path, reason)` for a file that is not a
     readable `what` or that would run code."""
+    _allow_numpy_values()
     try:
-        with torch.serialization.safe_globals(_numpy_values()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found:
             raise error(path, f"refused: the file names Python code or objects ({found.group(1)}), not only tensors and "
                               f"plain data; a model file from elsewhere could run code when loaded, so histodg reads "
-                              f"data only") from None
+                              f"data only (if you trust its source, save its tensors alone: torch.save(state_dict, "
+                              f"'weights.pt'))") from None
         why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # e.g. "Unsupported operand 110": not a pickle of data
         raise error(path, f"not a readable {what} ({why.group(1)[:120] if why else exc_line(exc, 120)})") from None
     except Exception as exc:

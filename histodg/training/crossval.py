@@ -62,7 +62,7 @@ def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fo
         base = cfg.replace(pretrain=None, finetune=None, domains=cfg.finetune,
                            encoder_weights=str(out / "cv" / "_pretrain" / "last.pt"))
     folds = {}
-    for name, folder in fold_folders(names).items():
+    for name, folder in fold_folders(names, out / "cv").items():
         fold_cfg = base.replace(out_dir=str(out / "cv" / folder), val_domains=tuple(cfg.val_domains) + (name,), cv=False)
         result = _run_once(fold_cfg, resume, overwrite, callbacks)
         scores = result["final"]["heldout"]["domains"][name]
@@ -79,12 +79,18 @@ def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fo
     return summary
 
 
-def fold_folders(names: list[str]) -> dict[str, str]:
+def fold_folders(names: list[str], cv_dir: Path | None = None) -> dict[str, str]:
     """Each domain's fold folder under RUN_DIR/cv: its name made a safe path component (domain
     names come from store attributes and manifests, so `../x` or `/abs` must not leave the run
-    folder), `_pretrain` kept for the pretraining stage, and names that clash numbered."""
+    folder), `_pretrain` kept for the pretraining stage, and names that clash numbered. A fold
+    folder an earlier histodg made under the name as it was (`cv/Aperio GT450`) is kept, when
+    that name is one plain folder name, so `--resume` finds its finished folds."""
     folders: dict[str, str] = {}
     for name in names:
+        plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+        if cv_dir is not None and plain and (cv_dir / name).is_dir() and not (cv_dir / name).is_symlink():
+            folders[name] = name
+            continue
         base = safe_name(name, "domain")
         folder, k = base, 2
         while folder in folders.values():  # never `_pretrain`: safe_name strips leading `_`

@@ -50,10 +50,36 @@ def resolve_runtime(cfg, error) -> Runtime:
     device = resolve_device(cfg.device, cfg.out_dir, error, local_rank=local if world > 1 else None)
     bind_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        minutes = float(os.environ.get("HISTODG_DDP_TIMEOUT_MIN", DDP_TIMEOUT_MIN))
+        text = os.environ.get("HISTODG_DDP_TIMEOUT_MIN", str(DDP_TIMEOUT_MIN))
+        try:
+            minutes = float(text)
+            if not minutes > 0:
+                raise ValueError
+        except ValueError:
+            raise error("HISTODG_DDP_TIMEOUT_MIN", f"{text!r} is not a number of minutes above 0") from None
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(minutes=minutes))
     return Runtime(resolve_placement(device, cfg.amp, cfg.channels_last), rank, world, local)
+
+
+def on_rank0(rt: Runtime, work, error):
+    """`work()` on rank 0, its result handed to every rank; a `HistodgError` there is raised on every
+    rank as `error(path, reason)`, so that no rank waits at a collective the others never reach."""
+    from .. import HistodgError
+
+    result, failed = None, None
+    if rt.main:
+        try:
+            result = work()
+        except HistodgError as exc:
+            failed = (exc.path, exc.reason)
+    if rt.world > 1:
+        box = [(result, failed)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, failed = box[0]
+    if failed:
+        raise error(*failed)
+    return result
 
 
 def end_process_group() -> None:

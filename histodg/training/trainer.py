@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from .shift_reference import shift_reference
 from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
 from .stain_reference import stain_reference
-from .state import Runtime, TrainState, all_rng_states, params_checksum, resolve_runtime
+from .state import Runtime, TrainState, all_rng_states, on_rank0, params_checksum, resolve_runtime
 from .validation import score_domains
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json", "curves.png")
@@ -125,7 +125,9 @@ class Trainer:
             normalization=Normalization(stain=stain),
             domain_bn=list(stages[-1].domain_names) if cfg.method == "dsbn" else None)
         # one writer per run folder: a second `histodg train` into it is refused while this one runs
-        with run_lock(self.out, TrainError, self.cb.on_note) if rt.main else nullcontext():
+        # (rank 0 holds the lock; a refusal reaches every rank)
+        with ExitStack() as held:
+            on_rank0(rt, lambda: held.enter_context(run_lock(self.out, TrainError, self.cb.on_note)), TrainError)
             return self._run_in_folder(model, task, stores, stages, rt)
 
     def _run_in_folder(self, model, task, stores, stages, rt: Runtime) -> dict:
@@ -235,16 +237,18 @@ class Trainer:
                 torch.distributed.broadcast(buf, src=0)
         final = describe(model)
         best_path = self.out / "best.pt"
-        best, other_weights = None, None
-        if rt.main and best_path.exists():
-            best = load_checkpoint(best_path)
+        loaded = []  # rank 0: best.pt, to write its description into
+
+        def best_weights():  # best.pt's weights when they are not the final ones
+            if not best_path.exists():
+                return None
+            loaded.append(load_checkpoint(best_path))
             current = net.state_dict()
-            if not all(torch.equal(v, current[k].detach().cpu()) for k, v in best["model_state"].items()):
-                other_weights = best["model_state"]
-        if rt.world > 1:  # rank 0's answer (and best.pt's weights) to every rank: no shared disk needed
-            box = [other_weights]
-            torch.distributed.broadcast_object_list(box, src=0)
-            other_weights = box[0]
+            same = all(torch.equal(v, current[k].detach().cpu()) for k, v in loaded[0]["model_state"].items())
+            return None if same else loaded[0]["model_state"]
+
+        other_weights = on_rank0(rt, best_weights, TrainError)  # to every rank: no shared disk needed
+        best = loaded[0] if loaded else None
         ref = final
         if other_weights is not None:
             other = copy.deepcopy(net)
