@@ -40,7 +40,7 @@ import numpy as np
 from ..constants import TUMOR_CLASS, UNKNOWN
 from ..files import atomic_write, csv_cell, write_text_atomic
 from ..locks import run_lock
-from .profiles import EXTRA_PREFIX, ORGANS, scanner_profile
+from .profiles import EXTRA_PREFIX, ORGANS, SCANNERS, scanner_profile
 from .tissue import Case, render_case
 
 
@@ -222,8 +222,21 @@ def write_png(path: Path, pixels: np.ndarray, mpp: float) -> None:
 
 # -- the data set ------------------------------------------------------------------------------------
 def domains(extra_scanners=()) -> tuple[Domain, ...]:
-    """The built-in domains, and an extra held-out colon domain per extra scanner seed."""
-    return DOMAINS + tuple(Domain("scanner", "colon", f"{EXTRA_PREFIX}{int(s)}", "heldout") for s in extra_scanners)
+    """The built-in domains, and an extra held-out colon domain per extra scanner: a seed (a
+    scanner drawn at random, `scanner-x<SEED>`) or the name of a built-in opt-in one (`scanner-f`)."""
+    return DOMAINS + tuple(Domain("scanner", "colon", extra_scanner_name(s), "heldout") for s in extra_scanners)
+
+
+def extra_scanner_name(value) -> str:
+    """`7` or "7" -> scanner-x7; a built-in scanner no default domain uses (scanner-f) -> itself."""
+    text = str(value).strip()
+    if text.isdigit():
+        return f"{EXTRA_PREFIX}{int(text)}"
+    used = {d.scanner for d in DOMAINS}
+    if text in SCANNERS and text not in used:
+        return text
+    opt_in = sorted(set(SCANNERS) - used)
+    raise ValueError(f"extra scanner {text!r}: give a seed (a scanner drawn at random) or one of {', '.join(opt_in)}")
 
 
 def plan(out_dir, seed: int, cases: int, size_um: float, formats, extra_scanners=()) -> list[CaseJob]:
@@ -264,6 +277,8 @@ def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",),
     """
     out_dir = Path(out_dir)
     formats = _check_args(out_dir, seed, formats, cases, size_um, overwrite)
+    for extra in extra_scanners:
+        extra_scanner_name(extra)  # a name that is no scanner: refused before anything is removed
     with run_lock(out_dir, on_note=progress):  # one writer: a second `histodg synth` into OUT_DIR is refused
         return _make(out_dir, seed, formats, cases, size_um, progress, workers, extra_scanners)
 

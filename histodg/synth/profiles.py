@@ -63,6 +63,12 @@ SCANNERS = {
         ScannerProfile("scanner-d", mpp=0.25, stain_h=(0.72, 0.64, 0.27), stain_e=(0.05, 0.72, 0.69), stain_scale=1.25,
                        white=(247, 242, 232), vignetting=0.08, field_um=350, gradient=0.06, blur_um=0.9, gamma=0.9,
                        noise=3.5, jpeg_quality=60),
+        # held out, opt-in (`--extra-scanner scanner-f`): scanner-a's stain and white (within the training
+        # scanners'), but its optics and resolution differ: soft, astigmatic, defocused towards each
+        # field's corners, a 15% calibration error (tissue drawn at 0.575 um/px, stated 0.5), seams
+        ScannerProfile("scanner-f", mpp=0.5, stain_h=(0.60, 0.74, 0.31), stain_e=(0.18, 0.88, 0.44), stain_scale=1.05,
+                       white=(244, 243, 247), vignetting=0.03, field_um=400, gradient=0.02, blur_um=0.7, gamma=1.0,
+                       noise=2.0, jpeg_quality=70, defocus_um=0.8, astigmatism=0.3, mpp_error=0.15, seams=0.03),
     )
 }
 

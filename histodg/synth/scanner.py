@@ -4,6 +4,18 @@ Beer-Lambert in optical density with the scanner's own haematoxylin and eosin ve
 little per slide), white balance, vignetting of each camera field and a gradient across the slide,
 optical blur, sensor noise and a tone curve. JPEG quality and resolution (`mpp`) are part of the
 profile too; the writers apply the JPEG.
+
+What real scanners differ in besides colour (issue 31), each off by default, so the built-in
+scanners' pixels are what they were:
+- `defocus_um`: field curvature, the blur growing from each camera field's centre (sharp) to its
+  corners (`blur_um` + `defocus_um`), as a focus map that misses off-centre gives;
+- `astigmatism`: the blur's two axes differ (sigma x (1 + a) across, x (1 - a) down);
+- `mpp_error`: the true pixel size is `mpp` x (1 + error) while the file states `mpp`, so tissue
+  looks smaller or larger than the stated resolution says (calibration errors up to +-20%);
+- `seams`: each camera field's brightness off by up to +-`seams` (relative): tile-stitching seams.
+Ranges for a held-out optics scanner (`scanner-f`): blur and defocus within peers' blur
+augmentation (albumentations' GaussianBlur default kernel 3-7 px, sigma 0.8-1.4 px, at 0.5-1 um/px),
+astigmatism up to 0.3, a 15% calibration error (the issue's +-20%), seams of 3%.
 """
 from __future__ import annotations
 
@@ -30,12 +42,23 @@ class ScannerProfile:
     gamma: float  # tone curve exponent (1 = linear)
     noise: float  # sensor noise, 8-bit levels (sigma)
     jpeg_quality: int
+    defocus_um: float = 0.0  # extra blur sigma at the corners of each camera field (field curvature)
+    astigmatism: float = 0.0  # relative difference of the blur's two axes
+    mpp_error: float = 0.0  # the true pixel size is mpp x (1 + mpp_error); files state mpp
+    seams: float = 0.0  # each camera field's brightness off by up to this (relative)
 
     def __post_init__(self):
         if not 0.05 <= self.mpp <= 5:
             raise ValueError(f"{self.name}: mpp {self.mpp} is outside 0.05-5")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"{self.name}: JPEG quality must be 1-100")
+        if not (0 <= self.astigmatism < 1 and -0.5 < self.mpp_error < 0.5 and self.defocus_um >= 0 and 0 <= self.seams < 0.5):
+            raise ValueError(f"{self.name}: astigmatism 0-1, mpp error within +-0.5, defocus >= 0, seams 0-0.5")
+
+    @property
+    def true_mpp(self) -> float:
+        """The pixel size the tissue is drawn at (the stated `mpp`, off by `mpp_error`)."""
+        return self.mpp * (1 + self.mpp_error)
 
 
 def scan(rng, c_h: np.ndarray, c_e: np.ndarray, s: ScannerProfile) -> np.ndarray:
@@ -50,22 +73,24 @@ def scan(rng, c_h: np.ndarray, c_e: np.ndarray, s: ScannerProfile) -> np.ndarray
     scale = s.stain_scale * rng.normal(1, 0.04)
     v_h, v_e = scale * v_h / np.linalg.norm(v_h), scale * v_e / np.linalg.norm(v_e)
     # illumination: vignetting of each camera field and a slow gradient across the slide
-    field = s.field_um / s.mpp
+    mpp = s.true_mpp
+    field = s.field_um / mpp
     yy, xx = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
     fy = np.sqrt(np.clip(np.sin(np.pi * (yy % field) / field), 0, 1))
     fx = np.sqrt(np.clip(np.sin(np.pi * (xx % field) / field), 0, 1))
     gdir = rng.uniform(0, 2 * np.pi)
     illum = (1 - s.vignetting * (1 - fy[:, None] * fx[None, :])
              - s.gradient * (np.cos(gdir) * xx[None, :] / w + np.sin(gdir) * yy[:, None] / h))
+    if s.seams > 0:  # each camera field a little brighter or darker than its neighbours
+        steps = rng.uniform(-s.seams, s.seams, (int(h // field) + 1, int(w // field) + 1)).astype(np.float32)
+        illum = illum * (1 + steps[(yy // field).astype(int)][:, (xx // field).astype(int)])
     log_illum = np.log(np.clip(illum, 0.05, None)).astype(np.float32)
     # log I_k = log white_k + log illum - (c_H v_H,k + c_E v_E,k + background)
     m = np.zeros((3, 4), np.float32)
     m[:, 0], m[:, 1], m[:, 2] = -v_h, -v_e, 1
     m[:, 3] = np.log(np.asarray(s.white, np.float64)) - 0.015
     rgb = cv2.exp(cv2.transform(cv2.merge([c_h, c_e, log_illum]), m))
-    sigma = s.blur_um / s.mpp
-    if sigma > 0.1:
-        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    rgb = optics(rgb, s, field, fy, fx)
     block = 499  # sensor noise: one random block, tiled with a random offset (not in step with tiles)
     noise = rng.standard_normal((block, block, 3), dtype=np.float32) * np.float32(s.noise)
     oy, ox = rng.integers(0, block, 2)
@@ -79,3 +104,26 @@ def scan(rng, c_h: np.ndarray, c_e: np.ndarray, s: ScannerProfile) -> np.ndarray
         lut = np.clip(255 * (np.arange(256) / 255) ** (1 / s.gamma) + 0.5, 0, 255).astype(np.uint8)
         out = cv2.LUT(out, lut)
     return out
+
+
+def _blur(rgb: np.ndarray, sigma: float, astigmatism: float) -> np.ndarray:
+    if sigma <= 0.1:
+        return rgb
+    if not astigmatism:
+        return cv2.GaussianBlur(rgb, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    return cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma * (1 + astigmatism), sigmaY=sigma * (1 - astigmatism),
+                            borderType=cv2.BORDER_REFLECT)
+
+
+def optics(rgb: np.ndarray, s: ScannerProfile, field: float, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """The scanner's point-spread function: Gaussian blur (`blur_um`), anisotropic with
+    `astigmatism`, and with `defocus_um` more of it towards each camera field's corners (a blend
+    of the sharp and the defocused image by the squared distance from the field's centre, `fy`,
+    `fx` being 1 at the centre and 0 at the edges)."""
+    mpp = s.true_mpp
+    sharp = _blur(rgb, s.blur_um / mpp, s.astigmatism)
+    if s.defocus_um <= 0:
+        return sharp
+    soft = _blur(rgb, (s.blur_um + s.defocus_um) / mpp, s.astigmatism)
+    off = 1 - (fy[:, None] * fx[None, :]) ** 2  # 0 at each field's centre, 1 at its edges
+    return sharp + (soft - sharp) * off[..., None].astype(np.float32)

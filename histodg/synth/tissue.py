@@ -380,9 +380,11 @@ def paint_tissue(rng, o: OrganProfile, width: int, height: int, mpp: float):
 
 
 def render_case(organ: OrganProfile, scanner: ScannerProfile, width_um: float, height_um: float, seed) -> Case:
-    """One case of `organ` scanned by `scanner`: a section of width_um x height_um, at scanner.mpp."""
+    """One case of `organ` scanned by `scanner`: a section of width_um x height_um, at the scanner's
+    true pixel size (`true_mpp`), recorded with its stated `mpp`."""
     rng = np.random.default_rng(seed)
-    width, height = int(round(width_um / scanner.mpp)), int(round(height_um / scanner.mpp))
-    c_h, c_e, label, polygons, kind, nuclei, table = paint_tissue(rng, organ, width, height, scanner.mpp)
+    mpp = scanner.true_mpp
+    width, height = int(round(width_um / mpp)), int(round(height_um / mpp))
+    c_h, c_e, label, polygons, kind, nuclei, table = paint_tissue(rng, organ, width, height, mpp)
     rgb = scan(rng, c_h, c_e, scanner)
     return Case(rgb, label, polygons, kind, nuclei, table, scanner.mpp)
