@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""What the DG benchmark's rows do on an unseen scanner that differs in optics and resolution, not
+in stain (issue 31 §1): `scanner-f` (`histodg synth --extra-scanner scanner-f`: scanner-a's stain
+and white, blur 0.7 um growing to 1.5 um at each camera field's corners, astigmatism 0.3, a 15%
+calibration error, stitching seams, JPEG 70).
+
+    .venv/bin/python benchmarks/optics_benchmark.py --row erm --row dsbn --jobs 2   # train and score
+    .venv/bin/python benchmarks/optics_benchmark.py --tables                        # the table
+
+Each run is the DG benchmark's run of that row and seed at the learning rate its grid chose on
+training-domain validation (read from benchmarks/results/dg2-results.json: nothing here looks
+at scanner-f to choose), trained again on the DG benchmark's stores, then scored on the DG test
+set (its recorded numbers, reproduced: printed) and on 6 seed-1 cases of scanner-f tiled alike
+(`stores/test-optics`). Results: bench_out/dg2/optics.json; the raw file is kept in
+benchmarks/results/optics-results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dg_benchmark as dg  # noqa: E402
+
+OPTICS = "scanner-f"
+RECORDED = dg.REPO / "benchmarks" / "results" / "dg2-results.json"
+TILE = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+
+
+def prepare() -> Path:
+    """The DG benchmark's stores, and the scanner-f test stores from an optics synth set (seed 1)."""
+    dg.prepare_data()
+    stores = dg.OUT / "stores" / "test-optics"
+    if not (stores / "summary.json").exists():
+        synth = dg.OUT / "synth1-optics"
+        if not (synth / "manifest.csv").exists():
+            dg.histodg("synth", synth, "--seed", 1, "--cases", 6, "--extra-scanner", OPTICS, "--overwrite")
+        subset = dg._subset(synth / "manifest.csv", dg.OUT / "test-optics.csv", lambda r: r["scanner"] == OPTICS)
+        dg.histodg("tile", subset, "-o", stores, *TILE)
+    return stores
+
+
+def chosen(recorded: dict, row: dg.Row, seed: int) -> str:
+    """The learning rate the DG benchmark ran `row` at for `seed`: its grid's choice on
+    training-domain validation, or its parent's (a row without a grid of its own)."""
+    return dg.Plan(recorded).chosen_lr(row.name if row.grid else row.parent, seed)
+
+
+def run_one(row: dg.Row, seed: int, lr: str, recorded: dict, args) -> dict:
+    run_dir = dg.run_dir_of("optics", row.name, seed, lr)
+    train_args = [*row.model, *dg.COMMON, *row.args, "--seed", seed, "--lr", lr, "--device", args.device, "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.time()
+    dg.histodg("train", dg.OUT / "stores" / row.stores, "-o", run_dir, *train_args, env=env)
+    seconds = time.time() - t0
+    test = dg.score_stores(run_dir, dg.OUT / "stores" / "test", args.device)
+    optics = dg.score_stores(run_dir, dg.OUT / "stores" / "test-optics", args.device)[OPTICS]
+    before = recorded[dg.Plan.key(row, seed, lr)]["test"]
+    return {"name": row.name, "seed": seed, "lr": lr, "optics": optics, "test": test, "recorded_test": before,
+            "reproduced": test == before, "seconds": seconds, "env": dg.environment(row.stores, args.threads)}
+
+
+def table(results: dict, base: str = "erm") -> str:
+    rows: dict[str, dict[int, dict]] = {}
+    for r in results.values():
+        rows.setdefault(r["name"], {})[r["seed"]] = r
+    lines = [f"| row | seeds | {OPTICS} (optics) | Δ vs {base} [95% CI] | scanner-d (stain) | lung | reproduced |",
+             "|---|---|---|---|---|---|---|"]
+    for name, by_seed in rows.items():
+        seeds = sorted(by_seed)
+        f = np.array([by_seed[s]["optics"] for s in seeds])
+        d = np.array([by_seed[s]["test"]["scanner-d"] for s in seeds])
+        lung = np.array([by_seed[s]["test"]["lung"] for s in seeds])
+        delta = "-"
+        if name != base and base in rows:
+            paired = [s for s in seeds if s in rows[base]]
+            diffs = np.array([by_seed[s]["optics"] - rows[base][s]["optics"] for s in paired])
+            if len(diffs) > 1:
+                lo, hi = dg.bootstrap_ci(diffs)
+                delta = f"{diffs.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        se = f.std(ddof=1) / np.sqrt(len(f)) if len(f) > 1 else float("nan")
+        same = sum(by_seed[s]["reproduced"] for s in seeds)
+        lines.append(f"| {name} | {len(seeds)} | {f.mean():.3f} ± {se:.3f} | {delta} | {d.mean():.3f} | {lung.mean():.3f} "
+                     f"| {same}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--row", action="append", default=[], help="a DG benchmark row (repeatable); default erm and dsbn")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(dg.SEEDS))
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tables", action="store_true")
+    args = ap.parse_args()
+    out = dg.OUT / "optics.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.tables:
+        print(table(results))
+        return
+    recorded = json.loads(RECORDED.read_text())
+    prepare()
+    by_name = {r.name: r for r in dg.rows()}
+    todo = [(by_name[name], seed, chosen(recorded, by_name[name], seed)) for seed in args.seeds
+            for name in (args.row or ["erm", "dsbn"])]
+    todo = [t for t in todo if f"{t[0].name}|{t[1]}|{t[2]}" not in results]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, row, seed, lr, recorded, args): (row, seed, lr) for row, seed, lr in todo}
+        for fut in futures:
+            row, seed, lr = futures[fut]
+            res = fut.result()
+            results[f"{row.name}|{seed}|{lr}"] = res
+            out.write_text(json.dumps(results, indent=1))
+            print(f"{row.name} seed {seed} lr {lr}: {OPTICS} {res['optics']:.3f}  reproduced {res['reproduced']}  "
+                  f"({res['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
