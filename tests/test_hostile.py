@@ -482,5 +482,5 @@ def test_sigterm_ends_a_run_through_its_finally_and_leaves_no_lock(tmp_path):
     assert (tmp_path / "run.lock").exists()
     proc.send_signal(signal.SIGTERM)  # Slurm's time limit, scancel
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "stopped (SIGTERM); rerun the same command to resume" in err
+    assert proc.returncode == 143 and "stopped (SIGTERM); rerun the same command to resume" in err, err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "run.lock").exists()

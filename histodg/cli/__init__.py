@@ -21,8 +21,10 @@ from .. import HistodgError, __version__
 from .options import CONTEXT, fail_line
 
 
-class Terminated(Exception):
-    """SIGTERM (Slurm's time limit, `scancel`, torchrun stopping its ranks): unwind like Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM (Slurm's time limit, `scancel`, torchrun stopping its ranks): unwind like Ctrl-C. A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way turns it into
+    an ordinary error."""
 
 
 def _terminated(signum, frame):
