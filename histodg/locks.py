@@ -26,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from . import HistodgError
-from .files import NO_FOLLOW, new_temporary
+from .files import NO_FOLLOW, new_temporary, read_json
 
 UNREADABLE_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written by older histodg
 
@@ -86,8 +86,8 @@ def alive(holder: dict) -> bool:
 
 def read_lock(lock: Path) -> dict | None:
     try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError, RecursionError):
+        holder = read_json(lock)  # nesting too deep is a ValueError there
+    except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
 

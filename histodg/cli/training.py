@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
     """
     from ..device import loader_processes
     from ..training.config import TrainConfig
-    from ..training.state import end_process_group
+    from ..training.state import end_process_group, launch_rank
     from ..training.trainer import Callbacks, Trainer
     from .views import TrainView, print_cv, print_train_result
 
@@ -96,7 +95,7 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
                 workers=loader_processes() if workers is None else workers, seed=seed)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 shows progress and results
+    main = launch_rank() == 0  # under torchrun only rank 0 shows progress and results
     try:
         with TrainView() if main else nullcontext() as view:
             cbs = Callbacks(view.on_stage_start, view.on_step, view.on_epoch, view.on_note) if main else Callbacks()

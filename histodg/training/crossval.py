@@ -11,7 +11,6 @@ Finished folds (result.json present) are skipped when the command is run again.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..locks import run_lock
 from .config import TrainConfig
 from .data import load_stores
 from .splits import default_axis, group, heldout_stores
+from .state import launch_rank
 from .trainer import Callbacks, Trainer, TrainError
 
 
@@ -40,13 +40,9 @@ def run_cv(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, call
            on_fold=None) -> dict:
     """Every fold (one writer of RUN_DIR at a time: another live `--cv` run into it is refused).
     Under torchrun every rank trains every fold and rank 0 alone writes; all return the summary."""
-    main = _rank() == 0
+    main = launch_rank() == 0
     with run_lock(Path(cfg.out_dir), TrainError, callbacks and callbacks.on_note) if main else nullcontext():
         return _run_folds(cfg, resume, overwrite, callbacks, on_fold, main)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fold, main: bool) -> dict:

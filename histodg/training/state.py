@@ -34,6 +34,12 @@ class Runtime:
 DDP_TIMEOUT_MIN = 120  # HISTODG_DDP_TIMEOUT_MIN: how long a rank waits for the others (rank 0 validating, describing the domains)
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun): readable before
+    the process group starts."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_runtime(cfg, error) -> Runtime:
     """The device (one GPU per rank under torchrun: LOCAL_RANK's), AMP and channels_last of a
     training run; starts the process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1, with
@@ -42,7 +48,7 @@ def resolve_runtime(cfg, error) -> Runtime:
     import datetime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and cfg.device.startswith("cuda:"):
         raise error(f"--device {cfg.device}", "under torchrun each rank takes the GPU of its LOCAL_RANK: use --device cuda "
