@@ -123,6 +123,15 @@ def rows() -> list[Row]:
         r.append(Row("protocols", f"{base}: union of both tasks", ("--union", "--steps", str(2 * STEPS), "--batch-size", "1",
                                                                     *extra), 3, grid=False, parent=base))
         r.append(Row("from scratch", f"{base} from scratch", (*CROSS, *extra, "--lr", "1e-3"), 3, grid=False, model=tuple(SCRATCH)))
+    # issue 31: DSBN's protocols. The union gives every training domain, organs and scanners, its own
+    # BatchNorm slot in one stage (2 patches per slot per micro-batch and no accumulation: the 12 patches
+    # per step of the others, and batch statistics of 2 patches per slot as in cross-task DSBN); a
+    # candidate default, so its own learning-rate grid. Scanner only takes DSBN's rate.
+    dsbn = ("--method", "dsbn")
+    r.append(Row("protocols", "dsbn: union of both tasks", ("--union", "--steps", str(2 * STEPS), "--batch-size", "2",
+                                                              "--accumulate", "1", *dsbn), 3))
+    r.append(Row("protocols", "dsbn: scanner task only", ("--domains", "scanner", "--steps", str(2 * STEPS), *dsbn), 3,
+                 grid=False, parent="dsbn"))
     return r
 
 
@@ -190,8 +199,9 @@ class Plan:
     def chosen_lr(self, row_name: str, seed: int) -> str | None:
         """The learning rate the grid row `row_name` chose for `seed` (training-domain validation)."""
         best = None
+        table = next((r.table for r in rows() if r.name == row_name), "methods")
         for lr in LRS:
-            r = self.results.get(f"methods|{row_name}|{seed}|{lr}")
+            r = self.results.get(f"{table}|{row_name}|{seed}|{lr}")
             if r is None:
                 return None  # not all settings have run yet
             score = np.mean([r["val"][d] for d in SEEN])
