@@ -198,3 +198,70 @@ def test_held_out_slides_are_validated_as_predict_runs_them_each_with_its_own_st
             layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert held["domains"]["s9"]["dice_pixels"] == pytest.approx(dice_from(*counts["own"]), abs=1e-6)
     assert abs(dice_from(*counts["own"]) - dice_from(*counts["mixture"])) > 0.01  # and that is not the mixture's score
+
+
+def test_sds_with_dsbn_routes_each_domain_through_its_own_slot_in_every_pass():
+    """`--method sds --hp dsbn=true`: SDS's loss and its pooled pass without gradients (`begin_step`)
+    go through the domain slots, each domain's BatchNorm statistics from its own patches only; the
+    pooled pass leaves every slot's statistics as they were; the shared slot is their mixture after
+    the step. Without dsbn the model keeps plain BatchNorm."""
+    from histodg.training.methods import METHODS, SegTask, parse_hparams
+    from histodg.model.normalize import Normalizer
+
+    sds = METHODS["sds"]
+    assert not sds.uses_domain_bn(parse_hparams(sds, {})) and sds.uses_domain_bn(parse_hparams(sds, {"dsbn": "true"}))
+    assert METHODS["dsbn"].uses_domain_bn(None) and not METHODS["erm"].uses_domain_bn(None)
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", "none", 1)
+    hp = parse_hparams(sds, {"dsbn": "true", "shallow": "false"})  # no random input perturbation: moments checkable
+    method = sds(model, 2, hp, SegTask(), Normalizer((0.5,) * 3, (0.25,) * 3, "cpu"))
+    assert domain_bn.slots(model) == 2
+    method.train()
+    x = [torch.randn(2, 3, 32, 32), 2 + 3 * torch.randn(2, 3, 32, 32)]
+    y = [(torch.rand(2, 32, 32) > 0.5).long() for _ in x]
+    batches = [(x[0], y[0]), (x[1], y[1])]
+    bn = model.encoder.bn1
+    method.start_stage(1)
+    method.begin_step([batches, batches])  # the pass without gradients over 2 micro-batches
+    torch.testing.assert_close(bn.domain_mean, torch.zeros_like(bn.domain_mean))  # restored
+    loss, logs = method.loss(batches)
+    loss.backward()
+    for k in range(2):
+        f = stem_input(model, x[k])
+        torch.testing.assert_close(bn.domain_mean[k], 0.1 * f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn.domain_weight.grad is not None and bn.weight.grad is None
+    assert float(logs["feat_align"]) >= 0
+    method.end_of_step()
+    torch.testing.assert_close(bn.running_mean, bn.domain_mean.mean(0))
+    plain = build_model("unet", "resnet18", "none", 1)
+    sds(plain, 2, parse_hparams(sds, {}), SegTask(), None)
+    assert domain_bn.slots(plain) == 0
+
+
+@pytest.mark.slow
+def test_sds_on_dsbn_trains_writes_its_slots_and_predicts_through_them(tmp_path, cli):
+    stores = _stores(tmp_path / "stores")
+    r = cli("train", str(stores), "-o", str(tmp_path / "run"), "--arch", "unet", "--encoder", "resnet18",
+            "--encoder-weights", "none", "--method", "sds", "--hp", "dsbn=true", "--pretrain", "organ", "--finetune",
+            "scanner", "--steps", "2", "--batch-size", "2", "--workers", "0", "--val-fraction", "0.25")
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ck["model_config"]["method"] == "sds" and ck["model_config"]["domain_bn"] == ["s1", "s2", "s3"]
+    assert domain_bn.slots_in_state(ck["model_state"]) == 3
+    rgb = tissue_field(120, 160, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "slide.png")
+    pred = Predictor.from_checkpoint(tmp_path / "run" / "best.pt", PredictOptions(device="cpu"))
+    predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", scanner="s2", mpp=1.0), tmp_path / "pred")
+    done = json.loads((tmp_path / "pred" / "slide" / "done.json").read_text())
+    assert done["adaptation"] == "dsbn: the BatchNorm of s2" and done["settings"]["dsbn_route"] == "s2"
+
+
+def test_sds_on_an_encoder_without_batchnorm_is_refused_in_one_line(tmp_path, cli):
+    make_store(tmp_path / "s" / "a.zarr", 4, scanner="s1")
+    make_store(tmp_path / "s" / "b.zarr", 4, scanner="s2", seed=1)
+    r = cli("train", str(tmp_path / "s"), "-o", str(tmp_path / "run"), "--method", "sds", "--hp", "dsbn=true",
+            "--encoder", "mit_b0", "--encoder-weights", "none", "--domains", "scanner", "--steps", "1", "--workers", "0",
+            "--val-fraction", "0")
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "--method sds: " in lines[0] and "no BatchNorm layers" in lines[0] and "default" not in lines[0]

@@ -96,6 +96,12 @@ class TrainConfig:
         parse_hparams(METHODS[self.method], self.hparams)  # raises ValueError on a bad --hp
 
     @property
+    def domain_bn(self) -> bool:
+        """Whether the run's method has domain-specific BatchNorm slots (dsbn; sds with dsbn=true)."""
+        method = METHODS[self.method]
+        return method.uses_domain_bn(parse_hparams(method, self.hparams))
+
+    @property
     def stage_axes(self) -> list[str | None]:
         """One entry per stage: the axis of its domains (None: union, or the default axis)."""
         if self.pretrain:

@@ -100,12 +100,12 @@ class Trainer:
         torch.manual_seed(cfg.seed + rt.rank)
         np.random.seed(cfg.seed + rt.rank)
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
-        if cfg.method == "dsbn" and not convertible(model):
+        if cfg.domain_bn and not convertible(model):
             # the same words whether dsbn came from the user or from the default: the config cannot tell which
+            default = ", and dsbn is the default method: add --method erm, or" if cfg.method == "dsbn" else ":"
             raise TrainError(f"--method {cfg.method}",
                              f"{cfg.arch}-{cfg.encoder} has no BatchNorm layers to make domain-specific (MiT / SegFormer "
-                             f"encoders use LayerNorm), and dsbn is the default method: add --method erm, or choose a "
-                             f"ResNet or EfficientNet encoder")
+                             f"encoders use LayerNorm){default} choose a ResNet or EfficientNet encoder")
         return place_model(model, rt.placement)
 
     def run(self) -> dict:
@@ -123,7 +123,7 @@ class Trainer:
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
             loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
             normalization=Normalization(stain=stain),
-            domain_bn=list(stages[-1].domain_names) if cfg.method == "dsbn" else None)
+            domain_bn=list(stages[-1].domain_names) if cfg.domain_bn else None)
         # one writer per run folder: a second `histodg train` into it is refused while this one runs
         # (rank 0 holds the lock; a refusal reaches every rank)
         with ExitStack() as held:

@@ -15,6 +15,11 @@ them, before their `loss` calls: a method can pool statistics over the whole ste
 `end_of_step()` after each optimizer step (return True to have the optimizer's state reset),
 and `close()` when the stage ends (remove the hooks the method put on the model);
 `evaluation_route(index)` is the context validation scores a domain in (DSBN: its BatchNorm).
+Domain-specific BatchNorm is a part any method can take: `uses_domain_bn(hparams)` says whether
+a run of it has slots (DSBN always; SDS with `--hp dsbn=true`), `use_domain_bn()` converts the
+model, and `forward_domains(x, sizes)` is the forward with each domain through its own slot (the
+plain forward without slots); the slots' shared mixture is kept after every step by the base
+`end_of_step`.
 Images arrive normalised (NCHW float); masks are (N, H, W) integer labels with 255 = ignore.
 `self.net` is what to call for a forward pass (the model, or its DDP wrapper), `self.model` the
 plain model for feature taps; `self.task` says binary/multi-class and the loss;
@@ -101,6 +106,36 @@ class Method(nn.Module):
         self.hparams = hparams if hparams is not None else self.Hparams()
         self.task = task or SegTask()
         self.normalizer = normalizer
+        self.slots = False  # True once `use_domain_bn` has converted the model
+
+    @classmethod
+    def uses_domain_bn(cls, hparams) -> bool:
+        """Whether a run of this method with `hparams` has domain-specific BatchNorm slots."""
+        return False
+
+    def use_domain_bn(self) -> None:
+        """Give every BatchNorm layer of the model one slot per domain (`model.domain_bn.convert`),
+        the shared slot their mixture; refused in one line for a model without BatchNorm."""
+        from ... import HistodgError
+        from ...model.domain_bn import convert, sync_shared
+
+        try:
+            convert(self.model, self.num_domains)
+        except ValueError as exc:
+            raise HistodgError(f"--method {self.name}", f"{exc} (MiT / SegFormer encoders use LayerNorm): choose a "
+                                                        f"ResNet or EfficientNet encoder") from None
+        sync_shared(self.model)
+        self.slots = True
+
+    def forward_domains(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """`self.net(x)` for a batch of the stage's domains in order (`sizes` images each), each
+        domain through its own BatchNorm slot when the method has slots."""
+        if not self.slots:
+            return self.net(x)
+        from ...model.domain_bn import domain
+
+        with domain(self.model, tuple(sizes)):
+            return self.net(x)
 
     def use_net(self, net: nn.Module) -> None:
         """Forward through `net` (the model, or the loop's DDP wrapper of it). Kept out of the
@@ -123,21 +158,32 @@ class Method(nn.Module):
 
     def end_of_step(self) -> bool:
         """Called by the loop after each optimizer step (e.g. to count steps); True: reset the
-        optimizer's state (its moment estimates), as DomainBed does when a penalty switches on."""
+        optimizer's state (its moment estimates), as DomainBed does when a penalty switches on.
+        With BatchNorm slots: the shared slot := their mixture (a subclass that overrides this
+        and uses slots calls it)."""
+        if self.slots:
+            from ...model.domain_bn import sync_shared
+
+            sync_shared(self.model)
         return False
 
     def close(self) -> None:
         """Called by the loop when the stage ends: remove hooks this method put on the model."""
 
     def evaluation_route(self, index: int | None):
-        """A context for scoring domain `index` of the stage (None: a held-out domain); DSBN
-        routes it to the domain's BatchNorm. Nothing for every other method."""
-        return nullcontext()
+        """A context for scoring domain `index` of the stage (None: a held-out domain): with
+        BatchNorm slots the domain's slot (None: the shared one). Nothing without slots."""
+        if not self.slots:
+            return nullcontext()
+        from ...model.domain_bn import domain
+
+        return domain(self.model, index)
 
     def own_statistics(self, index: int | None) -> bool:
         """Whether validation scores each slide of domain `index` (None: held out) with BatchNorm
-        statistics of its own, as `histodg predict` predicts it; DSBN does for held-out domains."""
-        return False
+        statistics of its own, as `histodg predict` predicts a slide of an unknown domain: with
+        slots, held-out domains do."""
+        return self.slots and index is None
 
     # -- helpers for subclasses ------------------------------------------------------------
     @staticmethod

@@ -31,7 +31,9 @@ loss = segmentation + feat_align * prototype variance + grad_align * gradient va
 default weights (0.5, 0.02) are the best of four settings by training-domain validation in the
 DG benchmark's pilot (BENCHMARKS.md), never by the unseen domains.
 Every part has a switch: shallow=false, deep=false, stain=0, perturb_p=0, feat_align=0,
-grad_align=0, pool=false.
+grad_align=0, pool=false. `dsbn=true` puts SDS on domain-specific BatchNorm (`--method dsbn`'s
+slots, `Method.use_domain_bn`): each domain's patches through its own slot, the deep part's
+prototypes and gradients taken on those features.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class SDSHparams:
     feat_align: float = field(default=0.5, metadata={"help": "weight of the class-wise prototype variance across domains (0 = off)"})
     grad_align: float = field(default=0.02, metadata={"help": "weight of the class-wise head-gradient variance across domains (0 = off)"})
     pool: bool = field(default=True, metadata={"help": "pool the statistics over all micro-batches of a step (--accumulate) and all ranks"})
+    dsbn: bool = field(default=False, metadata={"help": "each domain through its own BatchNorm slot, as --method dsbn (SDS on DSBN)"})
 
     def __post_init__(self):
         if self.perturb_stages < 0:
@@ -72,9 +75,15 @@ class SDS(Method):
     name = "sds"
     Hparams = SDSHparams
 
+    @classmethod
+    def uses_domain_bn(cls, hparams) -> bool:
+        return bool(hparams.dsbn)
+
     def __init__(self, model, num_domains, hparams=None, task=None, normalizer=None):
         super().__init__(model, num_domains, hparams, task, normalizer)
         hp = self.hparams
+        if hp.dsbn:
+            self.use_domain_bn()
         self.class_ids = [0, 1] if self.task.binary else list(range(self.task.classes))
         self.tap = DecoderTap(model)
         self.hooks = None
@@ -104,7 +113,7 @@ class SDS(Method):
         per-image loss; a forward pass unless `logits` of its (shallow) input are given."""
         x, y, sizes = self.concat(batches)
         if logits is None:
-            logits = self.net(self.shallow_input(x))
+            logits = self.forward_domains(self.shallow_input(x), sizes)
         sums = class_sums(self.model, self.tap.features, self.tap.head_input, logits, y, self.task.classes, self.class_ids)
         return tuple(by_domain(t, sizes) for t in sums), logits, y, sizes
 
@@ -169,7 +178,7 @@ class SDS(Method):
             if step["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(step["cuda_rng"])
         x, y, sizes = self.concat(batches)
-        logits = self.net(self.shallow_input(x))
+        logits = self.forward_domains(self.shallow_input(x), sizes)
         per_image = seg_loss(logits, y, self.task, reduction="none")
         seg = per_image.mean()
         logs = {"seg": seg.detach(), "domain_losses": self.domain_losses(per_image, sizes)}
