@@ -205,8 +205,8 @@ def test_sds_with_dsbn_routes_each_domain_through_its_own_slot_in_every_pass():
     go through the domain slots, each domain's BatchNorm statistics from its own patches only; the
     pooled pass leaves every slot's statistics as they were; the shared slot is their mixture after
     the step. Without dsbn the model keeps plain BatchNorm."""
-    from histodg.training.methods import METHODS, SegTask, parse_hparams
     from histodg.model.normalize import Normalizer
+    from histodg.training.methods import METHODS, SegTask, parse_hparams
 
     sds = METHODS["sds"]
     assert not sds.uses_domain_bn(parse_hparams(sds, {})) and sds.uses_domain_bn(parse_hparams(sds, {"dsbn": "true"}))
