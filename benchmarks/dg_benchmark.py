@@ -130,6 +130,11 @@ def rows() -> list[Row]:
     dsbn = ("--method", "dsbn")
     r.append(Row("protocols", "dsbn: union of both tasks", ("--union", "--steps", str(2 * STEPS), "--batch-size", "2",
                                                               "--accumulate", "1", *dsbn), 3))
+    # issue 31 §4: SDS on DSBN (whole, and its deep part alone: class-wise feature and head-gradient
+    # alignment on DSBN's per-domain features), a variant of DSBN, so at DSBN's chosen rate per seed
+    r.append(Row("methods", "dsbn + sds", (*CROSS, *sds, "--hp", "dsbn=true"), 3, grid=False, parent="dsbn"))
+    r.append(Row("methods", "dsbn + sds deep part", (*CROSS, *sds, "--hp", "dsbn=true", "--hp", "shallow=false"), 3,
+                 grid=False, parent="dsbn"))
     r.append(Row("protocols", "dsbn: scanner task only", ("--domains", "scanner", "--steps", str(2 * STEPS), *dsbn), 3,
                  grid=False, parent="dsbn"))
     return r
