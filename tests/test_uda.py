@@ -152,3 +152,58 @@ def test_adapting_a_dsbn_model_trains_and_reestimates_each_source_domains_own_ba
     target = Patches([open_store(p) for p in sorted((tmp_path / "target").glob("*.zarr"))], False)
     f = stem_input(adapted, norm(torch.from_numpy(target.get(target.spread(256))[0]).permute(0, 3, 1, 2)))
     torch.testing.assert_close(state[f"{key}.running_mean"], f.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)  # shared: target
+
+
+def test_the_mean_teacher_labels_only_confident_pixels_and_follows_the_model_by_its_average():
+    from histodg.adaptation.self_training import MeanTeacher
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.BatchNorm2d(1), torch.nn.Dropout2d(0.9))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[1].weight.fill_(5.0)
+    teacher = MeanTeacher(model, ema=0.9, threshold=0.9, own_statistics=True)
+    x = torch.zeros(2, 3, 4, 4)
+    x[:, :, 0] = 4.0   # row 0: far above the batch mean: confident tumour
+    x[:, :, 1] = -4.0  # row 1: far below: confident background
+    x[:, :, 2:] = 0.1  # rows 2-3: near the mean: not confident
+    bn = teacher.teacher[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    labels, share = teacher.pseudo_labels(x, classes=1)
+    # the batch's own statistics (own_statistics): z = (v - mean) / std, the sigmoid of it
+    v = x[:, 0] * 3
+    p = torch.sigmoid(5 * (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + bn.eps))
+    want = torch.where(torch.maximum(p, 1 - p) >= 0.9, (p > 0.5).to(torch.uint8), torch.full_like(p, 255, dtype=torch.uint8))
+    assert torch.equal(labels, want)  # dropout (p 0.9) was off: no random zeros
+    assert (labels[:, 0] == 1).all() and (labels[:, 1] == 0).all() and (labels[:, 2:] == 255).all()
+    assert share == pytest.approx(0.5)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    w0 = teacher.teacher[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(7.0)
+    teacher.update(model)
+    torch.testing.assert_close(teacher.teacher[0].weight, 0.9 * w0 + 0.1 * 3.0)
+    assert float(teacher.teacher[1].running_mean) == 7.0 and not teacher.teacher[0].weight.requires_grad
+
+
+def test_self_training_trains_on_the_teachers_pseudo_labels_and_says_so(data, tmp_path):
+    base = dict(bn=False, **{"global": False, "local": False})
+    plain = _run(data, tmp_path / "plain", **base)
+    st = _run(data, tmp_path / "st", self_train=True, threshold=0.6, **base)
+    lines = [json.loads(x) for x in (tmp_path / "st" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["self_loss"] > 0 and 0 < r["pseudo_share"] <= 1 for r in lines)
+    assert "self_loss" not in json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
+    assert st["settings"]["self_train"] is True and st["settings"]["threshold"] == 0.6
+    a = load_checkpoint(tmp_path / "plain" / "best.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "st" / "best.pt")["model_state"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # the pseudo-label loss moved the model
+    assert plain["settings"]["self_train"] is False
+
+
+def test_a_bad_self_training_setting_is_one_clear_error(data, tmp_path):
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptConfig(checkpoint=str(data / "ck.pt"), source=("s",), target=("t",), out_dir=str(tmp_path), hparams={"threshold": "1.5"})
+    with pytest.raises(ValueError, match="self_augment"):
+        AdaptConfig(checkpoint=str(data / "ck.pt"), source=("s",), target=("t",), out_dir=str(tmp_path),
+                    hparams={"self_augment": "wild"})

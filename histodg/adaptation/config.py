@@ -1,13 +1,14 @@
 """`histodg adapt` settings: `AdaptConfig`, validated once, written to RUN_DIR/config.json.
 
-The two parts and their settings (`--hp KEY=VALUE`) are `AdaptHparams`; each part has a switch
-(`global=false`, `local=false`) so that its worth can be measured.
+The parts and their settings (`--hp KEY=VALUE`) are `AdaptHparams`; each part has a switch
+(`global=false`, `local=false`, `self_train=true`) so that its worth can be measured.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..training.augment import PRESETS as AUGMENT_PRESETS
 from .styles import STYLES
 
 
@@ -22,6 +23,12 @@ class AdaptHparams:
     local: bool = field(default=True, metadata={"help": "align the features where the domain gap is largest (the local part)"})
     local_weight: float = field(default=1.0, metadata={"help": "weight of the local alignment loss"})
     mask_ratio: float = field(default=0.5, metadata={"help": "share of channels (largest gap first) the alignment acts on"})
+    self_train: bool = field(default=False, metadata={"help": "self-training: a mean teacher's confident pseudo-labels "
+                                                                "on the target, learnt from a strong view"})
+    threshold: float = field(default=0.9, metadata={"help": "self-training: the teacher's probability a pixel's label needs"})
+    ema: float = field(default=0.99, metadata={"help": "self-training: the teacher's moving-average decay per step"})
+    self_weight: float = field(default=1.0, metadata={"help": "self-training: weight of the pseudo-label loss"})
+    self_augment: str = field(default="strong", metadata={"help": "self-training: the --augment preset of the strong view"})
     bn: bool = field(default=True, metadata={"help": "re-estimate the BatchNorm statistics on the target at the end"})
 
     def __post_init__(self):
@@ -31,6 +38,10 @@ class AdaptHparams:
             raise ValueError("--hp global_p is in [0, 1] and mask_ratio in (0, 1]")
         if not 0 < self.beta <= 0.5 or self.local_weight < 0:
             raise ValueError("--hp beta is in (0, 0.5] and local_weight is not negative")
+        if not 0.5 <= self.threshold < 1 or not 0 <= self.ema < 1 or self.self_weight < 0:
+            raise ValueError("--hp threshold is in [0.5, 1), ema in [0, 1) and self_weight is not negative")
+        if self.self_augment not in AUGMENT_PRESETS:
+            raise ValueError(f"--hp self_augment={self.self_augment}: choose {', '.join(AUGMENT_PRESETS)}")
 
     def to_dict(self) -> dict:
         return {_key(f): getattr(self, f.name) for f in dataclasses.fields(self)}

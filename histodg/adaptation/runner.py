@@ -7,7 +7,9 @@ Every step takes `batch_size` labelled source patches and as many target patches
 rotated at random, the same seed giving the same run). The global part re-styles the source
 patches to the target (`styles`) and they are trained with their labels; the local part sends
 the target patches through the model too and adds the masked alignment of the two batches'
-encoder features (`align`). AdamW with cosine decay from `lr`. At the end (`bn=true`) every
+encoder features (`align`); the self-training part (`self_train=true`, off by default) trains
+the model on a strong view of the target patches against a mean teacher's confident
+pseudo-labels (`self_training`). AdamW with cosine decay from `lr`. At the end (`bn=true`) every
 BatchNorm layer's statistics are re-estimated on target patches, the domain-shift reference
 is made again (the source domains and the target), and RUN_DIR gets `best.pt`, an ordinary
 checkpoint for `histodg predict`, then `result.json` (written last: a folder without it is
@@ -208,6 +210,13 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
         stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
         restyler = Restyler(hp.style, hp.global_p, hp.beta, stain, device)
     task = SegTask(classes=mc.classes, loss=mc.loss)
+    teacher = strong = None
+    if hp.self_train:  # made before the feature taps: the teacher is a plain copy of the model
+        from ..training.augment import augment_batch, resolve_augment
+        from .self_training import MeanTeacher
+
+        teacher = MeanTeacher(model, hp.ema, hp.threshold, own_statistics=bool(mc.domain_bn))
+        strong = resolve_augment(hp.self_augment)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     tap, log = FeatureTap(model), []
@@ -234,6 +243,12 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
                 local, gaps = masked_alignment(fs, tap.take(), hp.mask_ratio)
                 loss = loss + hp.local_weight * local
                 logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
+            if teacher is not None:  # the target through the shared BatchNorm, as an unknown domain
+                labels, share = teacher.pseudo_labels(normalizer(xt), mc.classes)
+                xa, la = augment_batch(xt, labels, strong, gen)
+                own = seg_loss(model(normalizer(xa)), la.long(), task) if share > 0 else torch.zeros((), device=device)
+                loss = loss + hp.self_weight * own
+                logs.update(self_loss=float(own.detach()), pseudo_share=share)
             if not math.isfinite(float(loss.detach())):
                 raise AdaptError(cfg.out_dir, f"the loss is not finite at step {step + 1}; no checkpoint was written "
                                               f"(try a lower --lr)")
@@ -241,6 +256,8 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
             loss.backward()
             opt.step()
             sched.step()
+            if teacher is not None:
+                teacher.update(model)
             log.append(logs)
             if on_step:
                 on_step(logs, cfg.steps)
