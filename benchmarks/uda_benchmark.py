@@ -12,7 +12,8 @@ learning rate) is adapted to one unseen domain: the source is the DG training st
 labels), the target that domain's unlabelled stores (the oracle's training slides, seed-0 cases:
 never the test slides). Variants: both parts (`histodg adapt` defaults), the global part only
 (`--hp local=false`), the local part only (`--hp global=false`), and neither (`global=false
-local=false`: source fine-tuning plus the target BatchNorm statistics, the AdaBN baseline). Each
+local=false`: source fine-tuning plus the target BatchNorm statistics, the AdaBN baseline); on
+lung also the self-training part alone (`global=false local=false self_train=true`) and all three. Each
 adapted checkpoint is scored on the DG test slides of that domain, as the DG benchmark scores.
 Paired by seed against the DG model; "gap closed" is (adapted - DG) / (oracle - DG) with the
 oracle of the DG table (ERM trained on that domain with labels, seed 0). Results accumulate in
@@ -34,8 +35,11 @@ import dg_benchmark as dg  # noqa: E402
 
 STEPS = 100
 VARIANTS = {"both parts": [], "global only": ["--hp", "local=false"], "local only": ["--hp", "global=false"],
-            "neither (AdaBN on the target)": ["--hp", "global=false", "--hp", "local=false"]}
-TARGETS = {"scanner-d": list(VARIANTS), "lung": ["both parts"]}
+            "neither (AdaBN on the target)": ["--hp", "global=false", "--hp", "local=false"],
+            # issue 31 §3: the self-training part (a mean teacher's pseudo-labels), alone and with the other two
+            "self-training only": ["--hp", "global=false", "--hp", "local=false", "--hp", "self_train=true"],
+            "all three parts": ["--hp", "self_train=true"]}
+TARGETS = {"scanner-d": list(VARIANTS)[:4], "lung": ["both parts", "self-training only", "all three parts"]}
 
 
 def key_of(row: str, seed: int, target: str, variant: str) -> str:
@@ -89,7 +93,8 @@ def main() -> None:
     ap.add_argument("--row", default="erm", help="the DG row whose checkpoints are adapted (its runs' last.pt "
                                                  "must be in DG_OUT/runs), e.g. dsbn")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME",
-                    help="only these variants (by their first word: both, global, local, neither)")
+                    help="only these variants (by their first word: both, global, local, neither, self-training, all)")
+    ap.add_argument("--target", action="append", default=[], help="only these targets (lung, scanner-d)")
     args = ap.parse_args()
     dg.OUT = args.dg_out
     results = json.loads((dg.OUT / "results.json").read_text())
@@ -109,7 +114,8 @@ def main() -> None:
             for target, variants in TARGETS.items():
                 for variant in variants:
                     key = key_of(args.row, seed, target, variant)
-                    if key in done or (args.variant and variant.split(" ")[0] not in args.variant):
+                    if key in done or (args.variant and variant.split(" ")[0] not in args.variant) or (
+                            args.target and target not in args.target):
                         continue
                     done[key] = run_one(args.row, seed, sel[seed]["lr"], target, variant, args.device)
                     path.write_text(json.dumps(done, indent=1))
