@@ -339,7 +339,10 @@ def run_one(row: Row, seed: int, lr: str, args) -> dict:
     seconds = time.time() - t0
     val = score_stores(run_dir, OUT / "stores" / "val", args.device)
     test = score_stores(run_dir, OUT / "stores" / "test", args.device)
-    return {"table": row.table, "name": row.name, "seed": seed, "lr": lr, "val": val, "test": test, "seconds": seconds,
+    # the optics scanner (optics_benchmark.py), when its stores are made: scored by the same run
+    optics = OUT / "stores" / "test-optics"
+    extra = {"optics": score_stores(run_dir, optics, args.device)} if (optics / "summary.json").exists() else {}
+    return {"table": row.table, "name": row.name, "seed": seed, "lr": lr, "val": val, "test": test, **extra, "seconds": seconds,
             "env": environment(row.stores, args.threads),
             "command": "histodg train " + " ".join(map(str, [os.path.relpath(OUT / "stores" / row.stores, REPO), "-o",
                                                              os.path.relpath(run_dir, REPO), *train_args]))}
