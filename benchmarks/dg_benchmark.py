@@ -135,6 +135,9 @@ def rows() -> list[Row]:
     r.append(Row("methods", "dsbn + sds", (*CROSS, *sds, "--hp", "dsbn=true"), 3, grid=False, parent="dsbn"))
     r.append(Row("methods", "dsbn + sds deep part", (*CROSS, *sds, "--hp", "dsbn=true", "--hp", "shallow=false"), 3,
                  grid=False, parent="dsbn"))
+    # issue 31 §3 (d): the default on twice the schedule (200 + 200 steps), at DSBN's chosen rate
+    r.append(Row("methods", "dsbn, twice the steps", (*CROSS, "--method", "dsbn", "--steps", str(2 * STEPS)), 3,
+                 grid=False, parent="dsbn"))
     r.append(Row("protocols", "dsbn: scanner task only", ("--domains", "scanner", "--steps", str(2 * STEPS), *dsbn), 3,
                  grid=False, parent="dsbn"))
     return r
