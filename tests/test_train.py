@@ -399,3 +399,24 @@ def test_a_patch_that_does_not_decode_stops_training_with_one_line(tmp_path, cli
     assert r.exit_code == 1 and "Traceback" not in r.output
     err = [x for x in r.stderr.splitlines() if x.startswith("error")]
     assert len(err) == 1 and err[0].startswith(f"error: {store}: damaged: patch ") and "histodg info --check" in err[0]
+
+
+def test_without_a_protocol_a_cosas_layout_trains_on_both_tasks_together(stores):
+    """Some stores name an organ, others only a scanner (COSAS): the default stage is the union, one
+    domain per organ and per scanner, and no store is left out; stores that all name an organ (or
+    none does) keep their one axis."""
+    from histodg.training.data import load_stores
+    from histodg.training.splits import plan_stages
+
+    refs = load_stores([str(stores)])
+    assert {s.organ for s in refs} - {"unknown"} and any(s.organ == "unknown" for s in refs)
+    (stage,) = plan_stages(refs, [None], (), 0.0, 0)
+    assert stage.axis == "union"
+    organs = {s.organ for s in refs} - {"unknown"}
+    scanners = {s.scanner for s in refs if s.organ == "unknown"}
+    assert set(stage.domain_names) == organs | scanners
+    assert sum(len(ps) for ps in stage.train.values()) == len(refs)  # every store trains
+    with_organ = [s for s in refs if s.organ != "unknown"]
+    assert plan_stages(with_organ, [None], (), 0.0, 0)[0].axis == "organ"
+    scanner_only = [s for s in refs if s.organ == "unknown"]
+    assert plan_stages(scanner_only, [None], (), 0.0, 0)[0].axis == "scanner"

@@ -43,7 +43,13 @@ class Stage:
 
 
 def default_axis(stores: list[StoreRef]) -> str:
-    if any(s.organ != UNKNOWN for s in stores):
+    """The axis of a stage given none: both tasks together ("union") when some stores name an
+    organ and others only a scanner (a COSAS layout: nothing is left out, and every training organ
+    and scanner gets its own DSBN slot), else the organ, else the scanner, else one domain."""
+    organ = any(s.organ != UNKNOWN for s in stores)
+    if organ and any(s.organ == UNKNOWN and s.scanner != UNKNOWN for s in stores):
+        return "union"
+    if organ:
         return "organ"
     if any(s.scanner != UNKNOWN for s in stores):
         return "scanner"
