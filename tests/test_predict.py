@@ -231,8 +231,8 @@ def test_resume_skips_done_slides_and_redoes_half_done_ones(tmp_path):
     refused = predict_slide(other, job, out)
     assert refused.status == "failed" and "other settings" in refused.error and "threshold" in refused.error
     assert (out / "img" / "done.json").is_file()  # the finished output is untouched
-    tta = predict_slide(predictor(DarkModel(), tta="flip"), job, out)
-    assert tta.status == "failed" and "tta 'none' -> 'flip'" in tta.error
+    tta = predict_slide(predictor(DarkModel(), tta="none"), job, out)  # made at the default, --tta flip
+    assert tta.status == "failed" and "tta 'flip' -> 'none'" in tta.error
     forced = predict_slide(predictor(DarkModel(), threshold=0.3, overwrite=True), job, out)
     assert forced.status == "done" and not forced.resumed
     assert json.loads((out / "img" / "done.json").read_text())["settings"]["threshold"] == 0.3

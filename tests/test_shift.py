@@ -139,16 +139,20 @@ def test_no_reference_no_score(tmp_path, he):
 @pytest.mark.slow
 def test_adapt_bn_scores_the_unadapted_model(tmp_path, checkpoint, he):
     """With --adapt bn the score comes from the adaptation windows through the checkpoint's
-    statistics: on a slide whose every tissue window adapts, the same as without --adapt."""
+    statistics: on a slide whose every tissue window adapts, the same as without --adapt, with
+    --tta flip (every flip measured, the default) as without."""
     job = _slide(tmp_path, "s", _restained(he[:256, :256]))
     got = {}
-    for adapt in ("none", "bn"):
-        pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", adapt=adapt, batch_size=8, qc="off"))
-        r = predict_slide(pred, job, tmp_path / adapt)
-        assert r.status == "done", r.error
-        got[adapt] = r.shift
-    assert got["bn"]["windows"] == got["none"]["windows"] <= 64
-    assert got["bn"]["raw"] == pytest.approx(got["none"]["raw"], rel=1e-3)
+    for tta in ("flip", "none"):
+        for adapt in ("none", "bn"):
+            pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", adapt=adapt, batch_size=8, qc="off",
+                                                                        tta=tta))
+            r = predict_slide(pred, job, tmp_path / tta / adapt)
+            assert r.status == "done", r.error
+            got[tta, adapt] = r.shift
+        assert got[tta, "bn"]["windows"] == got[tta, "none"]["windows"] <= 64
+        assert got[tta, "bn"]["raw"] == pytest.approx(got[tta, "none"]["raw"], rel=1e-3)
+    assert got["flip", "none"]["raw"] != pytest.approx(got["none", "none"]["raw"], rel=1e-3)  # the flips were measured
 
 
 def test_slide_shift_without_calibration_reports_raw_only():

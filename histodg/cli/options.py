@@ -62,8 +62,9 @@ def model_run_options(*, purpose: str = ""):
     """--batch-size, --tta, --device, --adapt and --stain-norm/--stain-ref of anything that runs a model (`predict`, `evaluate`)."""
     options = [
         click.option("--batch-size", type=int, default=8, show_default=True, help=f"{purpose}Windows per forward pass."),
-        click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
-                     help=f"{purpose}flip: mean of the 4 flipped predictions (4x the model time)."),
+        click.option("--tta", type=click.Choice(TTA_MODES), default="flip", show_default=True,
+                     help=f"{purpose}flip: mean of the 4 flipped predictions (4x the model time; better on unseen "
+                          "organs and scanners, BENCHMARKS.md); none: one pass, 4x faster."),
         click.option("--device", default="auto", show_default=True, help=f"{purpose}auto, cpu, cuda, cuda:1, ..."),
         click.option("--adapt", type=click.Choice(ADAPT_MODES), default="none", show_default=True,
                      help=f"{purpose}bn: re-estimate the model's BatchNorm statistics on each slide's own tissue "

@@ -33,9 +33,16 @@ def adapted_batchnorm(predictor, batches):
 
     meter = predictor.meter  # the shift score sees the unadapted model on these windows
 
+    # with --tta flip the prediction measures every flip of a window (`Predictor.probabilities`): so
+    # does this, so that the score does not depend on --adapt
+    flips = ((), (3,), (2,), (2, 3)) if predictor.options.tta == "flip" else ((),)  # NCHW: 3 = width
+
     def measure(x, layers, saved):
         meter.active = True
-        _unadapted_forward(predictor.model, layers, saved, x)
+        for dims in flips:
+            meter.counting = not dims  # a window counts once, however many flips are measured
+            _unadapted_forward(predictor.model, layers, saved, x.flip(dims) if dims else x)
+        meter.counting = True
         meter.active = False  # not the estimating pass, nor the adapted prediction after it
 
     inputs = (predictor.model_input(batch) for batch in batches)

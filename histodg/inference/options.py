@@ -15,7 +15,7 @@ class PredictOptions:
     tile_size: int | None = None
     overlap: float = 0.5  # < 1: fraction of the tile; >= 1: pixels
     batch_size: int = 8
-    tta: str = "none"
+    tta: str = "flip"  # the mean of the 4 flips (4x the model time; the DG benchmark's best, BENCHMARKS.md); "none": one pass
     adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt); "tent": and entropy steps (inference.tent)
     stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
     stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
