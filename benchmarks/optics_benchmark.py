@@ -81,6 +81,23 @@ def from_dg(dg_results: dict) -> dict:
     return out
 
 
+def score_dg_runs(names: list[str], device: str) -> int:
+    """Score scanner-f with the DG benchmark's own selected runs of `names` that ran before its
+    stores existed (their checkpoints kept in runs/), into results.json's records; returns how many."""
+    path = dg.OUT / "results.json"
+    results = json.loads(path.read_text())
+    n = 0
+    for name in names:
+        table = next(r.table for r in dg.rows() if r.name == name)
+        for seed, r in dg.selected(results).get(name, {}).items():
+            if "optics" not in r:
+                run_dir = dg.run_dir_of(table, name, seed, r["lr"])
+                r["optics"] = dg.score_stores(run_dir, dg.OUT / "stores" / "test-optics", device)
+                n += 1
+    path.write_text(json.dumps(results, indent=1))
+    return n
+
+
 def table(results: dict, base: str = "erm") -> str:
     rows: dict[str, dict[int, dict]] = {}
     for r in results.values():
@@ -119,7 +136,13 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true", help="the table: these runs and the DG benchmark's runs that "
                                                               "scored scanner-f as they ran")
     ap.add_argument("--versus", default="erm", metavar="ROW", help="the row Δ is paired against (default erm)")
+    ap.add_argument("--score-dg", action="append", default=[], metavar="ROW",
+                    help="score scanner-f with the DG benchmark's kept runs of ROW (made before its stores existed)")
     args = ap.parse_args()
+    if args.score_dg:
+        prepare()
+        print(f"scored {score_dg_runs(args.score_dg, args.device)} runs", file=sys.stderr)
+        return
     out = dg.OUT / "optics.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.tables:
