@@ -265,3 +265,27 @@ def test_sds_on_an_encoder_without_batchnorm_is_refused_in_one_line(tmp_path, cl
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert "--method sds: " in lines[0] and "no BatchNorm layers" in lines[0] and "default" not in lines[0]
+
+
+@pytest.mark.slow
+def test_a_cosas_layout_without_a_protocol_gives_every_organ_and_scanner_its_slot_and_predict_uses_them(tmp_path):
+    """The default protocol of a COSAS layout (both tasks in one stage): a slot per training organ
+    and scanner in the checkpoint; predict sends a slide of a known organ through its organ's slot,
+    one of a known scanner through its scanner's, anything else through the shared slot, and
+    done.json names the slot."""
+    stores = _stores(tmp_path / "stores")
+    Trainer(TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "run"), steps=2, val_fraction=0, **TINY)).run()
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ck["model_config"]["domain_bn"] == ["colon", "stomach", "s1", "s2", "s3"]
+    assert domain_bn.slots_in_state(ck["model_state"]) == 5
+    assert set(ck["model_config"]["shift"]["domains"]) == {"colon", "stomach", "s1", "s2", "s3"}
+    Image.fromarray(tissue_field(120, 160, seed=3)).save(tmp_path / "slide.png")
+    pred = Predictor.from_checkpoint(tmp_path / "run" / "best.pt", PredictOptions(device="cpu", tta="none"))
+    probs = {}
+    for name, organ, scanner in (("stomach", "stomach", "unknown"), ("s2", "lung", "s2"), ("shared", "lung", "s9")):
+        out = tmp_path / "pred" / name
+        predict_slide(pred, SlideJob(tmp_path / "slide.png", "slide", organ=organ, scanner=scanner, mpp=1.0), out)
+        done = json.loads((out / "slide" / "done.json").read_text())
+        assert done["settings"]["dsbn_route"] == name
+        probs[name] = zarr.open_array(str(out / "slide" / "prob.zarr"), mode="r")[:]
+    assert not np.array_equal(probs["stomach"], probs["s2"]) and not np.array_equal(probs["stomach"], probs["shared"])
