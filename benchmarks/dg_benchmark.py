@@ -283,7 +283,7 @@ def _batchnorm_for(model, config, norm, store, dev):
 
     from histodg.inference.adapt import slide_batchnorm
 
-    shim = SimpleNamespace(config=config, model=model, meter=None, options=SimpleNamespace(adapt="none", batch_size=16),
+    shim = SimpleNamespace(config=config, model=model, meter=None, options=SimpleNamespace(adapt="none", batch_size=16, tta="none"),
                            model_input=lambda b: norm(b.to(dev).permute(0, 3, 1, 2).float()))
     job = SimpleNamespace(organ=store.attrs.organ, scanner=store.attrs.scanner)
     return slide_batchnorm(shim, job, store.tissue, lambda i: np.asarray(store.images[i]))
