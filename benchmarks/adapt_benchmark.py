@@ -35,7 +35,7 @@ def score(run_dir: Path, stores: Path, adapt: str) -> dict:
     from histodg.inference.rasters import threshold_u8
     from histodg.store import find_stores, open_store
 
-    pred = Predictor.from_checkpoint(run_dir / "last.pt", PredictOptions(device="cpu", adapt=adapt, batch_size=64))
+    pred = Predictor.from_checkpoint(run_dir / "last.pt", PredictOptions(device="cpu", adapt=adapt, batch_size=64, tta="none"))
     per_domain: dict[str, list[float]] = {}
     for path in find_stores([stores]):
         s = open_store(path)

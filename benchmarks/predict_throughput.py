@@ -53,8 +53,10 @@ def build(args):
     torch.manual_seed(0)
     model = build_model(args.arch, args.encoder, "none", 1)
     mc = ModelConfig(arch=args.arch, encoder=args.encoder, mpp=args.mpp, tile_size=args.tile_size)
+    # one pass per window, as the recorded numbers were made (predict defaults to --tta flip since
+    # 2026-12-07: 4x the model time, the same pipeline around it)
     opts = PredictOptions(batch_size=args.batch_size, device=args.device, workers=args.workers, overwrite=True,
-                          window_fraction=args.fraction)
+                          window_fraction=args.fraction, tta="none")
     return Predictor(model, mc, opts)
 
 
