@@ -200,23 +200,32 @@ def _adapt(cfg: AdaptConfig, on_step=None) -> dict:
     return result
 
 
+def _restyler(hp, target: Patches, device):
+    """The global part's re-styling to the target (None: the part is off)."""
+    if not hp.global_:
+        return None
+    stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
+    return Restyler(hp.style, hp.global_p, hp.beta, stain, device)
+
+
+def _teacher(hp, model, mc):
+    """The self-training part's (mean teacher, strong-view settings), or (None, None) when it is off.
+    Made before the feature taps: the teacher is a plain copy of the model."""
+    if not hp.self_train:
+        return None, None
+    from ..training.augment import resolve_augment
+    from .self_training import MeanTeacher
+
+    return MeanTeacher(model, hp.ema, hp.threshold, own_statistics=bool(mc.domain_bn)), resolve_augment(hp.self_augment)
+
+
 def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target: Patches, device, on_step) -> list[dict]:
     """The adaptation steps; one log record per step."""
     from ..training.methods.base import SegTask, seg_loss
 
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    restyler = None
-    if hp.global_:
-        stain = None if hp.style == "fda" else fit_target_stain(hp.style, list(target.get(target.spread(MOSAIC))[0]))
-        restyler = Restyler(hp.style, hp.global_p, hp.beta, stain, device)
+    restyler, (teacher, strong) = _restyler(hp, target, device), _teacher(hp, model, mc)
     task = SegTask(classes=mc.classes, loss=mc.loss)
-    teacher = strong = None
-    if hp.self_train:  # made before the feature taps: the teacher is a plain copy of the model
-        from ..training.augment import augment_batch, resolve_augment
-        from .self_training import MeanTeacher
-
-        teacher = MeanTeacher(model, hp.ema, hp.threshold, own_statistics=bool(mc.domain_bn))
-        strong = resolve_augment(hp.self_augment)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     tap, log = FeatureTap(model), []
@@ -244,9 +253,7 @@ def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target:
                 loss = loss + hp.local_weight * local
                 logs.update(local_loss=float(local.detach()), feature_gap=float(np.mean(gaps)))
             if teacher is not None:  # the target through the shared BatchNorm, as an unknown domain
-                labels, share = teacher.pseudo_labels(normalizer(xt), mc.classes)
-                xa, la = augment_batch(xt, labels, strong, gen)
-                own = seg_loss(model(normalizer(xa)), la.long(), task) if share > 0 else torch.zeros((), device=device)
+                own, share = teacher.student_loss(model, xt, normalizer, task, strong, gen)
                 loss = loss + hp.self_weight * own
                 logs.update(self_loss=float(own.detach()), pseudo_share=share)
             if not math.isfinite(float(loss.detach())):

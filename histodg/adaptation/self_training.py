@@ -56,6 +56,19 @@ class MeanTeacher:
         label[~keep] = IGNORE
         return label, float(keep.float().mean())
 
+    def student_loss(self, model: nn.Module, x255: torch.Tensor, normalizer, task, strong, gen) -> tuple[torch.Tensor, float]:
+        """The model's loss on a strong view (`strong`: AugmentSettings) of the target batch `x255`
+        (NCHW, 0-255, the weak view) against the teacher's labels of the weak view, and the share
+        of pixels labelled (0: no label, a zero loss)."""
+        from ..training.augment import augment_batch
+        from ..training.methods.base import seg_loss
+
+        labels, share = self.pseudo_labels(normalizer(x255), task.classes)
+        xa, la = augment_batch(x255, labels, strong, gen)
+        if share == 0:
+            return torch.zeros((), device=x255.device), share
+        return seg_loss(model(normalizer(xa)), la.long(), task), share
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """teacher := ema * teacher + (1 - ema) * model (weights); the model's buffers as they are."""
