@@ -6,6 +6,11 @@ calibration error, stitching seams, JPEG 70).
 
     .venv/bin/python benchmarks/optics_benchmark.py --row erm --row dsbn --jobs 2   # train and score
     .venv/bin/python benchmarks/optics_benchmark.py --tables                        # the table
+    .venv/bin/python benchmarks/optics_benchmark.py --oracle --jobs 2               # scanner-f's oracle
+
+The oracle is ERM trained on scanner-f itself (the 4 seed-0 cases, `stores/oracle-scanner-f`), as the DG
+benchmark trains its oracles (200 steps, batch 6, lr 1e-3, seeds 0-2): how far the optics scanner is from
+what a model trained on it reaches.
 
 Each run is the DG benchmark's run of that row and seed at the learning rate its grid chose on
 training-domain validation (read from benchmarks/results/dg2-results.json: nothing here looks
@@ -19,6 +24,7 @@ nothing retrained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -49,6 +55,24 @@ def prepare() -> Path:
     return stores
 
 
+def oracle_row() -> dg.Row:
+    """ERM trained on scanner-f's own seed-0 cases, with the DG benchmark's oracle settings."""
+    base = next(r for r in dg.rows() if r.name == "erm trained on scanner-d")  # a scanner oracle
+    return dataclasses.replace(base, name=f"erm trained on {OPTICS}", stores=f"oracle-{OPTICS}")
+
+
+def prepare_oracle() -> None:
+    """The oracle's training stores: scanner-f's cases of a seed-0 optics synth set."""
+    stores = dg.OUT / "stores" / f"oracle-{OPTICS}"
+    if (stores / "summary.json").exists():
+        return
+    synth = dg.OUT / "synth0-optics"
+    if not (synth / "manifest.csv").exists():
+        dg.histodg("synth", synth, "--seed", 0, "--cases", 4, "--extra-scanner", OPTICS, "--overwrite")
+    subset = dg._subset(synth / "manifest.csv", dg.OUT / f"oracle-{OPTICS}.csv", lambda r: r["scanner"] == OPTICS)
+    dg.histodg("tile", subset, "-o", stores, *TILE)
+
+
 def chosen(recorded: dict, row: dg.Row, seed: int) -> str:
     """The learning rate the DG benchmark ran `row` at for `seed`: its grid's choice on
     training-domain validation, or its parent's (a row without a grid of its own)."""
@@ -64,9 +88,9 @@ def run_one(row: dg.Row, seed: int, lr: str, recorded: dict, args) -> dict:
     seconds = time.time() - t0
     test = dg.score_stores(run_dir, dg.OUT / "stores" / "test", args.device)
     optics = dg.score_stores(run_dir, dg.OUT / "stores" / "test-optics", args.device)[OPTICS]
-    before = recorded[dg.Plan.key(row, seed, lr)]["test"]
+    before = recorded.get(dg.Plan.key(row, seed, lr), {}).get("test")  # an oracle: no DG record
     return {"name": row.name, "seed": seed, "lr": lr, "optics": optics, "test": test, "recorded_test": before,
-            "reproduced": test == before, "seconds": seconds, "env": dg.environment(row.stores, args.threads)}
+            "reproduced": test == before if before else None, "seconds": seconds, "env": dg.environment(row.stores, args.threads)}
 
 
 def from_dg(dg_results: dict) -> dict:
@@ -117,7 +141,9 @@ def table(results: dict, base: str = "erm") -> str:
                 lo, hi = dg.bootstrap_ci(diffs)
                 delta = f"{diffs.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
         se = f.std(ddof=1) / np.sqrt(len(f)) if len(f) > 1 else float("nan")
-        if any(by_seed[s]["reproduced"] is None for s in seeds):
+        if name == oracle_row().name:
+            same = "(oracle: no DG run)"
+        elif any(by_seed[s]["reproduced"] is None for s in seeds):
             same = "the DG run"  # scored by the DG benchmark's own run: nothing to reproduce
         else:
             same = f"{sum(by_seed[s]['reproduced'] for s in seeds)}/{len(seeds)}"
@@ -136,6 +162,8 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true", help="the table: these runs and the DG benchmark's runs that "
                                                               "scored scanner-f as they ran")
     ap.add_argument("--versus", default="erm", metavar="ROW", help="the row Δ is paired against (default erm)")
+    ap.add_argument("--oracle", action="store_true", help=f"train and score {OPTICS}'s oracle (ERM on its own "
+                                                           "seed-0 cases; seeds 0-2)")
     ap.add_argument("--score-dg", action="append", default=[], metavar="ROW",
                     help="score scanner-f with the DG benchmark's kept runs of ROW (made before its stores existed)")
     args = ap.parse_args()
@@ -153,8 +181,12 @@ def main() -> None:
     recorded = json.loads(RECORDED.read_text())
     prepare()
     by_name = {r.name: r for r in dg.rows()}
-    todo = [(by_name[name], seed, chosen(recorded, by_name[name], seed)) for seed in args.seeds
-            for name in (args.row or ["erm", "dsbn"])]
+    if args.oracle:
+        prepare_oracle()
+        todo = [(oracle_row(), seed, "1e-3") for seed in args.seeds if seed in oracle_row().seeds]
+    else:
+        todo = [(by_name[name], seed, chosen(recorded, by_name[name], seed)) for seed in args.seeds
+                for name in (args.row or ["erm", "dsbn"])]
     todo = [t for t in todo if f"{t[0].name}|{t[1]}|{t[2]}" not in results]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, row, seed, lr, recorded, args): (row, seed, lr) for row, seed, lr in todo}
