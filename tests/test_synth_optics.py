@@ -1,6 +1,7 @@
 """The acquisition physics real scanners differ in besides colour (issue 31): defocus across the
 camera field, astigmatism, a wrong stated resolution, stitching seams; and `scanner-f`, the
-opt-in held-out scanner that differs in them rather than in stain."""
+opt-in held-out scanner that differs in them rather than in stain; `scanner-j`, one that differs in
+its codec alone (JPEG 2000)."""
 from __future__ import annotations
 
 import csv
@@ -78,6 +79,39 @@ def test_scanner_f_differs_in_optics_and_resolution_not_in_stain():
     for s in SCANNERS.values():  # the built-in scanners keep their pixels: none of the new physics
         if s.name != "scanner-f":
             assert (s.defocus_um, s.astigmatism, s.mpp_error, s.seams) == (0.0, 0.0, 0.0, 0.0)
+        if s.name != "scanner-j":
+            assert s.codec == ("jpeg", {"level": s.jpeg_quality})
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+def test_scanner_j_stores_jpeg_2000_tiles_at_its_psnr_and_tile_reads_them(tmp_path, cli):
+    import tifffile
+
+    from histodg.store import open_store
+    from histodg.synth.dataset import codec_roundtrip
+
+    j, a = SCANNERS["scanner-j"], SCANNERS["scanner-a"]
+    assert replace(j, name="scanner-a", jpeg2000_psnr=0.0) == a  # scanner-a in all but its codec
+    with pytest.raises(ValueError, match="JPEG 2000 PSNR"):
+        replace(j, jpeg2000_psnr=10.0)
+    rgb = render_case(ORGANS["colon"], j, 400, 400, [1, 2, 3]).rgb
+    assert _psnr(rgb, codec_roundtrip(rgb, j.codec)) == pytest.approx(33, abs=1.5)  # OpenJPEG's target
+    assert _psnr(rgb, codec_roundtrip(rgb, a.codec)) > 35  # scanner-a's JPEG q90 keeps more
+
+    manifest = make_dataset(tmp_path / "x", cases=1, size_um=600, formats=("wsi",), extra_scanners=("scanner-j",))
+    with open(manifest, newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["scanner"] == "scanner-j")
+    slide = manifest.parent / row["path"]
+    with tifffile.TiffFile(slide) as tif:
+        assert int(tif.pages[0].compression) == 34712  # JPEG 2000 in TIFF
+    r = cli("tile", slide, "-o", tmp_path / "stores", "--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5")
+    assert r.exit_code == 0, r.output
+    (store_path,) = [p for p in (tmp_path / "stores").iterdir() if p.suffix == ".zarr"]
+    store = open_store(store_path)
+    assert len(store) > 0 and store.attrs.compression == "jpeg"  # JPEG 2000 is lossy: auto stores JPEG
 
 
 def test_synth_adds_scanner_f_on_request_and_refuses_an_unknown_name(tmp_path, cli):

@@ -16,9 +16,10 @@ from .options import CONTEXT
 @click.option("--cases", type=int, default=None, help="Cases per domain  [default: the library's, see `histodg.synth`]")
 @click.option("--size-um", type=float, default=None, help="Side of each case in microns  [default: the library's]")
 @click.option("--gallery", type=click.Path(path_type=Path), default=None, help="Also write a PNG with one patch of every domain.")
-@click.option("--extra-scanner", "extra_scanners", multiple=True, metavar="SEED|scanner-f",
+@click.option("--extra-scanner", "extra_scanners", multiple=True, metavar="SEED|scanner-f|scanner-j",
               help="Add a held-out colon domain: scanner-x<SEED>, a scanner whose acquisition is drawn at random, or "
-                   "scanner-f, one that differs in optics and resolution rather than stain (repeatable).")
+                   "scanner-f, one that differs in optics and resolution rather than stain, or scanner-j, one that "
+                   "differs in its codec alone (JPEG 2000) (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing data set in OUT_DIR.")
 def synth(out_dir, seed, fmt, cases, size_um, gallery, extra_scanners, overwrite):
     """Write a small COSAS-shaped multi-organ, multi-scanner adenocarcinoma data set.

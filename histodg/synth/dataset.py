@@ -135,7 +135,7 @@ def make_case(job: CaseJob) -> dict:
     if "cosas" in job.formats:
         folder = Path("cosas") / d.task / d.name
         image, mask = folder / "image" / f"{job.name}.png", folder / "mask" / f"{job.name}.png"
-        write_png(out / image, jpeg_roundtrip(case.rgb, scanner.jpeg_quality), case.mpp)
+        write_png(out / image, codec_roundtrip(case.rgb, scanner.codec), case.mpp)
         write_png(out / mask, case.label * np.uint8(255), case.mpp)
         row.update(path=image.as_posix(), annotation=mask.as_posix())
     if "wsi" in job.formats:
@@ -143,7 +143,7 @@ def make_case(job: CaseJob) -> dict:
         slide, geojson = folder / f"{job.name}.tiff", folder / f"{job.name}.geojson"
         description = (f"histodg synthetic slide {job.name}: task={d.task} organ={d.organ} scanner={d.scanner} "
                        f"mpp={case.mpp:g} seed={job.seed}")
-        write_pyramid(out / slide, case.rgb, case.mpp, scanner.jpeg_quality, description)
+        write_pyramid(out / slide, case.rgb, case.mpp, scanner.codec, description)
         write_geojson(out / geojson, case.polygons)
         row.update(path=slide.as_posix(), annotation=geojson.as_posix())
     return row
@@ -159,8 +159,9 @@ def pyramid_levels(rgb: np.ndarray, min_side_px: int = 512) -> list[np.ndarray]:
     return levels
 
 
-def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, quality: int, description: str = "") -> None:
-    """A tiled, JPEG-compressed pyramidal TIFF that OpenSlide (generic-tiff) and tiffslide open.
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, codec: tuple[str, dict], description: str = "") -> None:
+    """A tiled pyramidal TIFF compressed with the scanner's `codec` (JPEG: OpenSlide's generic-tiff and
+    tiffslide open it; JPEG 2000: tiffslide).
 
     Resolution tags are in pixels per centimetre, so both report `mpp` (and mpp x 2^k for level
     k); reduced levels are flagged as such (NewSubfileType 1). No date or software tags: the same
@@ -175,8 +176,8 @@ def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, quality: int, descrip
         with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
             for k, level in enumerate(levels):
                 ds = rgb.shape[1] / level.shape[1]
-                tw.write(level, tile=(TILE_PX, TILE_PX), photometric="rgb", compression="jpeg",
-                         compressionargs={"level": int(quality)}, resolution=(px_per_cm / ds, px_per_cm / ds),
+                tw.write(level, tile=(TILE_PX, TILE_PX), photometric="rgb", compression=codec[0],
+                         compressionargs=codec[1], resolution=(px_per_cm / ds, px_per_cm / ds),
                          resolutionunit="CENTIMETER", subfiletype=1 if k else 0, metadata=None, software=False,
                          description=description if k == 0 else None, maxworkers=1)
 
@@ -199,8 +200,18 @@ def write_geojson(path: Path, polygons: list) -> None:
     write_text_atomic(path, text)
 
 
+def codec_roundtrip(rgb: np.ndarray, codec: tuple[str, dict]) -> np.ndarray:
+    """The pixels after the scanner's compression (for the PNG copies)."""
+    name, args = codec
+    if name == "jpeg2000":
+        import imagecodecs
+
+        return imagecodecs.jpeg2k_decode(imagecodecs.jpeg2k_encode(rgb, level=args["level"]))
+    return jpeg_roundtrip(rgb, args["level"])
+
+
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """The pixels after the scanner's JPEG compression (for the PNG copies)."""
+    """The pixels after a JPEG compression at `quality`."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise RuntimeError("OpenCV could not encode a JPEG")

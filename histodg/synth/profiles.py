@@ -69,6 +69,10 @@ SCANNERS = {
         ScannerProfile("scanner-f", mpp=0.5, stain_h=(0.60, 0.74, 0.31), stain_e=(0.18, 0.88, 0.44), stain_scale=1.05,
                        white=(244, 243, 247), vignetting=0.03, field_um=400, gradient=0.02, blur_um=0.7, gamma=1.0,
                        noise=2.0, jpeg_quality=70, defocus_um=0.8, astigmatism=0.3, mpp_error=0.15, seams=0.03),
+        # held out, opt-in (`--extra-scanner scanner-j`): scanner-a in all but its codec, JPEG 2000 at 33 dB
+        ScannerProfile("scanner-j", mpp=0.5, stain_h=(0.60, 0.74, 0.31), stain_e=(0.18, 0.88, 0.44), stain_scale=1.05,
+                       white=(244, 243, 247), vignetting=0.02, field_um=450, gradient=0.02, blur_um=0.35, gamma=1.0,
+                       noise=1.5, jpeg_quality=90, jpeg2000_psnr=33.0),
     )
 }
 

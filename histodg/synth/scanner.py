@@ -12,10 +12,15 @@ scanners' pixels are what they were:
 - `astigmatism`: the blur's two axes differ (sigma x (1 + a) across, x (1 - a) down);
 - `mpp_error`: the true pixel size is `mpp` x (1 + error) while the file states `mpp`, so tissue
   looks smaller or larger than the stated resolution says (calibration errors up to +-20%);
-- `seams`: each camera field's brightness off by up to +-`seams` (relative): tile-stitching seams.
+- `seams`: each camera field's brightness off by up to +-`seams` (relative): tile-stitching seams;
+- `jpeg2000_psnr`: JPEG 2000 instead of JPEG (as Aperio's lossy SVS files store), at this target
+  PSNR in dB (OpenJPEG's fixed-quality mode, `opj_compress -q`); `jpeg_quality` is then unused.
 Ranges for a held-out optics scanner (`scanner-f`): blur and defocus within peers' blur
 augmentation (albumentations' GaussianBlur default kernel 3-7 px, sigma 0.8-1.4 px, at 0.5-1 um/px),
-astigmatism up to 0.3, a 15% calibration error (the issue's +-20%), seams of 3%.
+astigmatism up to 0.3, a 15% calibration error (the issue's +-20%), seams of 3%. For a held-out
+JPEG 2000 scanner (`scanner-j`): 33 dB, a compression ratio of about 1:35 on a real H&E image
+(`../shared/data/he_carcinoma_1000.png`), where JPEG quality 60-90 gives 33.5-36 dB: the low end of
+the training scanners' fidelity, with JPEG 2000's ringing and blur instead of JPEG's blocks.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class ScannerProfile:
     astigmatism: float = 0.0  # relative difference of the blur's two axes
     mpp_error: float = 0.0  # the true pixel size is mpp x (1 + mpp_error); files state mpp
     seams: float = 0.0  # each camera field's brightness off by up to this (relative)
+    jpeg2000_psnr: float = 0.0  # > 0: JPEG 2000 at this target PSNR (dB) instead of JPEG
 
     def __post_init__(self):
         if not 0.05 <= self.mpp <= 5:
@@ -54,6 +60,15 @@ class ScannerProfile:
             raise ValueError(f"{self.name}: JPEG quality must be 1-100")
         if not (0 <= self.astigmatism < 1 and -0.5 < self.mpp_error < 0.5 and self.defocus_um >= 0 and 0 <= self.seams < 0.5):
             raise ValueError(f"{self.name}: astigmatism 0-1, mpp error within +-0.5, defocus >= 0, seams 0-0.5")
+        if self.jpeg2000_psnr and not 20 <= self.jpeg2000_psnr <= 80:
+            raise ValueError(f"{self.name}: JPEG 2000 PSNR must be 0 (JPEG) or 20-80 dB")
+
+    @property
+    def codec(self) -> tuple[str, dict]:
+        """How the scanner compresses: tifffile's compression name and its arguments."""
+        if self.jpeg2000_psnr:
+            return "jpeg2000", {"level": float(self.jpeg2000_psnr)}
+        return "jpeg", {"level": int(self.jpeg_quality)}
 
     @property
     def true_mpp(self) -> float:
