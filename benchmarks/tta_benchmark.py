@@ -4,6 +4,8 @@ four flips `histodg predict --tta flip` uses, help the unseen organ and scanner?
 
     .venv/bin/python benchmarks/tta_benchmark.py --seeds 0 1 2 3 4     # the DG benchmark's DSBN checkpoints
     .venv/bin/python benchmarks/tta_benchmark.py --tables
+    .venv/bin/python benchmarks/tta_benchmark.py --row "dsbn: union of both tasks" --flips-only
+    .venv/bin/python benchmarks/tta_benchmark.py --adapted "self-training only" --flips-only
 
 For each seed, the DG benchmark's selected run of `--row` (its `last.pt` must be in
 bench_out/dg2/runs) scores the DG test slides of lung and scanner-d as the DG benchmark scores
@@ -13,6 +15,9 @@ flips (`flip`, what `--tta flip` does), and each patch resized by the scale fact
 probabilities resized back) with and without the flips. The patches are 128 px at the model's 1
 um/px, so a scale of 1.25 shows the model tissue 25% larger than it was trained on. Results:
 bench_out/dg2/tta.json (raw copy in benchmarks/results/tta-results.json).
+
+`--adapted VARIANT` scores instead the DSBN checkpoints adapted to lung by `uda_benchmark.py` (that
+variant's `best.pt`, what it scores); `--flips-only` scores `none` and `flip` alone (4 passes, not 20).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ FLIPS = ((), (3,), (2,), (2, 3))  # NCHW: 3 = width, 2 = height
 DOMAINS = ("lung", "scanner-d")
 
 
-def score(run_dir: Path) -> dict:
+def score(run_dir: Path, checkpoint: str = "last.pt", scales: dict = SCALES) -> dict:
     """{variant: {domain: mean per-slide Dice}} for one checkpoint."""
     import torch
     import torch.nn.functional as F
@@ -42,11 +47,11 @@ def score(run_dir: Path) -> dict:
     from histodg.model.normalize import Normalizer
     from histodg.store import find_stores, open_store
 
-    model, config = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
+    model, config = model_from_checkpoint(load_checkpoint(run_dir / checkpoint))
     model.eval()
     norm = Normalizer(config.normalization.mean, config.normalization.std, torch.device("cpu"),
                       stain=config.normalization.stain)
-    variants = [v + f for v in SCALES for f in ("", " + flips")]
+    variants = [v + f for v in scales for f in ("", " + flips")]
     per: dict[str, dict[str, list]] = {v: {} for v in variants}
     for path in find_stores([dg.OUT / "stores" / "test"]):
         s = open_store(path)
@@ -59,7 +64,7 @@ def score(run_dir: Path) -> dict:
                 x = norm(torch.from_numpy(np.asarray(s.images[i:i + 64])).permute(0, 3, 1, 2).float())
                 y = torch.from_numpy(np.asarray(s.masks[i:i + 64]))
                 probs = {}
-                for sc in sorted({v for vs in SCALES.values() for v in vs}):
+                for sc in sorted({v for vs in scales.values() for v in vs}):
                     for flip in FLIPS:
                         xi = x.flip(flip) if flip else x
                         if sc != 1.0:
@@ -69,16 +74,17 @@ def score(run_dir: Path) -> dict:
                             p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
                         p = p[:, 0]  # (N, H, W): NCHW dims 2, 3 are 1, 2 here
                         probs[(sc, flip)] = p.flip([d - 1 for d in flip]) if flip else p
-                for v, scales in SCALES.items():
+                for v, factors in scales.items():
                     for suffix, flips in (("", ((),)), (" + flips", FLIPS)):
-                        pred = torch.stack([probs[(sc, f)] for sc in scales for f in flips]).mean(0) > 0.5
+                        pred = torch.stack([probs[(sc, f)] for sc in factors for f in flips]).mean(0) > 0.5
                         tots[v + suffix] += np.array([a.sum() for a in batch_counts(pred, y)])
         for v in variants:
             per[v].setdefault(name, []).append(dice_from(*tots[v]))
     return {v: {d: float(np.mean(x)) for d, x in r.items()} for v, r in per.items()}
 
 
-def table(done: dict) -> str:
+def table(all_done: dict, label: str = "dsbn") -> str:
+    done = {k.rsplit("|", 1)[-1]: v for k, v in all_done.items() if key_of(label, k.rsplit("|", 1)[-1]) == k}
     seeds = sorted(done, key=int)
     lines = ["| test-time augmentation | seeds | " + " | ".join(DOMAINS) + " | " + " | ".join(f"Δ {d} vs none" for d in DOMAINS) + " |",
              "|---|---|" + "---|" * (2 * len(DOMAINS))]
@@ -97,12 +103,22 @@ def table(done: dict) -> str:
     return "\n".join(lines)
 
 
+def key_of(label: str, seed) -> str:
+    """tta.json's key: the seed alone for the default's DG checkpoints (the first table), else label|seed."""
+    return str(seed) if label == "dsbn" else f"{label}|{seed}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", default="dsbn", help="the DG row whose selected checkpoints are scored")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(dg.SEEDS))
+    ap.add_argument("--adapted", metavar="VARIANT", help="score the DSBN checkpoints uda_benchmark.py adapted to lung "
+                                                          "with VARIANT (e.g. 'self-training only') instead")
+    ap.add_argument("--flips-only", action="store_true", help="only `none` and `flip`")
     ap.add_argument("--tables", action="store_true")
     args = ap.parse_args()
+    label = f"adapted: {args.adapted}" if args.adapted else args.row
+    scales = {"none": [1.0]} if args.flips_only else SCALES
     import torch
 
     torch.set_num_threads(1)
@@ -112,13 +128,22 @@ def main() -> None:
         sel = dg.selected(json.loads((dg.OUT / "results.json").read_text()))[args.row]
         table_name = next(r.table for r in dg.rows() if r.name == args.row)
         for seed in args.seeds:
-            if str(seed) in done:
+            if key_of(label, seed) in done:
                 continue
-            done[str(seed)] = score(dg.run_dir_of(table_name, args.row, seed, sel[seed]["lr"]))
+            if args.adapted:
+                import uda_benchmark as uda
+
+                run, ckpt = uda.out_dir(args.row, seed, "lung", args.adapted), "best.pt"
+            else:
+                run, ckpt = dg.run_dir_of(table_name, args.row, seed, sel[seed]["lr"]), "last.pt"
+            if not (run / ckpt).exists():
+                print(f"seed {seed}: no {run / ckpt}, skipped", file=sys.stderr)
+                continue
+            done[key_of(label, seed)] = score(run, ckpt, scales)
             path.write_text(json.dumps(done, indent=1))
-            print(f"seed {seed}: " + ", ".join(f"{v} lung {r['lung']:.3f}" for v, r in done[str(seed)].items()),
+            print(f"seed {seed}: " + ", ".join(f"{v} lung {r['lung']:.3f}" for v, r in done[key_of(label, seed)].items()),
                   file=sys.stderr, flush=True)
-    print(table(done))
+    print(table(done, label))
 
 
 if __name__ == "__main__":

@@ -47,11 +47,16 @@ def key_of(row: str, seed: int, target: str, variant: str) -> str:
     return f"{seed}|{target}|{variant}" if row == "erm" else f"{row}|{seed}|{target}|{variant}"
 
 
+def out_dir(row: str, seed: int, target: str, variant: str) -> Path:
+    """Where the adapted model of `row`'s seed for `target` with `variant` is written."""
+    return dg.OUT / "uda" / f"{row}-s{seed}-{target}-{variant.split(' ')[0]}".replace(" ", "_").replace(":", "")
+
+
 def run_one(row: str, seed: int, lr: str, target: str, variant: str, device: str) -> dict:
     src = dg.run_dir_of(next(r.table for r in dg.rows() if r.name == row), row, seed, lr)
     if not (src / "last.pt").is_file():
         raise SystemExit(f"{src}: no last.pt (the DG run's checkpoint is needed: dg_benchmark.py keeps only results.json)")
-    out = dg.OUT / "uda" / f"{row}-s{seed}-{target}-{variant.split(' ')[0]}".replace(" ", "_").replace(":", "")
+    out = out_dir(row, seed, target, variant)
     args = ["adapt", src / "last.pt", "--source", dg.OUT / "stores" / "train", "--target", dg.OUT / "stores" / f"oracle-{target}",
             "-o", out, "--steps", STEPS, "--seed", seed, "--device", device, "--overwrite", *VARIANTS[variant]]
     t0 = time.time()
