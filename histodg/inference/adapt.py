@@ -1,5 +1,5 @@
-"""Test-time adaptation of BatchNorm statistics to one slide (`--adapt bn`, AdaBN: Li et al.,
-"Revisiting Batch Normalization for Practical Domain Adaptation", 2016).
+"""Test-time adaptation to one slide, and the route a DSBN model's slide takes: `--adapt bn` (AdaBN,
+`adabn`), `--adapt tent` (`tent`), a domain slot or the shared one (`slide_batchnorm`).
 
 A slide comes from one scanner and one organ: before predicting it, every BatchNorm layer's
 running mean and variance are re-estimated from that slide's own tissue windows (a cumulative
@@ -23,50 +23,10 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..model.batchnorm import MIN_WINDOWS, adaptation_windows
+from .adabn import adapted_batchnorm
+from .tent import adapted_tent
 
-
-@contextmanager
-def adapted_batchnorm(predictor, batches):
-    """Inside: every BatchNorm of `predictor.model` uses statistics estimated on `batches`
-    ((N, T, T, 3) uint8 tensors); after: the checkpoint's statistics, exactly."""
-    from ..model.batchnorm import estimated_statistics
-
-    meter = predictor.meter  # the shift score sees the unadapted model on these windows
-
-    # with --tta flip the prediction measures every flip of a window (`Predictor.probabilities`): so
-    # does this, so that the score does not depend on --adapt
-    flips = ((), (3,), (2,), (2, 3)) if predictor.options.tta == "flip" else ((),)  # NCHW: 3 = width
-
-    def measure(x, layers, saved):
-        meter.active = True
-        for dims in flips:
-            meter.counting = not dims  # a window counts once, however many flips are measured
-            _unadapted_forward(predictor.model, layers, saved, x.flip(dims) if dims else x)
-        meter.counting = True
-        meter.active = False  # not the estimating pass, nor the adapted prediction after it
-
-    inputs = (predictor.model_input(batch) for batch in batches)
-    with estimated_statistics(predictor.model, inputs, measure if meter is not None else None) as layers:
-        yield len(layers)
-
-
-def _unadapted_forward(model, layers, saved, x) -> None:
-    """One forward of `x` with the checkpoint's statistics (eval mode), leaving the statistics being
-    estimated as they were."""
-    import torch
-
-    current = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
-    for m, (mean, var, _, _) in zip(layers, saved):
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        m.eval()
-    model(x)
-    with torch.no_grad():
-        for m, (mean, var, tracked) in zip(layers, current):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(tracked)
-            m.train()
+__all__ = ["adapted_batchnorm", "adapted_to", "dsbn_route", "dsbn_slot", "slide_batchnorm", "window_batches"]
 
 
 @contextmanager
@@ -130,8 +90,6 @@ def adapted_to(predictor, tissue, read, mode: str | None = None):
         with adapted_batchnorm(predictor, batches):
             yield f"bn: statistics of {len(picks)} windows"
         return
-    from .tent import adapted_tent
-
     with adapted_tent(predictor, list(batches)) as losses:
         yield (f"tent: statistics of {len(picks)} windows, {len(losses)} entropy steps "
                f"(entropy {losses[0]:.4f} at the first, {losses[-1]:.4f} at the last)")

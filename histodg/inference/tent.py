@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from ..device import autocast
 from ..model.batchnorm import batchnorm_layers
-from .adapt import adapted_batchnorm
+from .adabn import adapted_batchnorm
 
 TENT_STEPS = 10
 TENT_LR = 1e-3

@@ -12,15 +12,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import HistodgError, exc_line
+from .. import exc_line
+from .errors import ModelError
 from .safe_load import read_torch_file
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
          "manet": "MAnet", "linknet": "Linknet", "pspnet": "PSPNet", "pan": "PAN", "segformer": "Segformer", "upernet": "UPerNet"}
-
-
-class ModelError(HistodgError):
-    """A model cannot be built or its weights cannot be loaded."""
 
 
 def arch_name(arch: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import exc_line
-from .build import ModelError
+from .errors import ModelError
 
 TIMM_NAME = "efficientnet_lite0"
 

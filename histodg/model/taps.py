@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .build import ModelError
+from .errors import ModelError
 
 
 def head_upsampling(model: nn.Module) -> int:

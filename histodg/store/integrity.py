@@ -9,7 +9,7 @@ store whole can be checked cheaply, without decoding:
 - `shard_problem(path, group)`: every shard file of `images` and `masks` is present, its index
   checksum holds, and every patch of the store has an entry that lies inside the file. Readers
   run it when they open a complete store (`reader.open_store`): a few hundred bytes per shard.
-- `chunk_problems(store)`: decode every patch of every array (`histodg info --check`).
+- the deep check, every patch of every array decoded (`histodg info --check`), is `check.py`'s.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from .. import exc_line
 
 SHARDED = ("images", "masks")
 MISSING = 2**64 - 1  # an index entry for a chunk that was never written
@@ -82,54 +80,3 @@ def shard_problems(path: Path, group):
                 if offset + nbytes > data_end:
                     yield f"{name} patch {first + k} lies past the end of {where}: truncated"
                     break
-
-
-def check_store(path) -> tuple[int, list[str]]:
-    """(patches, problems) of a complete store: its shards, then every chunk decoded."""
-    from .reader import StoreError, open_store
-
-    path = Path(path)
-    try:
-        store = open_store(path, require_complete=True, verify=False)
-    except StoreError as exc:
-        return 0, [exc.reason]
-    problems = list(shard_problems(path, store.group))
-    if not problems:
-        problems = chunk_problems(store)
-    return len(store), problems
-
-
-def chunk_problems(store, limit: int = 20) -> list[str]:
-    """Decode every patch of every array of an open store; what fails (at most `limit` lines)."""
-    problems = []
-    for name in ("images", "masks", "coords", "tissue"):
-        if name not in store.group:
-            continue
-        arr = store.group[name]
-        step = 16 if name in SHARDED else arr.shape[0]  # 16 patches at a time: bounded memory
-        for a in range(0, arr.shape[0], max(step, 1)):
-            if _decodes(arr, a, a + step):
-                continue
-            for i in range(a, min(arr.shape[0], a + step)):  # name each patch that fails
-                why = _decode_error(arr, i)
-                if why:
-                    problems.append(f"{name} patch {i}: cannot be decoded ({why})")
-                    if len(problems) >= limit:
-                        return problems
-    return problems
-
-
-def _decodes(arr, a: int, b: int) -> bool:
-    try:
-        arr[a:b]
-        return True
-    except Exception:  # whatever the codecs raise
-        return False
-
-
-def _decode_error(arr, i: int) -> str | None:
-    try:
-        arr[i:i + 1]
-        return None
-    except Exception as exc:
-        return exc_line(exc, 120)
