@@ -18,26 +18,32 @@ RAW_RGB = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # the model 
 
 
 # -- stores ------------------------------------------------------------------------------------------
+def toy_patch(rng, size: int, centre=(0.25, 0.75), radius=(0.15, 0.35), empty: float = 0.2, noise: float = 12,
+              tint=(0, 0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB float image in 0-255, tumour mask) of one toy patch: a striped purple disc (tumour) on pink
+    (stroma), with noise and a tint per domain; `empty` of the patches have no tumour."""
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy = rng.uniform(*centre, 2) * size
+    r = rng.uniform(*radius) * size
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+    if empty and rng.random() < empty:
+        disc[:] = False  # some patches without tumour
+    stripes = 25 * (np.sin(xx / 2.0 + yy / 3.0) > 0)[..., None]  # tumour texture
+    img = np.where(disc[..., None], np.array((120, 60, 150)) + stripes, np.array((225, 160, 190)))
+    img = img + rng.normal(0, noise, (size, size, 1)) + np.asarray(tint)
+    return np.clip(img, 0, 255), disc
+
+
 def make_store(path: Path, n: int = 24, size: int = 64, organ: str = "unknown", scanner: str = "unknown",
                seed: int = 0, tint=(0, 0, 0), masks: bool = True, mpp: float = 1.0) -> Path:
     rng = np.random.default_rng(seed)
     attrs = StoreAttrs(tile_size=size, mpp=mpp, organ=organ, scanner=scanner,
                        labels={"0": "background", "1": "tumor"} if masks else None)
     w = StoreWriter(Path(path), attrs, n, masks).create()
-    yy, xx = np.mgrid[:size, :size]
     for i in range(n):
-        cx, cy = rng.uniform(0.25, 0.75, 2) * size
-        r = rng.uniform(0.15, 0.35) * size
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-        if rng.random() < 0.2:
-            disc[:] = False  # some patches without tumour
-        img = np.empty((size, size, 3), np.float32)
-        img[:] = (225, 160, 190)  # pink stroma
-        noise = rng.normal(0, 12, (size, size, 1))
-        stripes = 25 * (np.sin(xx / 2.0 + yy / 3.0) > 0)[..., None]  # tumour texture
-        img = np.where(disc[..., None], np.array((120, 60, 150)) + stripes, img) + noise + np.asarray(tint)
-        img = np.clip(img, 0, 255).astype(np.uint8)
-        w.append(w.encode(img, disc.astype(np.uint8) if masks else None), (i * size, 0), 1.0, plan_done=i + 1)
+        img, disc = toy_patch(rng, size, tint=tint)
+        w.append(w.encode(img.astype(np.uint8), disc.astype(np.uint8) if masks else None), (i * size, 0), 1.0,
+                 plan_done=i + 1)
     w.finish()
     return Path(path)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import toy_patch
 from histodg.model.build import build_model
 from histodg.model.config import IMAGENET_MEAN, IMAGENET_STD
 from histodg.model.normalize import Normalizer
@@ -22,22 +23,14 @@ NORM = Normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu")
 
 
 def toy_batches(n_domains=2, per_domain=4, size=64, seed=0):
-    """Per-domain (normalised images, masks): a striped purple disc (tumour) on pink, tinted per domain."""
+    """Per-domain (normalised images, masks): `helpers.toy_patch`, tinted per domain."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
     out = []
     for d in range(n_domains):
-        imgs, masks = [], []
-        for _ in range(per_domain):
-            cx, cy = rng.uniform(0.3, 0.7, 2) * size
-            r = rng.uniform(0.15, 0.3) * size
-            disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-            img = np.where(disc[..., None], np.array([120, 60, 150]) + 25 * (np.sin(xx / 2 + yy / 3) > 0)[..., None],
-                           np.array([225, 160, 190])) + rng.normal(0, 10, (size, size, 1)) + np.array([12 * d, -8 * d, 0])
-            imgs.append(np.clip(img, 0, 255).transpose(2, 0, 1))
-            masks.append(disc)
-        x = NORM(torch.tensor(np.stack(imgs), dtype=torch.float32))
-        out.append((x, torch.tensor(np.stack(masks), dtype=torch.uint8)))
+        pairs = [toy_patch(rng, size, centre=(0.3, 0.7), radius=(0.15, 0.3), empty=0, noise=10, tint=(12 * d, -8 * d, 0))
+                 for _ in range(per_domain)]
+        x = NORM(torch.tensor(np.stack([img.transpose(2, 0, 1) for img, _ in pairs]), dtype=torch.float32))
+        out.append((x, torch.tensor(np.stack([disc for _, disc in pairs]), dtype=torch.uint8)))
     return out
 
 
