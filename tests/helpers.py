@@ -14,6 +14,9 @@ import torch
 from histodg.model.config import ModelConfig, Normalization
 from histodg.store import StoreAttrs, StoreWriter
 
+# `histodg train` arguments for a run of two steps of a tiny U-Net on CPU
+TINY_TRAIN = ("--arch", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "2", "--method",
+              "erm", "--device", "cpu", "--workers", "0", "--val-fraction", "0", "--steps", "2")
 RAW_RGB = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # the model sees RGB / 255
 
 

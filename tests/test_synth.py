@@ -7,7 +7,6 @@ writers wrote (checked in `test_written_pixels_are_the_render`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from itertools import combinations
 from pathlib import Path
@@ -15,13 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from histodg.cli import main
 from histodg.synth import DOMAINS, make_dataset, make_gallery
 from histodg.synth.dataset import plan, render_job
 from histodg.synth.gallery import read_manifest
-from histodg.synth.profiles import SCANNERS
 from histodg.synth.tissue import EPITHELIUM, TUMOUR
 
 SIZE_UM = 600.0
@@ -60,11 +56,6 @@ def _level0(path) -> np.ndarray:
 def _to_mpp(img: np.ndarray, mpp: float, target: float, interpolation=cv2.INTER_AREA) -> np.ndarray:
     f = mpp / target
     return cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)), interpolation=interpolation)
-
-
-def _cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -139,8 +130,8 @@ def test_geojson_is_qupath_shaped(dataset, rows):
             assert ring[0] == ring[-1] and len(ring) > 3
 
 
-def _tile_one(dataset, row, out, mpp, tile=128):
-    res = _cli("tile", dataset / row["path"], "-o", out, "--tile-size", tile, "--mpp", mpp, "--min-tissue", 0,
+def _tile_one(cli, dataset, row, out, mpp, tile=128):
+    res = cli("tile", dataset / row["path"], "-o", out, "--tile-size", tile, "--mpp", mpp, "--min-tissue", 0,
                "--annotations", dataset / row["annotation"])
     assert res.exit_code == 0, res.output
     import zarr
@@ -149,10 +140,10 @@ def _tile_one(dataset, row, out, mpp, tile=128):
 
 
 @pytest.mark.parametrize("name", ["colon-01", "scanner-b-01"])
-def test_geojson_round_trip_is_exact_at_native_mpp(dataset, rows, renders, tmp_path, name):
+def test_geojson_round_trip_is_exact_at_native_mpp(cli, dataset, rows, renders, tmp_path, name):
     row = _row(rows, name)
     _, case = renders[name]
-    g = _tile_one(dataset, row, tmp_path, float(row["mpp"]))
+    g = _tile_one(cli, dataset, row, tmp_path, float(row["mpp"]))
     masks, coords = g["masks"][:], g["coords"][:]
     h, w = case.label.shape
     padded = np.zeros((h + 128, w + 128), np.uint8)
@@ -163,10 +154,10 @@ def test_geojson_round_trip_is_exact_at_native_mpp(dataset, rows, renders, tmp_p
     assert sum(int(m.sum()) for m in masks) == int(case.label.sum())  # every tumour pixel, once
 
 
-def test_geojson_round_trip_at_coarser_mpp(dataset, rows, renders, tmp_path):
+def test_geojson_round_trip_at_coarser_mpp(cli, dataset, rows, renders, tmp_path):
     row = _row(rows, "scanner-d-01")
     _, case = renders["scanner-d-01"]
-    g = _tile_one(dataset, row, tmp_path, 1.0, tile=64)
+    g = _tile_one(cli, dataset, row, tmp_path, 1.0, tile=64)
     masks, coords = g["masks"][:], g["coords"][:]
     scale = 1.0 / case.mpp  # level-0 px per patch px
     coarse = _to_mpp(case.label.astype(np.float32), case.mpp, 1.0) > 0.5
@@ -310,22 +301,6 @@ def test_colour_alone_cannot_find_the_tumour(dataset, rows, renders):
 
 
 # -- determinism, arguments, CLI -----------------------------------------------------------------------
-def _hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
-    a = make_dataset(tmp_path / "a", seed=7, cases=1, size_um=400, formats=("wsi", "cosas"), workers=2)
-    b = make_dataset(tmp_path / "b", seed=7, cases=1, size_um=400, formats=("wsi", "cosas"), workers=1)
-    c = make_dataset(tmp_path / "c", seed=8, cases=1, size_um=400)
-    ha, hb, hc = _hashes(a.parent), _hashes(b.parent), _hashes(c.parent)
-    assert ha == hb  # also: one worker or two, the same bytes
-    tiffs = [k for k in hc if k.endswith(".tiff")]
-    assert len(tiffs) == len(DOMAINS)
-    assert all(ha[k] != hc[k] for k in tiffs)
-
-
 def test_more_cases_keep_the_first_ones(tmp_path, dataset):
     one = make_dataset(tmp_path / "one", seed=0, cases=1, size_um=SIZE_UM)
     for row in read_manifest(one):
@@ -333,89 +308,8 @@ def test_more_cases_keep_the_first_ones(tmp_path, dataset):
             assert (one.parent / row["path"]).read_bytes() == (dataset / row["path"]).read_bytes()
 
 
-def test_bad_arguments_raise_value_error(tmp_path):
-    for kwargs in ({"cases": 0}, {"size_um": 10}, {"formats": ("tiff",)}, {"formats": ()}, {"seed": -1}):
-        with pytest.raises(ValueError):
-            make_dataset(tmp_path / "never", **kwargs)
-    assert not (tmp_path / "never").exists()
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="use --overwrite"):
-        make_dataset(full, cases=1, size_um=400)
-    (full / "wsi").mkdir()
-    (full / "wsi" / "stale.tiff").write_bytes(b"old")
-    make_dataset(full, cases=1, size_um=400, overwrite=True)
-    assert not (full / "wsi" / "stale.tiff").exists()
-    assert (full / "notes.txt").read_text() == "mine"  # only what synth writes is replaced
-    assert (full / "manifest.csv").is_file()
-
-
-def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
-    import histodg.synth.dataset as synth
-
-    real, made = synth.make_case, []
-
-    def flaky(job):
-        if len(made) == 3:
-            raise KeyboardInterrupt
-        made.append(job.name)
-        return real(job)
-
-    monkeypatch.setattr(synth, "make_case", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        make_dataset(tmp_path / "cut", cases=1, size_um=400, workers=1)
-    assert not (tmp_path / "cut" / "manifest.csv").exists()
-    assert len(list((tmp_path / "cut").rglob("*.tiff"))) == 3
-    assert not list((tmp_path / "cut").rglob("*.tmp*"))  # no temporary file left behind
-
-
-def test_cli_synth_wsi_and_errors(tmp_path):
-    out = tmp_path / "cli"
-    res = _cli("synth", out, "--cases", 1, "--size-um", 400, "--seed", 1)
-    assert res.exit_code == 0, res.output
-    assert (out / "manifest.csv").is_file() and "manifest.csv" in res.output
-    assert len(read_manifest(out / "manifest.csv")) == len(DOMAINS)
-    res = _cli("synth", out, "--cases", 1, "--size-um", 400)
-    assert res.exit_code == 2 and "use --overwrite" in res.output
-    res = _cli("synth", tmp_path / "bad", "--cases", 0)
-    assert res.exit_code == 2 and "cases" in res.output
-
-
-def test_cli_synth_cosas_format_and_import(tmp_path):
-    out = tmp_path / "cosas-only"
-    res = _cli("synth", out, "--cases", 1, "--size-um", 400, "--format", "cosas")
-    assert res.exit_code == 0, res.output
-    assert not (out / "wsi").exists()
-    rows = read_manifest(out / "manifest.csv")
-    from PIL import Image
-
-    for r in rows:
-        assert r["path"].startswith("cosas/") and "/image/" in r["path"] and "/mask/" in r["annotation"]
-        with Image.open(out / r["path"]) as im, Image.open(out / r["annotation"]) as mk:
-            assert im.mode == "RGB" and mk.mode == "L" and im.size == mk.size
-            values = set(np.unique(np.asarray(mk)).tolist())
-        assert values == {0, 255}
-    for task in ("organ", "scanner"):
-        domains = sorted(p.name for p in (out / "cosas" / task).iterdir())
-        assert len(domains) == 4
-    mpp = {r["mpp"] for r in rows if r["task"] == "organ"}
-    assert mpp == {"0.5"}
-    stores = tmp_path / "stores"
-    res = _cli("tile", out / "cosas" / "organ", "-o", stores, "--mpp-override", "0.5", "--mpp", "1.0",
-               "--tile-size", 64, "--min-tissue", 0)
-    assert res.exit_code == 0, res.output
-    import zarr
-
-    found = {}
-    for p in sorted(stores.glob("*.zarr")):
-        g = zarr.open_group(str(p), mode="r")
-        found[g.attrs["organ"]] = (g.attrs["scanner"], int(g["masks"][:].max()))
-    assert found == {o: ("unknown", 1) for o in ("colon", "lung", "pancreas", "stomach")}
-
-
-def test_manifest_tiles_into_stores_with_the_known_axis(dataset, tmp_path):
-    res = _cli("tile", dataset / "manifest.csv", "-o", tmp_path, "--mpp", 1.0, "--tile-size", 128)
+def test_manifest_tiles_into_stores_with_the_known_axis(cli, dataset, tmp_path):
+    res = cli("tile", dataset / "manifest.csv", "-o", tmp_path, "--mpp", 1.0, "--tile-size", 128)
     assert res.exit_code == 0, res.output
     import zarr
 
@@ -435,22 +329,3 @@ def test_gallery(dataset, tmp_path):
     with Image.open(png) as im:
         assert im.size[0] > 600 and im.size[1] > 300
     assert png.stat().st_size < 1.5 * 2**20
-
-
-def test_profiles_are_distinct_domains():
-    assert len({(d.task, d.name) for d in DOMAINS}) == len(DOMAINS)
-    assert {SCANNERS[d.scanner].mpp for d in DOMAINS if d.task == "scanner"} == {0.25, 0.5}
-
-
-def test_an_extra_scanner_is_a_held_out_domain_of_its_own(tmp_path):
-    from histodg.synth.profiles import SCANNERS, random_scanner, scanner_profile
-
-    a, b = random_scanner(7), random_scanner(8)
-    assert a == scanner_profile("scanner-x7") and a != b  # the seed is the acquisition
-    assert all(a.stain_e != s.stain_e and a.white != s.white for s in SCANNERS.values())
-    manifest = make_dataset(tmp_path / "x", cases=1, size_um=400, extra_scanners=(7,))
-    rows = read_manifest(manifest)
-    extra = [r for r in rows if r["scanner"] == "scanner-x7"]
-    assert len(rows) == len(DOMAINS) + 1 and len(extra) == 1
-    assert extra[0]["split"] == "heldout" and extra[0]["task"] == "scanner" and float(extra[0]["mpp"]) == a.mpp
-    assert (tmp_path / "x" / extra[0]["path"]).is_file()
