@@ -203,7 +203,23 @@ def print_info(items: list[dict]) -> None:
         out.print(table)
 
 
-class TrainView:
+class _ProgressView:
+    """A live view of one long command: its rich `progress` shown while inside, notes printed above it."""
+
+    progress: Progress
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_note(self, line: str) -> None:
+        self.progress.console.print(f"note: {escape(line)}")
+
+
+class TrainView(_ProgressView):
     """Live view of a training run: a bar per stage with loss, lr and throughput; a line per epoch
     with Dice per domain (seen domains' validation, and held-out domains in brackets)."""
 
@@ -221,16 +237,6 @@ class TrainView:
         self.task = None
         self._t = None
         self._done = 0
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def on_note(self, line: str) -> None:
-        self.progress.console.print(f"note: {escape(line)}")
 
     def on_stage_start(self, stage, model, total_steps):
         import time
@@ -263,7 +269,7 @@ class TrainView:
             + (f"  \\[held out: {held}]" if held else "") + ("  [green]best[/]" if r.get("best") else ""))
 
 
-class AdaptView:
+class AdaptView(_ProgressView):
     """Live view of `histodg adapt`: one bar, the segmentation and alignment losses."""
 
     def __init__(self):
@@ -271,16 +277,6 @@ class AdaptView:
                                  TextColumn("seg {task.fields[seg]:.4f}  align {task.fields[local]:.4f}"),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
         self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def on_note(self, line: str) -> None:
-        self.progress.console.print(f"note: {escape(line)}")
 
     def on_step(self, logs: dict, total: int) -> None:
         if self.task is None:
