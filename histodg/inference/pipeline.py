@@ -108,10 +108,11 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
     return True
 
 
-def _stitch(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path,
-            progress, timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
-    """Run the first `count` windows of the plan into `prob`; (unreadable windows, stitching stats,
-    what the artefact QC found)."""
+def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path,
+                 progress, timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
+    """The whole window pipeline of one slide: the slide's BatchNorm route or adaptation, the shift
+    meter, then the first `count` windows of the plan read, predicted and stitched into `prob`;
+    (unreadable windows, stitching stats, what the artefact QC found)."""
     o = pred.options
     h, w = plan.out_shape
     cache = o.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.chunk_px)
@@ -186,7 +187,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching, qc = _stitch(pred, job, slide, plan, count, prob, out, progress, timings, result)
+        bad, stitching, qc = _run_windows(pred, job, slide, plan, count, prob, out, progress, timings, result)
         excluded = qc.pop("excluded_windows") if qc else []
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
