@@ -49,6 +49,7 @@ def too_large(width: int, height: int, what: str = "plain image") -> str | None:
 # artefact QC (slides.qc): the flag bits of a window, and what --qc does with flagged windows
 QC_FLAGS = {"pen": 1, "blur": 2, "dark": 4, "glass": 8}
 QC_MODES = ("exclude", "flag", "off")
+MAX_BAD_FRACTION = 0.1  # --max-bad-fraction of tile and predict: a slide fails past this share of bad windows
 # what --qc exclude leaves out: glass is only recorded (--min-tissue already decides how much tissue a
 # window needs, and a mostly empty window may hold a tumour's edge)
 QC_EXCLUDED = QC_FLAGS["pen"] | QC_FLAGS["blur"] | QC_FLAGS["dark"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import ADAPT_MODES, AXES, BACKENDS, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
+from ..constants import ADAPT_MODES, AXES, BACKENDS, MAX_BAD_FRACTION, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BACKEND_CHOICE = click.Choice(BACKENDS)
@@ -37,7 +37,7 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
                           "wrong value); a manifest's mpp column wins."),
         click.option("--domain-axis", type=click.Choice(AXES), default=None,
                      help="What the domain folders of a COSAS layout are."),
-        click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
+        click.option("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION, show_default=True,
                      help="Fail a slide when more of its windows than this cannot be decoded."),
         click.option("--qc", type=click.Choice(QC_MODES), default="exclude", show_default=True,
                      help="Artefact QC of every window, no weights (pen marks, out-of-focus, folds and dark debris, "

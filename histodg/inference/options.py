@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, MAX_BAD_FRACTION, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 
 
@@ -28,7 +28,7 @@ class PredictOptions:
     backend: str = "auto"
     tissue_method: str = "otsu"
     mpp_tolerance: float = 0.02
-    max_bad_fraction: float = 0.1
+    max_bad_fraction: float = MAX_BAD_FRACTION
     overwrite: bool = False
     chunk_px: int = 512  # stitching chunk and prob.zarr chunk side
     cache_chunks: int | None = None  # stitching chunks held in memory; None: enough for a strip

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..constants import COMPRESSIONS, QC_MODES
+from ..constants import COMPRESSIONS, MAX_BAD_FRACTION, QC_MODES
 from ..slides.annotations import LabelMap
 from ..slides.tissue import METHODS
 
@@ -54,7 +54,7 @@ class TileOptions:
     workers: int = 2
     labels: LabelMap = field(default_factory=LabelMap)
     overwrite: bool = False
-    max_bad_fraction: float = 0.1
+    max_bad_fraction: float = MAX_BAD_FRACTION
     compression: str = "auto"  # auto: jpeg for a lossy source (JPEG slides), lz4 for a lossless one
     jpeg_quality: int = 90
     qc: str = "exclude"  # artefact QC (slides.qc): exclude flagged windows, flag them (kept), or off
