@@ -177,6 +177,22 @@ def test_evaluate_predictions_errors(cli, predictions, tmp_path):
     assert r.exit_code == 2 and "--truth" in r.output
 
 
+@pytest.mark.parametrize("option", [("--label", "tumor=1"), ("--objects", "annotation,detection")])
+def test_evaluate_with_a_checkpoint_refuses_the_options_of_predictions(cli, stores, tmp_path, option):
+    """--label / --objects say how to read annotations; with a checkpoint the stores' masks are the
+    truth, so they were parsed and silently ignored before (issue 32 §1)."""
+    ck = tiny_checkpoint(tmp_path / "all.pt", mpp=1.0, head_logit=10.0)
+    r = cli("evaluate", ck, stores, *option)
+    assert r.exit_code == 2 and f"{option[0]}: for scoring predictions" in r.output
+    assert cli("evaluate", ck, stores, "--json").exit_code == 0  # the defaults alone are no choice
+
+
+@pytest.mark.parametrize("option", [("--tta", "none"), ("--batch-size", "4"), ("--device", "cpu"), ("--adapt", "bn")])
+def test_evaluate_on_predictions_refuses_the_options_of_a_checkpoint_run(cli, predictions, option):
+    r = cli("evaluate", predictions / "out", "--truth", predictions / "truth", *option)
+    assert r.exit_code == 2 and f"{option[0]}: for a checkpoint run on stores" in r.output
+
+
 def test_a_damaged_probability_map_is_one_line_and_the_rest_is_scored(cli, predictions, tmp_path):
     import shutil
 

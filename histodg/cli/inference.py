@@ -115,7 +115,7 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
     with_checkpoint = first.is_file() and first.suffix.lower() != ".csv"
     try:
         label_map = LabelMap.parse(labels, objects)
-        _check_evaluate_args(with_checkpoint, len(sources), truth, threshold, adapt, stain_norm, stain_ref)
+        _check_evaluate_args(with_checkpoint, len(sources), truth, threshold, _given(click.get_current_context()))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if with_checkpoint:
@@ -146,7 +146,24 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
         sys.exit(1)
 
 
-def _check_evaluate_args(with_checkpoint: bool, n_sources: int, truth, threshold, adapt, stain_norm, stain_ref) -> None:
+# what each mode of `evaluate` reads; an option of the other mode given explicitly is refused, never ignored
+CHECKPOINT_ONLY = ("batch_size", "tta", "device", "adapt", "stain_norm", "stain_ref")
+PREDICTIONS_ONLY = ("truth", "labels", "objects")
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """The parameters the user set (on the command line or from the environment), not defaults."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+def _option(name: str) -> str:
+    return {"labels": "--label"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_evaluate_args(with_checkpoint: bool, n_sources: int, truth, threshold, given: set[str]) -> None:
     """The option combinations `evaluate` refuses (ValueError: a usage error)."""
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"--threshold {threshold} must be between 0 and 1 (exclusive)")
@@ -154,9 +171,12 @@ def _check_evaluate_args(with_checkpoint: bool, n_sources: int, truth, threshold
         raise ValueError("--truth is for scoring predictions; with a checkpoint the stores' masks are the truth")
     if with_checkpoint and n_sources < 2:
         raise ValueError("give the stores to score after the checkpoint")
-    if not with_checkpoint and adapt != "none":
-        raise ValueError("--adapt is for a checkpoint run on stores (predictions were adapted, or not, by predict)")
-    if not with_checkpoint and (stain_norm != "checkpoint" or stain_ref):
-        raise ValueError("--stain-norm is for a checkpoint run on stores (predict normalised, or not, its slides)")
+    ignored = [_option(n) for n in (PREDICTIONS_ONLY if with_checkpoint else CHECKPOINT_ONLY) if n in given]
+    if ignored and with_checkpoint:
+        raise ValueError(f"{', '.join(ignored)}: for scoring predictions; with a checkpoint the stores' masks are "
+                         "the truth, as they were tiled")
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: for a checkpoint run on stores (predictions were made, adapted and "
+                         "normalised by predict)")
     if not with_checkpoint and truth is None:
         raise ValueError("give --truth to score predictions (or a checkpoint first to score stores)")
