@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m ruff check histodg tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 demo: $(STAMP)

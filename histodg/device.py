@@ -7,14 +7,15 @@ their settings here, so they always agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .constants import DEVICE_MODES as MODES
 
 
 @dataclass(frozen=True)
 class Placement:
-    device: object  # torch.device
-    amp_dtype: object | None  # torch.bfloat16 or None
+    device: Any  # torch.device (torch is imported only where it is used)
+    amp_dtype: Any  # torch.bfloat16 or None
     channels_last: bool
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,9 +121,8 @@ class OmeTiffMask:
                        for i, s in enumerate(self.shapes)]
 
     def feed(self, r0: int, band: np.ndarray) -> None:
-        mask = band >= self.cut
-        if not mask.any():
-            mask = None
+        hit = band >= self.cut
+        mask = hit if hit.any() else None
         for lv in self.levels:
             lv.feed(r0, mask, band.shape[0])
 
@@ -139,7 +139,7 @@ class OmeTiffMask:
         self.spool.flush()
         fd = self.spool.fileno()
         w0, h0 = self.dims
-        meta = {"axes": "YX", "Name": name}
+        meta: dict[str, Any] = {"axes": "YX", "Name": name}
         if self.mpp:
             meta.update({"PhysicalSizeX": float(self.mpp), "PhysicalSizeXUnit": "µm",
                          "PhysicalSizeY": float(self.mpp), "PhysicalSizeYUnit": "µm"})
@@ -148,7 +148,7 @@ class OmeTiffMask:
                 if lv.next_row != h:
                     raise RuntimeError(f"pyramid level {i} got {lv.next_row} of {h} rows")
                 ds = w0 / w if i else 1.0
-                kw = dict(shape=(h, w), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), compression="zlib",
+                kw: dict[str, Any] = dict(shape=(h, w), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), compression="zlib",
                           photometric="minisblack")
                 if self.mpp:
                     kw.update(resolution=(1e4 / (self.mpp * ds), 1e4 / (self.mpp * ds)), resolutionunit="CENTIMETER")

@@ -142,7 +142,7 @@ def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count:
     stats = {"chunk": o.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
              "reloaded": acc.reloads}
     report = runner.qc_report(count - len(bad))
-    if report is not None:
+    if report is not None and qc is not None:  # a report comes from QC
         report["thresholds"] = qc.describe()
     return bad, stats, report
 
@@ -220,8 +220,8 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             "stitching": stitching,
             "adaptation": result.adaptation,
             "shift": result.shift,
-            "stain_unnormalised": None if stain is None else {"patches": stain.fallbacks - stain_before[0],
-                                                              "of": stain.seen - stain_before[1]},
+            "stain_unnormalised": None if stain is None or stain_before is None else {
+                "patches": stain.fallbacks - stain_before[0], "of": stain.seen - stain_before[1]},
             "tumor_pixels": prob.tumor_px,
             "tumor_area_mm2": area,
             "timings": result.timings,

@@ -160,13 +160,14 @@ class Predictor:
 
     def end_shift(self) -> dict | None:
         """The slide's domain-shift score (`model.shift.slide_shift`), or None without a reference."""
-        if self.meter is None:
+        reference = self.config.shift
+        if self.meter is None or reference is None:  # a meter is made only for a checkpoint with a reference
             return None
         from ..model.shift import slide_shift
 
         self.meter.active = True
         windows = self.meter.images
-        return slide_shift(self.config.shift, self.meter.take(), windows)
+        return slide_shift(reference, self.meter.take(), windows)
 
     def describe(self) -> dict:
         mc = self.config

@@ -46,8 +46,8 @@ def thumbnail_uri(path: Path, size: int = THUMB_PX) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as source:
+            im = source.convert("RGB")
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)

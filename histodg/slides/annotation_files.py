@@ -53,6 +53,7 @@ def load_annotations(path, dimensions: tuple[int, int], labels: LabelMap | None 
     if not path.is_file():
         raise AnnotationError(path, "annotation file not found")
     kind = annotation_format(path)
+    ann: PolygonAnnotations | MaskAnnotations
     if kind == "geojson":
         ann = PolygonAnnotations(*_read_geojson(path, labels))
     elif kind == "xml":
@@ -86,7 +87,8 @@ def _read_geojson(path: Path, labels: LabelMap):
         raise AnnotationError(path, "not GeoJSON: expected a FeatureCollection, a Feature or a list of features")
     if not isinstance(features, list):
         raise AnnotationError(path, "FeatureCollection without a list of features")
-    polygons, skipped = [], Counter()
+    polygons: list = []
+    skipped: Counter[str] = Counter()
     for i, feat in enumerate(features):
         if not isinstance(feat, dict) or "geometry" not in feat:
             raise AnnotationError(path, f"feature {i} has no geometry")
@@ -121,7 +123,8 @@ class _Unsupported(Exception):
 
 
 def _object_type(feat: dict, props: dict) -> str:
-    kind = props.get("objectType") or props.get("object_type") or QUPATH_IDS.get(feat.get("id"))
+    fid = feat.get("id")
+    kind = props.get("objectType") or props.get("object_type") or (QUPATH_IDS.get(fid) if isinstance(fid, str) else None)
     return kind.strip().lower() if isinstance(kind, str) else "annotation"
 
 
@@ -190,7 +193,7 @@ def read_label_mask(path: Path) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tf:
-                page = tf.pages[0]
+                page = tf.pages.first
                 if why := too_large(int(page.imagewidth), int(page.imagelength), "mask image"):
                     raise AnnotationError(path, why)
                 arr = page.asarray()

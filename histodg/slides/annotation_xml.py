@@ -37,7 +37,8 @@ def read_xml(path: Path, labels: LabelMap):
 
 
 def _asap(annotations, path: Path, labels: LabelMap):
-    polygons, skipped = [], Counter()
+    polygons: list = []
+    skipped: Counter[str] = Counter()
     for i, ann in enumerate(annotations):
         group = ann.get("PartOfGroup") or ""
         kind = (ann.get("Type") or "Polygon").lower()
@@ -70,24 +71,26 @@ def _aperio_class(ann) -> tuple[str, list[str]]:
 
 
 def _aperio(root, path: Path, labels: LabelMap):
-    polygons, skipped = [], Counter()
+    polygons: list = []
+    skipped: Counter[str] = Counter()
     for i, ann in enumerate(root.iter("Annotation")):
         name, names = _aperio_class(ann)
         label = next((v for v in map(labels, names) if v is not None), None) if names else labels(None)
         if label is None:
             skipped[name or "(unnamed)"] += 1
             continue
-        positive, holes = [], []
+        positive: list[np.ndarray] = []
+        holes: list[np.ndarray] = []
         for j, region in enumerate(ann.iter("Region")):
             try:
                 kind = int(float(region.get("Type") or 0))
                 ring = np.array([[float(v.get("X")), float(v.get("Y"))] for v in region.iter("Vertex")])
             except (TypeError, ValueError) as exc:
                 raise AnnotationError(path, f"annotation {i} region {j} has malformed vertices ({exc})") from None
-            ring = _region_ring(kind, ring, skipped)
-            if ring is None:
+            kept = _region_ring(kind, ring, skipped)
+            if kept is None:
                 continue
-            (holes if region.get("NegativeROA") == "1" else positive).append(ring)
+            (holes if region.get("NegativeROA") == "1" else positive).append(kept)
         mine = [Polygon([r], label, name) for r in positive]
         for hole in holes:
             owner = next((p for p in mine if _inside(hole[0], p.rings[0])), None)

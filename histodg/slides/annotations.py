@@ -175,7 +175,10 @@ def fill_rings(rings: list[np.ndarray], height: int, width: int) -> np.ndarray:
         if len(r) < 3:
             continue
         nxt = np.roll(r, -1, axis=0)
-        us.append(r[:, 0]), vs.append(r[:, 1]), ue.append(nxt[:, 0]), ve.append(nxt[:, 1])
+        us.append(r[:, 0])
+        vs.append(r[:, 1])
+        ue.append(nxt[:, 0])
+        ve.append(nxt[:, 1])
     inside = np.zeros((height, width), bool)
     if not us:
         return inside

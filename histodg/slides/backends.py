@@ -52,7 +52,7 @@ class OpenSlideSlide(Slide):
         p = self._osr.properties
         self.properties = dict(p)
         self.vendor = p.get("openslide.vendor")
-        self.level_dimensions = [tuple(int(v) for v in d) for d in self._osr.level_dimensions]
+        self.level_dimensions = [(int(d[0]), int(d[1])) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         self.mpp = _mpp_from(p, "openslide")
         self.mpp_source = "metadata" if self.mpp else None
@@ -122,7 +122,7 @@ class TiffSlideSlide(Slide):
         try:  # tiffslide parses lazily: a truncated or damaged file fails here, in any way
             p = ts.properties
             self.properties = {k: str(v) for k, v in p.items() if v is not None}
-            self.level_dimensions = [tuple(int(v) for v in d) for d in ts.level_dimensions]
+            self.level_dimensions = [(int(d[0]), int(d[1])) for d in ts.level_dimensions]
             self.level_downsamples = [float(d) for d in ts.level_downsamples]
             self.associated_images = sorted(ts.associated_images)
         except Exception as exc:
@@ -219,7 +219,7 @@ def _load_image(path: Path) -> tuple[np.ndarray, float | None]:
             import tifffile
 
             with tifffile.TiffFile(path) as tf:
-                page = tf.pages[0]
+                page = tf.pages.first
                 if why := too_large(int(page.imagewidth), int(page.imagelength)):
                     raise SlideError(path, why)
                 arr = page.asarray()
@@ -233,8 +233,8 @@ def _load_image(path: Path) -> tuple[np.ndarray, float | None]:
                 mode = im.mode
                 if mode in ("I;16", "I;16B", "I", "F"):
                     raise SlideError(path, f"{mode} images are not supported (8-bit RGB expected)")
-                im = im.convert("RGBA" if ("A" in mode or "transparency" in im.info) else "RGB")
-                arr = np.asarray(im)
+                rgb = im.convert("RGBA" if ("A" in mode or "transparency" in im.info) else "RGB")
+                arr = np.asarray(rgb)
             mpp = 25400.0 / float(dpi[0]) if dpi and _float(dpi[0]) else None
     except SlideError:
         raise

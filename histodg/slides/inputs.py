@@ -223,7 +223,8 @@ def attach_annotations(jobs: list[SlideJob], ann: Path) -> list[SlideJob]:
 def uniquify(jobs: list[SlideJob]) -> list[SlideJob]:
     """Give jobs with the same name distinct names (parent folder prefix, then a counter)."""
     counts = Counter(j.name for j in jobs)
-    out, seen = [], Counter()
+    out: list[SlideJob] = []
+    seen: Counter[str] = Counter()
     for j in jobs:
         name = j.name
         if counts[name] > 1:

@@ -76,6 +76,8 @@ def resolve_target(slide: Slide, mpp: float | None = None, magnification: float 
     um/px when the objective power is unknown)."""
     if mpp is not None:
         return mpp, mpp / slide.require_mpp()
+    if magnification is None:
+        raise ValueError("give a target mpp or a magnification")
     if slide.objective_power:
         scale = slide.objective_power / magnification
         return (slide.mpp * scale if slide.mpp else MAG_TO_MPP / magnification), scale

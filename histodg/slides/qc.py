@@ -24,6 +24,7 @@ slide in the tests' data and on the synthetic scanners (BENCHMARKS.md, "Artefact
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,10 +77,10 @@ def _hsv(rgb: np.ndarray) -> np.ndarray:
 def _ink(hsv: np.ndarray) -> np.ndarray:
     import cv2
 
-    out = None
-    for lo, hi in INK_RANGES:
-        m = cv2.inRange(hsv, lo, hi)
-        out = m if out is None else cv2.bitwise_or(out, m)
+    masks = [cv2.inRange(hsv, lo, hi) for lo, hi in INK_RANGES]
+    out = masks[0]
+    for m in masks[1:]:
+        out = cv2.bitwise_or(out, m)
     return out
 
 
@@ -118,7 +119,7 @@ def block_variances(rgb: np.ndarray) -> np.ndarray:
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=3)
     tissue = (grey < 220).astype(np.float32)
-    lap *= tissue
+    lap = lap * tissue
     h, w = grey.shape
     k = (max(1, w // FOCUS_BLOCK), max(1, h // FOCUS_BLOCK))
     frac = cv2.resize(tissue, k, interpolation=cv2.INTER_AREA)
@@ -175,7 +176,7 @@ class WindowQC:
     reference_focus: float | None = None
 
     @classmethod
-    def for_slide(cls, thumbnail: np.ndarray, tissue_mask: np.ndarray, sample: list[np.ndarray] = ()) -> WindowQC:
+    def for_slide(cls, thumbnail: np.ndarray, tissue_mask: np.ndarray, sample: Sequence[np.ndarray] = ()) -> WindowQC:
         """The slide's references: density from its thumbnail's tissue pixels (ink and glass left
         out), sharpness as the median block variance of a `sample` of its windows."""
         where = tissue_mask & ~glass_pixels(thumbnail) & ~ink(thumbnail)
@@ -210,8 +211,9 @@ class WindowQC:
             return flags
         if self.reference_od and optical_density(rgb[::step, ::step], tissue) > DARK_RATIO * self.reference_od:
             flags |= FLAGS["dark"]
-        blocks = block_variances(rgb) if self.reference_focus else ()
-        if len(blocks) and np.mean(blocks < BLUR_RATIO * self.reference_focus) >= BLUR_BLOCKS:
+        focus = self.reference_focus
+        blocks = block_variances(rgb) if focus else None
+        if focus and blocks is not None and len(blocks) and np.mean(blocks < BLUR_RATIO * focus) >= BLUR_BLOCKS:
             flags |= FLAGS["blur"]
         return flags
 

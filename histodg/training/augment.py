@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ def resolve_augment(preset: str, overrides: dict | None = None) -> AugmentSettin
         raise ValueError(f"--augment {preset!r}: choose from {', '.join(PRESETS)}")
     base = PRESETS[preset]
     fields = {f.name: f for f in dataclasses.fields(AugmentSettings)}
-    values = {}
+    values: dict[str, Any] = {}
     for key, raw in (overrides or {}).items():
         if key not in fields:
             raise ValueError(f"--aug {key}: no such setting (there are: {', '.join(fields)})")
@@ -233,7 +234,7 @@ def scale_jitter(x: torch.Tensor, masks: torch.Tensor, factor: torch.Tensor, whi
     f = factor[idx]
     theta = torch.zeros(len(idx), 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = 1 / f, 1 / f
-    grid = F.affine_grid(theta, (len(idx), 3, *x.shape[-2:]), align_corners=False)
+    grid = F.affine_grid(theta, [len(idx), 3, *x.shape[-2:]], align_corners=False)
     x, masks = x.clone(), masks.clone()
     x[idx] = F.grid_sample(x[idx], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     m = F.grid_sample(masks[idx][:, None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False)

@@ -16,7 +16,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     x = list(range(1, len(history) + 1))
     ax_loss.plot(x, [r.get("train_loss") for r in history], marker="o", color="black")
     ax_loss.set(xlabel="epoch (all stages)", ylabel="training loss", title="loss")
-    series: dict[str, list] = {}
+    series: dict[tuple[str, str, str], list] = {}
     for i, r in enumerate(history):
         for kind, style in (("val", "-"), ("heldout", "--")):
             for d, sc in (r.get(kind) or {}).get("domains", {}).items():

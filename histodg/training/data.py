@@ -31,23 +31,23 @@ def load_stores(paths, require_masks: bool = True) -> list[StoreRef]:
     found = find_stores(paths)
     if not found:
         raise DataError(paths[0] if paths else ".", "no patch stores found")
-    refs = []
+    refs: list[StoreRef] = []
     for p in found:
-        s = open_store(p)  # raises for incomplete / other version / broken
-        if require_masks and s.masks is None:
+        store = open_store(p)  # raises for incomplete / other version / broken
+        if require_masks and store.masks is None:
             raise DataError(p, "store has no masks (tile it with --annotations, or a COSAS layout with mask folders)")
-        if len(s):
-            refs.append(s.ref())
+        if len(store):
+            refs.append(store.ref())
     if not refs:
         raise DataError(found[0], "every store is empty (no tissue patches)")
     for key, what in (("tile_size", "tile sizes"), ("mpp", "resolutions (mpp)")):
-        values = {}
+        values: dict = {}
         for s in refs:
             values.setdefault(getattr(s.attrs, key), s)
         if len(values) > 1:
             (va, a), (vb, b) = list(values.items())[:2]
             raise DataError(b.path, f"mixed {what}: {vb} here but {va} in {a.path}; tile all stores alike")
-    names = {}
+    names: dict[str, Path] = {}
     for s in refs:
         if s.name in names:
             raise DataError(s.path, f"two stores named {s.name!r} (also {names[s.name]})")

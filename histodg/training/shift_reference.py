@@ -82,6 +82,6 @@ def shift_reference(model, normalizer, stages, device, per_store: int = PER_STOR
 
 def _gathered(mine: list, world: int) -> list:
     """Every rank's (index, moments), from every rank (a collective)."""
-    parts = [None] * world
+    parts: list = [None] * world
     torch.distributed.all_gather_object(parts, mine)
     return [item for theirs in parts for item in theirs]

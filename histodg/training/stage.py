@@ -106,7 +106,10 @@ class StageRun:
         cfg = self.cfg
         self.method.train()
         jitter_gen = torch.Generator()
-        losses, micro, logs, step = [], 0, {}, []
+        losses: list = []
+        micro = 0
+        logs: dict = {}
+        step: list = []
         self.optimizer.zero_grad(set_to_none=True)
         for images, masks in loaded(self._loader(epoch, steps)):
             step.append(self._batches(images, masks, jitter_gen, micro))

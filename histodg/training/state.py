@@ -148,7 +148,7 @@ def all_rng_states(rt: Runtime) -> dict:
     mine = rng_state(rt.device)
     if rt.world == 1:
         return {"ranks": [mine]}
-    gathered = [None] * rt.world
+    gathered: list = [None] * rt.world
     torch.distributed.all_gather_object(gathered, mine)
     return {"ranks": gathered}
 

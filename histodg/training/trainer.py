@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,10 @@ class TrainError(HistodgError):
 class Callbacks:
     """Hooks for a live view (the CLI) and for tests; all optional."""
 
-    on_stage_start: object = None  # (stage, model, steps_total) -> None
-    on_step: object = None  # (dict) -> None
-    on_epoch: object = None  # (record dict) -> None
-    on_note: object = None  # (one line: a stale lock of the run folder was taken over) -> None
+    on_stage_start: Callable | None = None  # (stage, model, steps_total) -> None
+    on_step: Callable | None = None  # (dict) -> None
+    on_epoch: Callable | None = None  # (record dict) -> None
+    on_note: Callable | None = None  # (one line: a stale lock of the run folder was taken over) -> None
 
 
 class Trainer:
@@ -266,7 +267,7 @@ class Trainer:
     def _finish(self, model, stages, st: TrainState, rt: Runtime) -> dict:
         checks = [params_checksum(model)]
         if rt.world > 1:
-            gathered = [None] * rt.world
+            gathered: list = [None] * rt.world
             torch.distributed.all_gather_object(gathered, checks[0])
             checks = gathered
         last = st.history[-1] if st.history else {}

@@ -64,6 +64,9 @@ def _head_sample_grads(model, feats, logits, masks, classes) -> torch.Tensor:
 class Fishr(Method):
     """ERM + matching the per-domain variances of per-image loss gradients (head or whole net)."""
 
+    updates: torch.Tensor  # buffers (see __init__), typed for the checker
+    steps: torch.Tensor
+
     name = "fishr"
     Hparams = FishrHparams
 

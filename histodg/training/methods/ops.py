@@ -74,7 +74,7 @@ def upsample_adjoint(model, r: torch.Tensor, small_hw: tuple[int, int]) -> torch
         return r
     up = model.segmentation_head[1]
     zeros = torch.zeros(r.shape[0], r.shape[1], *small_hw, device=r.device, dtype=r.dtype)
-    _, vjp = torch.func.vjp(up, zeros)
+    vjp = torch.func.vjp(up, zeros)[1]  # (output, the vector-Jacobian product)
     return vjp(r)[0]
 
 
