@@ -130,6 +130,10 @@ def rows() -> list[Row]:
     dsbn = ("--method", "dsbn")
     r.append(Row("protocols", "dsbn: union of both tasks", ("--union", "--steps", str(2 * STEPS), "--batch-size", "2",
                                                               "--accumulate", "1", *dsbn), 3))
+    # §2: organ pretraining, then the union with the organ slots carried over (stage 1 is cross-task
+    # DSBN's stage 1 to the bit; stage 2 the union's 2400 patches in 100 steps of 24), at the union's rate
+    r.append(Row("protocols", "dsbn: organ, then union", ("--pretrain", "organ", "--finetune", "union", "--steps", str(STEPS),
+                                                            *dsbn), 3, grid=False, parent="dsbn: union of both tasks"))
     # issue 31 §4: SDS on DSBN (whole, and its deep part alone: class-wise feature and head-gradient
     # alignment on DSBN's per-domain features), a variant of DSBN, so at DSBN's chosen rate per seed
     r.append(Row("methods", "dsbn + sds", (*CROSS, *sds, "--hp", "dsbn=true"), 3, grid=False, parent="dsbn"))

@@ -289,3 +289,49 @@ def test_a_cosas_layout_without_a_protocol_gives_every_organ_and_scanner_its_slo
         assert done["settings"]["dsbn_route"] == name
         probs[name] = zarr.open_array(str(out / "slide" / "prob.zarr"), mode="r")[:]
     assert not np.array_equal(probs["stomach"], probs["s2"]) and not np.array_equal(probs["stomach"], probs["shared"])
+
+
+def test_a_union_stage_after_organ_pretraining_keeps_the_organ_slots_and_starts_the_others_from_shared():
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", "none", 1)
+    domain_bn.convert(model, 2)
+    bn = model.encoder.bn1
+    with torch.no_grad():
+        for k in range(2):
+            bn.domain_weight[k].fill_(k + 2.0)
+            bn.domain_mean[k].fill_(k + 5.0)
+        bn.weight.fill_(-1.0)
+        bn.running_var.fill_(7.0)
+    assert domain_bn.carry_slots(model, ["colon", "stomach"], ["colon", "stomach", "s1"])
+    assert domain_bn.slots(model) == 3
+    torch.testing.assert_close(bn.domain_weight[:, 0], torch.tensor([2.0, 3.0, -1.0]))  # colon, stomach, s1 = shared
+    torch.testing.assert_close(bn.domain_mean[:, 0], torch.tensor([5.0, 6.0, 0.0]))
+    torch.testing.assert_close(bn.domain_var[2], torch.full_like(bn.domain_var[2], 7.0))
+    assert bn.domain_weight.requires_grad
+    # nothing to carry: no name recurs (organ -> scanner keeps its slots as they are), or already carried (a resume)
+    assert not domain_bn.carry_slots(model, ["colon", "stomach"], ["s1", "s2", "s3"])
+    assert not domain_bn.carry_slots(model, ["colon", "stomach"], ["colon", "stomach", "s1"])
+
+
+def test_organ_pretraining_then_a_union_stage_starts_each_organ_slot_from_stage_1s(tmp_path, cli):
+    """`--pretrain organ --finetune union`: stage 2 has a slot per organ and scanner, each organ's
+    starting where stage 1 left it (stage1.pt), so the organ slides keep what stage 1 learnt."""
+    stores = _stores(tmp_path / "stores")
+    at_start = {}
+
+    def on_stage_start(stage, model, total):
+        bn = getattr(model, "module", model).encoder.bn1
+        at_start[stage.index] = (list(stage.domain_names), bn.domain_weight.detach().clone(), bn.weight.detach().clone())
+
+    cfg = TrainConfig(stores=(str(stores),), out_dir=str(tmp_path / "run"), steps=2, val_fraction=0, pretrain="organ",
+                      finetune="union", **TINY)
+    Trainer(cfg, callbacks=Callbacks(on_stage_start=on_stage_start)).run()
+    stage1 = load_checkpoint(tmp_path / "run" / "stage1.pt")
+    assert stage1["model_config"]["domain_bn"] == ["colon", "stomach"]  # stage 1's own slots, named
+    names, weight, _ = at_start[1]
+    assert names == ["colon", "stomach", "s1", "s2", "s3"] and weight.shape[0] == 5
+    torch.testing.assert_close(weight[:2], stage1["model_state"]["encoder.bn1.domain_weight"])
+    torch.testing.assert_close(weight[2], stage1["model_state"]["encoder.bn1.weight"])  # a new scanner: the shared slot
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]["domain_bn"] == names
+    r = cli("train", stores, "-o", tmp_path / "cli", "--pretrain", "organ", "--finetune", "diagonal")
+    assert r.exit_code == 2 and "union" in r.output  # the choice is offered on the command line

@@ -19,7 +19,8 @@ from .options import CONTEXT, parse_hp, parse_pairs
               help="smp encoder: tu-efficientnet_lite0 (ImageNet weights without a download), resnet34, mit_b2, ...")
 @click.option("--encoder-weights", default="imagenet", show_default=True, help="imagenet, none, or a local weights file.")
 @click.option("--pretrain", type=click.Choice(AXES), default=None, help="Stage 1 domains (cross-task pretraining).")
-@click.option("--finetune", type=click.Choice(AXES), default=None, help="Stage 2 domains, from stage 1's weights.")
+@click.option("--finetune", type=click.Choice([*AXES, "union"]), default=None,
+              help="Stage 2 domains, from stage 1's weights; union: both tasks (a DSBN model keeps stage 1's slots).")
 @click.option("--domains", type=click.Choice(AXES), default=None, help="One stage on this axis.")
 @click.option("--union", is_flag=True, help="One stage on both tasks together (organ stores by organ, the others by scanner).")
 @click.option("--val-domain", "val_domains", multiple=True, metavar="NAME", help="Hold this organ or scanner out (repeatable).")

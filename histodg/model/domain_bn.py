@@ -116,6 +116,26 @@ def convert(model: nn.Module, n_slots: int) -> int:
 
 
 @torch.no_grad()
+def carry_slots(model: nn.Module, before: list[str], after: list[str]) -> bool:
+    """Slots for the next stage's domains `after`: each the slot of the same name among the last
+    stage's `before` (`--pretrain organ --finetune union`: the organ slots go on), the others its
+    shared slot. Only when some name recurs and the model has `before`'s slots and `after` another
+    number (a resumed stage has its own slots already); True when done."""
+    layers = domain_layers(model)
+    if not layers or slots(model) != len(before) or len(before) == len(after) or not set(before) & set(after):
+        return False
+    for m in layers:
+        for key, shared in (("domain_weight", m.weight), ("domain_bias", m.bias), ("domain_mean", m.running_mean),
+                            ("domain_var", m.running_var)):
+            rows = torch.stack([getattr(m, key)[before.index(name)] if name in before else shared for name in after])
+            if key in ("domain_weight", "domain_bias"):
+                setattr(m, key, nn.Parameter(rows.clone()))
+            else:
+                m.register_buffer(key, rows.clone())
+    return True
+
+
+@torch.no_grad()
 def sync_shared(model: nn.Module) -> None:
     """Each layer's shared slot := the mixture of its domain slots."""
     for m in domain_layers(model):

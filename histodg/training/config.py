@@ -59,8 +59,9 @@ class TrainConfig:
             bad("--stain-ref needs --stain-norm macenko or reinhard")
         for name in ("pretrain", "finetune", "domains"):
             v = getattr(self, name)
-            if v is not None and v not in AXES:
-                bad(f"--{name} {v!r}: choose organ or scanner")
+            allowed = (*AXES, "union") if name == "finetune" else AXES
+            if v is not None and v not in allowed:
+                bad(f"--{name} {v!r}: choose {' or '.join(allowed)}")
         if (self.pretrain is None) != (self.finetune is None):
             bad("--pretrain and --finetune go together (for one stage use --domains)")
         if self.pretrain is not None and self.pretrain == self.finetune:

@@ -55,7 +55,8 @@ def _run_folds(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks, on_fo
     if cfg.pretrain:
         pre = cfg.replace(out_dir=str(out / "cv" / "_pretrain"), pretrain=None, finetune=None, domains=cfg.pretrain, cv=False)
         _run_once(pre, resume, overwrite, callbacks)
-        base = cfg.replace(pretrain=None, finetune=None, domains=cfg.finetune,
+        union = cfg.finetune == "union"
+        base = cfg.replace(pretrain=None, finetune=None, domains=None if union else cfg.finetune, union=union,
                            encoder_weights=str(out / "cv" / "_pretrain" / "last.pt"))
     folds = {}
     for name, folder in fold_folders(names, out / "cv").items():

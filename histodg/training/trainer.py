@@ -17,6 +17,7 @@ GPUs, gloo on CPUs), each rank samples its own patches, and rank 0 validates and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from ..locks import run_lock
 from ..model.build import build_model
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
-from ..model.domain_bn import convertible, load_model_state
+from ..model.domain_bn import carry_slots, convertible, load_model_state
 from ..model.normalize import Normalizer
 from .config import TrainConfig
 from .data import label_set, load_stores
@@ -147,11 +148,13 @@ class Trainer:
                 "stores": [str(s.path) for s in stores], "stages": [s.summary() for s in stages]}})
             write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
         for stage in stages[st.stage:]:
+            if stage.index and cfg.domain_bn:  # slots of domains the last stage trained go on (organ -> union)
+                carry_slots(model, stages[stage.index - 1].domain_names, stage.domain_names)
             self._run_stage(stage, len(stages), model, task, rt, st)
             st.next_stage(stage.index)
             rng = all_rng_states(rt)  # every rank's, gathered by every rank
             if rt.main:
-                save_checkpoint(self.out / f"stage{stage.index + 1}.pt", self._payload(model, st, final=False, light=True))
+                save_checkpoint(self.out / f"stage{stage.index + 1}.pt", self._stage_payload(model, st, stage))
                 save_checkpoint(self.out / "last.pt", self._payload(model, st, final=False, rng=rng))
         result = self._finish(model, stages, st, rt)
         if rt.world > 1:
@@ -220,6 +223,14 @@ class Trainer:
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None,
                  rng: dict | None = None) -> dict:
         return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record, rng)
+
+    def _stage_payload(self, model, st: TrainState, stage: Stage) -> dict:
+        """stageN.pt: the weights after stage N, its config naming that stage's own slots (a DSBN
+        model's stage 1 has the organ slots, whatever the last stage's are)."""
+        config = self.model_config
+        if config.domain_bn:
+            config = dataclasses.replace(config, domain_bn=list(stage.domain_names))
+        return st.payload(model, config, self.cfg.to_dict(), False, True, None, None)
 
     def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:
         """The training domains' description (`model.shift`) into best.pt and, for the final
