@@ -84,3 +84,12 @@ def test_a_worker_that_dies_fails_its_slide_and_the_others_go_on(tmp_path):
     assert [r.status for r in out] == ["done", "failed", "done"]
     assert out[1].error == f"{jobs[1].path}: the device worker predicting it died (exit code -9)"
     assert sorted(v[0] for v in view.finished) == ["a", "b", "c"]
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_batch_with_its_device_and_reason(tmp_path):
+    jobs = [SlideJob(tmp_path / "a.svs", "a")]
+    results = queue.Queue()
+    results.put(("error", None, ("cuda:1", "CUDA out of memory: tried to allocate 2.00 GiB")))
+    with pytest.raises(PredictError) as info:
+        _collect(jobs, [_Proc(101)], results, ["cuda:1"], _View())
+    assert str(info.value) == "cuda:1: CUDA out of memory: tried to allocate 2.00 GiB"

@@ -50,7 +50,7 @@ def _worker(checkpoint: str, options: PredictOptions, out_dir: str, jobs, result
         bind_device(options.device)  # this worker's GPU before anything touches CUDA (no context on GPU 0)
         predictor = Predictor.from_checkpoint(checkpoint, options)
     except Exception as exc:  # a model that cannot load on this device: the main process says so
-        results.put(("error", None, f"{options.device}: {exc}"))
+        results.put(("error", None, (options.device, str(exc))))  # (where, why): no string to split again
         return
     while (item := jobs.get()) is not None:
         index, job = item
@@ -95,7 +95,8 @@ def _collect(jobs, procs, results, devices, view) -> list:
                 _fail_rest(jobs, done, view, "every device worker stopped")
             continue
         if kind == "error":
-            raise PredictError(payload.split(": ", 1)[0], payload.split(": ", 1)[1])
+            where, why = payload
+            raise PredictError(where, why)
         if kind == "start":
             running[index] = payload
             view.start(jobs[index], len(jobs))
