@@ -32,7 +32,6 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -289,6 +288,7 @@ def _shift_reference(model, normalizer, source_refs, target_refs, target_domain:
     """The domain-shift reference of the adapted weights: the source domains and the target."""
     from ..training.data import Part
     from ..training.shift_reference import shift_reference
+    from ..training.splits import Stage
 
     train: dict[str, list] = {}
     for s in source_refs:
@@ -297,5 +297,6 @@ def _shift_reference(model, normalizer, source_refs, target_refs, target_domain:
     train[target_domain] = [Part(s, 0, s.n) for s in target_refs]
     from ..device import resolve_placement
 
-    return shift_reference(model, normalizer, [SimpleNamespace(train=train)], device, domain_bn=mc.domain_bn,
+    stage = Stage(0, "union", train, {}, {})  # the source domains and the target, as one stage's training domains
+    return shift_reference(model, normalizer, [stage], device, domain_bn=mc.domain_bn,
                            placement=resolve_placement(device))  # under predict's autocast on this device

@@ -5,13 +5,12 @@ image's Dice for a tiling without overlap (a COSAS image, a slide tiled with `--
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from ..batch import collected
 from ..inference.adapt import slide_batchnorm
 from ..inference.rasters import threshold_u8
+from ..slides.inputs import SlideJob
 from ..store import StoreError, find_stores, open_store
 from .metrics import batch_counts
 from .scoring import EvaluateError, Evaluation, binarise_truth, domain_of
@@ -31,7 +30,7 @@ def score_and_shift(predictor, store, cut: int) -> tuple[tuple[int, int, int], d
     if abs(store.attrs.mpp / predictor.mpp - 1) > predictor.options.mpp_tolerance:
         raise EvaluateError(store.path, f"patches are at {store.attrs.mpp:g} um/px but the model runs at {predictor.mpp:g} um/px: "
                                         f"tile the images at the model's resolution")
-    job = SimpleNamespace(organ=store.attrs.organ, scanner=store.attrs.scanner)  # a DSBN model's domain, per store
+    job = SlideJob(store.path, store.path.stem, organ=store.attrs.organ, scanner=store.attrs.scanner)  # a DSBN route
     predictor.start_shift()
     with slide_batchnorm(predictor, job, store.tissue, lambda i: np.asarray(store.images[i])):  # --adapt bn: per store
         counts = _score_patches(predictor, store, cut)
