@@ -39,7 +39,8 @@ VARIANTS = {"both parts": [], "global only": ["--hp", "local=false"], "local onl
             # issue 31 §3: the self-training part (a mean teacher's pseudo-labels), alone and with the other two
             "self-training only": ["--hp", "global=false", "--hp", "local=false", "--hp", "self_train=true"],
             "all three parts": ["--hp", "self_train=true"]}
-TARGETS = {"scanner-d": list(VARIANTS)[:4], "lung": ["both parts", "self-training only", "all three parts"]}
+# self-training on scanner-d too: whether it could be adapt's default for a new scanner as well
+TARGETS = {"scanner-d": [*list(VARIANTS)[:4], "self-training only"], "lung": ["both parts", "self-training only", "all three parts"]}
 
 
 def key_of(row: str, seed: int, target: str, variant: str) -> str:
