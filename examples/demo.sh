@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on built-in data, on a CPU, in a few minutes.
-#   synth -> tile -> train (both tasks together, a BatchNorm per domain) -> predict on held-out slides -> evaluate
+#   synth -> tile -> train (organs, then both tasks together, a BatchNorm per domain) -> predict on held-out slides -> evaluate
 # Everything it writes goes under demo_out/ (ignored by git); a rerun reuses what is finished.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo_out}
@@ -24,9 +24,9 @@ awk -F, 'NR == 1 || $5 == "heldout"' "$OUT/synth/manifest.csv" > "$OUT/synth/hel
 echo "== 3. tile every case at 1 um/px into 128 px patches, tissue only, organ and scanner recorded"
 histodg tile "$OUT/synth/manifest.csv" -o "$OUT/stores" --mpp 1.0 --tile-size 128 --min-tissue 0.5
 
-echo "== 4. train on both tasks together (histodg's default for a COSAS layout), at its default method:"
-echo "   one BatchNorm per training organ and scanner (lung and scanner-d are held out; FPN with an ImageNet"
-echo "   EfficientNet-Lite0 that needs no download, $((2 * STEPS)) steps)"
+echo "== 4. train by organ, then on both tasks together (histodg's default for a COSAS layout), at its default"
+echo "   method: one BatchNorm per training organ and scanner (lung and scanner-d are held out; FPN with an"
+echo "   ImageNet EfficientNet-Lite0 that needs no download, $STEPS + $STEPS steps)"
 REPREDICT=""
 if [ -f "$OUT/run/result.json" ]; then
   echo "   (finished earlier: $OUT/run)"
@@ -37,7 +37,7 @@ else
   histodg train "$OUT/stores" -o "$OUT/run" \
     --val-domain lung --val-domain scanner-d \
     --arch fpn --encoder tu-efficientnet_lite0 --encoder-weights imagenet \
-    --steps "$((2 * STEPS))" --batch-size 2 --accumulate 1 --lr 1e-3 --val-fraction 0 --val-max-patches 64 --workers 1
+    --steps "$STEPS" --batch-size 2 --accumulate 1 --lr 1e-3 --val-fraction 0 --val-max-patches 64 --workers 1
   REPREDICT="--overwrite"                       # a new model: predictions of an older one are redone
 fi
 

@@ -269,7 +269,7 @@ def test_sds_on_an_encoder_without_batchnorm_is_refused_in_one_line(tmp_path, cl
 
 @pytest.mark.slow
 def test_a_cosas_layout_without_a_protocol_gives_every_organ_and_scanner_its_slot_and_predict_uses_them(tmp_path):
-    """The default protocol of a COSAS layout (both tasks in one stage): a slot per training organ
+    """The default protocol of a COSAS layout (by organ, then both tasks together): a slot per training organ
     and scanner in the checkpoint; predict sends a slide of a known organ through its organ's slot,
     one of a known scanner through its scanner's, anything else through the shared slot, and
     done.json names the slot."""

@@ -284,22 +284,23 @@ def test_val_domain_unknown_is_refused(tmp_path, cli):
     assert "unknown" in line
 
 
-def test_without_a_protocol_a_cosas_layout_trains_on_both_tasks_together(stores):
-    """Some stores name an organ, others only a scanner (COSAS): the default stage is the union, one
-    domain per organ and per scanner, and no store is left out; stores that all name an organ (or
-    none does) keep their one axis."""
+def test_without_a_protocol_a_cosas_layout_trains_organs_then_both_tasks_together(stores):
+    """Some stores name an organ, others only a scanner (COSAS): the default is organ pretraining,
+    then the union, one domain per organ and per scanner, and no store is left out; stores that all
+    name an organ (or none does) keep their one axis and one stage."""
     from histodg.training.data import load_stores
     from histodg.training.splits import plan_stages
 
     refs = load_stores([str(stores)])
     assert {s.organ for s in refs} - {"unknown"} and any(s.organ == "unknown" for s in refs)
-    (stage,) = plan_stages(refs, [None], (), 0.0, 0)
-    assert stage.axis == "union"
+    first, stage = plan_stages(refs, [None], (), 0.0, 0)
+    assert (first.axis, stage.axis) == ("organ", "union")
+    assert set(first.domain_names) == {s.organ for s in refs} - {"unknown"}
     organs = {s.organ for s in refs} - {"unknown"}
     scanners = {s.scanner for s in refs if s.organ == "unknown"}
     assert set(stage.domain_names) == organs | scanners
     assert sum(len(ps) for ps in stage.train.values()) == len(refs)  # every store trains
     with_organ = [s for s in refs if s.organ != "unknown"]
-    assert plan_stages(with_organ, [None], (), 0.0, 0)[0].axis == "organ"
+    assert [st.axis for st in plan_stages(with_organ, [None], (), 0.0, 0)] == ["organ"]
     scanner_only = [s for s in refs if s.organ == "unknown"]
-    assert plan_stages(scanner_only, [None], (), 0.0, 0)[0].axis == "scanner"
+    assert [st.axis for st in plan_stages(scanner_only, [None], (), 0.0, 0)] == ["scanner"]

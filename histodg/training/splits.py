@@ -2,8 +2,9 @@
 
 - `--pretrain A --finetune B`: stage 1 on the stores whose A (organ or scanner) is known, one
   domain per value; stage 2 on the stores whose B is known.
-- `--domains A`: one stage on axis A. Nothing given: organ if any store knows its organ, else
-  scanner, else one domain "all".
+- `--domains A`: one stage on axis A. Nothing given (`default_protocol`): for a COSAS layout
+  organ pretraining, then the union; else one stage by organ if any store knows its organ, else
+  by scanner, else one domain "all".
 - `--union`: one stage on both tasks: stores with a known organ are grouped by organ, the
   others by scanner.
 - `--val-domain NAME` (repeatable): the stores of that organ or scanner are never trained on and
@@ -82,6 +83,15 @@ def group(stores: list[StoreRef], axis: str) -> dict[str, list[StoreRef]]:
     return domains_on(stores, axis)
 
 
+def default_protocol(stores: list[StoreRef]) -> list[str]:
+    """The stages of a run given no protocol. A COSAS layout: organ pretraining, then the union of
+    both tasks (a DSBN model's organ slots carried over), the best protocol measured (issue 31:
+    above the union on every seen and unseen domain, the cross-task protocol's unseen mean with
+    the seen organs kept); else one stage on `default_axis`."""
+    axis = default_axis(stores)
+    return ["organ", "union"] if axis == "union" else [axis]
+
+
 def plan_stages(stores: list[StoreRef], axes: list[str | None], val_domains=(), val_fraction: float = 0.2,
                 seed: int = 0) -> list[Stage]:
     held = heldout_stores(stores, val_domains)
@@ -89,6 +99,8 @@ def plan_stages(stores: list[StoreRef], axes: list[str | None], val_domains=(), 
     usable = [s for s in stores if s.path not in held_paths]
     heldout = {name: [Part(s, 0, s.n) for s in ss] for name, ss in held.items()}
     stages = []
+    if list(axes) == [None]:
+        axes = list[str | None](default_protocol(usable))
     for i, axis in enumerate(axes):
         axis = axis or default_axis(usable)
         groups = group(usable, axis)
