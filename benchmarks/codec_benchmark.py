@@ -28,7 +28,7 @@ import dg_benchmark as dg  # noqa: E402
 
 SCANNER = "scanner-j"
 CODECS = ("jpeg2000", "jpeg")
-TILE = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+TILE = dg.tile_args()
 ROWS = ["erm", "dsbn", "erm + strong augmentation", "dsbn + strong augmentation", "erm + stain normalisation",
         "dsbn: union of both tasks"]
 

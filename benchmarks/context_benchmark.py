@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dg_benchmark as dg  # noqa: E402
 
 SIDE = 256
-TILE = ["--mpp", "1.0", "--tile-size", str(SIDE), "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+TILE = dg.tile_args(SIDE)
 NAME = f"dsbn, {SIDE} px field of view"
 RECORDED = dg.REPO / "benchmarks" / "results" / "dg2-results.json"
 

@@ -167,12 +167,18 @@ def _subset(manifest: Path, out: Path, keep) -> Path:
     return out
 
 
+def tile_args(side: int = 128) -> list[str]:
+    """`histodg tile`'s arguments for every store of this benchmark and those built on it (the
+    optics, codec and context benchmarks): 1 um/px, `side` px patches, JPEG q90 stores."""
+    return ["--mpp", "1.0", "--tile-size", str(side), "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+
+
 def prepare_data() -> None:
     """Synth sets, then stores: train, val, test and one oracle training set per unseen domain."""
     # JPEG q90 stores: what `histodg tile`'s default (`--compression auto`) makes of these JPEG-compressed
     # slides since issue 16, pinned so that the stores stay the same whatever the default becomes.
     # The tables made before 2026-12-02 were on lossless (lz4) stores of the same slides.
-    tile = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+    tile = tile_args()
     names = ["train", "val", "test", *(f"oracle-{dom}" for dom in UNSEEN)]
     if all((OUT / "stores" / name / "summary.json").exists() for name in names):
         return  # every store finished earlier (or was copied here from the machine that made them)

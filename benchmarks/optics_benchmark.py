@@ -39,7 +39,7 @@ import dg_benchmark as dg  # noqa: E402
 
 OPTICS = "scanner-f"
 RECORDED = dg.REPO / "benchmarks" / "results" / "dg2-results.json"
-TILE = ["--mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5", "--compression", "jpeg", "--jpeg-quality", "90"]
+TILE = dg.tile_args()
 
 
 def prepare() -> Path:
