@@ -304,3 +304,21 @@ def test_without_a_protocol_a_cosas_layout_trains_organs_then_both_tasks_togethe
     assert [st.axis for st in plan_stages(with_organ, [None], (), 0.0, 0)] == ["organ"]
     scanner_only = [s for s in refs if s.organ == "unknown"]
     assert [st.axis for st in plan_stages(scanner_only, [None], (), 0.0, 0)] == ["scanner"]
+
+
+def test_a_run_resumed_with_settings_that_plan_other_stages_is_refused(stores, tmp_path):
+    """A run begun as one union stage (the default before the end of 2026-12-07) must not go on as
+    organ pretraining then the union: its stages are compared with the plan, and it is refused."""
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(cfg(stores, tmp_path / "run", union=True, epochs=2), callbacks=Callbacks(on_epoch=kill)).run()
+    with pytest.raises(TrainError, match=r"started with the stages union, and these settings plan organ -> union"):
+        Trainer(cfg(stores, tmp_path / "run", epochs=2), resume=True).run()  # the new default plan
+    Trainer(cfg(stores, tmp_path / "run", union=True, epochs=2), resume=True).run()  # as it began: goes on
+    assert (tmp_path / "run" / "result.json").exists()

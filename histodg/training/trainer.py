@@ -74,7 +74,7 @@ class Trainer:
         self._resume_model_state = None
 
     # -- set-up --------------------------------------------------------------------------------
-    def _prepare_dir(self, rt: Runtime) -> TrainState:
+    def _prepare_dir(self, rt: Runtime, stages: list[Stage]) -> TrainState:
         last = self.out / "last.pt"
         # a run that stopped before its first last.pt saved nothing worth keeping: a rerun (or
         # --resume) starts it again from the beginning
@@ -85,6 +85,7 @@ class Trainer:
             ckpt = load_checkpoint(last)
             if ckpt.get("done"):
                 raise TrainError(self.out, "this run is finished (result.json); nothing to resume")
+            self._check_same_stages(stages)
             self._resume_model_state = ckpt["model_state"]
             return TrainState.from_checkpoint(ckpt)
         if (self.out / "config.json").exists() or last.exists():
@@ -136,7 +137,7 @@ class Trainer:
         cfg = self.cfg
         if rt.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        st = self._prepare_dir(rt)
+        st = self._prepare_dir(rt, stages)
         if rt.world > 1:
             torch.distributed.barrier()  # every rank has looked at the folder before rank 0 writes
         if self._resume_model_state is not None:
@@ -223,6 +224,21 @@ class Trainer:
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None,
                  rng: dict | None = None) -> dict:
         return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record, rng)
+
+    def _check_same_stages(self, stages: list[Stage]) -> None:
+        """A resumed run goes on with the stages it was started with: a run begun by a histodg whose
+        default protocol was another (one union stage before the end of 2026-12-07) is refused."""
+        from ..files import read_json
+
+        try:
+            began = [s["axis"] for s in read_json(self.out / "config.json")["resolved"]["stages"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no record of its stages to compare (a run of an older histodg still resumes)
+        now = [s.axis for s in stages]
+        if began != now:
+            raise TrainError(self.out, f"this run was started with the stages {' -> '.join(began)}, and these settings "
+                                       f"plan {' -> '.join(now)}: finish it with the histodg that began it, "
+                                       f"or start again with --overwrite")
 
     def _stage_payload(self, model, st: TrainState, stage: Stage) -> dict:
         """stageN.pt: the weights after stage N, its config naming that stage's own slots (a DSBN
