@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true")
     args = ap.parse_args()
     label = f"adapted: {args.adapted}" if args.adapted else args.row
+    if args.adapted and args.row != "dsbn":  # the DSBN row's adapted runs keep their first key
+        label = f"{args.row}, {label}"
     scales = {"none": [1.0]} if args.flips_only else SCALES
     import torch
 

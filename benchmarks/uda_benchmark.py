@@ -66,6 +66,7 @@ def run_one(row: str, seed: int, lr: str, target: str, variant: str, device: str
     test = dg.score_stores(out, dg.OUT / "stores" / "test", device, checkpoint="best.pt")
     result = json.loads((out / "result.json").read_text())
     return {"dice": test[target], "seconds": time.time() - t0, "bn_gap": result["target_bn_gap"],
+            "env": dg.environment("train", int(os.environ.get("OMP_NUM_THREADS", "2"))),
             "command": "histodg " + " ".join(str(a).replace(str(dg.REPO) + "/", "") for a in args)}
 
 
