@@ -64,9 +64,9 @@ def measured(run_one):
 def tile_batch(slides: list[Path], out: Path, args) -> list[dict]:
     from histodg.batch import run_jobs
     from histodg.slides.inputs import SlideJob
-    from histodg.tiling import TileOptions, TileSettings, tile_slide
+    from histodg.tiling import ReadOptions, TileOptions, TileSettings, tile_slide
 
-    opts = TileOptions(TileSettings(tile_size=args.tile_size, mpp=args.mpp), workers=args.workers)
+    opts = TileOptions(TileSettings(tile_size=args.tile_size, mpp=args.mpp), ReadOptions(workers=args.workers))
     run_one, curve = measured(lambda job, progress: tile_slide(job, out, opts, progress))
     run_jobs([SlideJob(p, p.stem) for p in slides], run_one)
     return curve

@@ -46,7 +46,7 @@ def rss_now_mb() -> float:
 def build(args):
     import torch
 
-    from histodg.inference import PredictOptions, Predictor
+    from histodg.inference import PredictOptions, Predictor, ReadOptions, WriteOptions
     from histodg.model.build import build_model
     from histodg.model.config import ModelConfig
 
@@ -55,7 +55,8 @@ def build(args):
     mc = ModelConfig(arch=args.arch, encoder=args.encoder, mpp=args.mpp, tile_size=args.tile_size)
     # one pass per window, as the recorded numbers were made (predict defaults to --tta flip since
     # 2026-12-07: 4x the model time, the same pipeline around it)
-    opts = PredictOptions(batch_size=args.batch_size, device=args.device, workers=args.workers, overwrite=True,
+    opts = PredictOptions(batch_size=args.batch_size, device=args.device, read=ReadOptions(workers=args.workers),
+                          write=WriteOptions(overwrite=True),
                           window_fraction=args.fraction, tta="none")
     return Predictor(model, mc, opts)
 

@@ -46,10 +46,10 @@ def run_histodg(slides: list[Path], out: Path, mpp: float, tile: int, workers: i
 
     from histodg.batch import run_jobs
     from histodg.slides.inputs import SlideJob
-    from histodg.tiling import TileOptions, TileSettings, tile_slide
+    from histodg.tiling import ReadOptions, TileOptions, TileSettings, tile_slide
 
     compression, qc = (mode.removesuffix("-qc-off"), "off") if mode.endswith("-qc-off") else (mode, "exclude")
-    opts = TileOptions(TileSettings(tile_size=tile, mpp=mpp), workers=workers, compression=compression, qc=qc)
+    opts = TileOptions(TileSettings(tile_size=tile, mpp=mpp), ReadOptions(workers=workers, qc=qc), compression=compression)
     jobs = [SlideJob(p, p.stem) for p in slides]
     t0 = time.perf_counter()
     results = run_jobs(jobs, lambda job, progress: tile_slide(job, out, opts, progress))

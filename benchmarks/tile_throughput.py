@@ -53,12 +53,12 @@ def run_histodg(slide_path: Path, mpp: float, tile: int, workers: int, out: Path
     import zarr  # noqa: F401
 
     from histodg.slides.inputs import SlideJob
-    from histodg.tiling import TileOptions, TileSettings, tile_slide
+    from histodg.tiling import ReadOptions, TileOptions, TileSettings, tile_slide
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     settings = TileSettings(tile_size=tile, mpp=mpp, mpp_tolerance=tolerance)
-    res = tile_slide(SlideJob(slide_path, "bench"), out, TileOptions(settings, workers=workers, compression=compression))
+    res = tile_slide(SlideJob(slide_path, "bench"), out, TileOptions(settings, ReadOptions(workers=workers), compression=compression))
     dt = time.perf_counter() - t0
     assert res.status == "done", res.error
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

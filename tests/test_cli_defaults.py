@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from histodg.cli import main
-from histodg.inference.options import PredictOptions
+from histodg.inference.options import PredictOptions, WriteOptions
+from histodg.slides.reading import ReadOptions
 from histodg.tiling.settings import TileOptions, TileSettings
 
 # (command, field): why the command line's default differs from the dataclass's
@@ -26,7 +27,8 @@ def _default(field: dataclasses.Field):
     return field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
-@pytest.mark.parametrize("command, classes", [("tile", (TileSettings, TileOptions)), ("predict", (PredictOptions,)),
+@pytest.mark.parametrize("command, classes", [("tile", (TileSettings, TileOptions, ReadOptions)),
+                                              ("predict", (PredictOptions, ReadOptions, WriteOptions)),
                                               ("evaluate", (PredictOptions,))])
 def test_an_option_that_sets_a_field_has_the_fields_default(command, classes):
     params = {p.name: p for p in main.commands[command].params}
@@ -48,3 +50,15 @@ def test_the_listed_exceptions_still_exist_and_still_differ():
     for (command, name), why in DECIDED_LATER.items():
         p = next(p for p in main.commands[command].params if p.name == name)
         assert p.default is None, f"{command} --{name}: {why}"
+
+
+@pytest.mark.parametrize("command", ["tile", "predict"])
+def test_the_read_options_are_made_from_the_fields(command):
+    """`--backend`, `--workers`, `--max-bad-fraction` and `--qc` of both commands carry ReadOptions' own help
+    and choices: one text for both commands, written once beside the default."""
+    params = {p.name: p for p in main.commands[command].params}
+    for field in dataclasses.fields(ReadOptions):
+        p = params[field.name]
+        assert p.help == field.metadata["help"]
+        choices = field.metadata["click"].get("choices")
+        assert list(getattr(p.type, "choices", [])) == list(choices or [])

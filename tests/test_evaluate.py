@@ -12,7 +12,7 @@ from PIL import Image
 from helpers import DarkModel, make_store, raw_config, tiny_checkpoint, uniform_store
 from histodg.evaluation.predictions import evaluate_predictions
 from histodg.evaluation.scoring import Evaluation, binarise_truth, domain_of
-from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference import PredictOptions, Predictor, ReadOptions, predict_slide
 from histodg.slides.inputs import SlideJob
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -109,7 +109,7 @@ def predictions(tmp_path_factory):
     rect[64:128, 64:192] = (70, 20, 110)
     Image.fromarray(rect).save(root / "rect.png")
     Image.fromarray(np.full((256, 256, 3), (235, 190, 215), np.uint8)).save(root / "blank.png")
-    pred = Predictor(DarkModel(), raw_config(mpp=1.0), PredictOptions(qc="off"))  # flat colours, not tissue: no QC
+    pred = Predictor(DarkModel(), raw_config(mpp=1.0), PredictOptions(read=ReadOptions(qc="off")))  # flat colours, not tissue: no QC
     for name in ("rect", "blank"):
         r = predict_slide(pred, SlideJob(root / f"{name}.png", name, mpp=1.0, organ="colon"), root / "out")
         assert r.status == "done", r.error

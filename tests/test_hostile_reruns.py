@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import DarkModel, raw_config, tissue_field
-from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference import PredictOptions, Predictor, WriteOptions, predict_slide
 from histodg.model.config import ModelConfig
 from histodg.slides.inputs import SlideJob
 
@@ -79,10 +79,10 @@ def test_tile_store_made_before_mpp_override_was_recorded(cli, png, tmp_path):
 def test_tile_rerun_without_the_override_a_store_was_made_with_is_refused(cli, tmp_path, fake_slides):
     """A slide with an mpp of its own (0.5), tiled with --mpp-override 1.0: a rerun without the
     override would read it at 0.5, so the store is not kept."""
-    from histodg.tiling import TileOptions, TileSettings, tile_slide
+    from histodg.tiling import ReadOptions, TileOptions, TileSettings, tile_slide
 
     job = fake_slides("fake", tissue_field(192, 256), mpp=0.5)
-    opts = TileOptions(TileSettings(tile_size=64, mpp=1.0, min_tissue=0.1), workers=1, compression="lz4")
+    opts = TileOptions(TileSettings(tile_size=64, mpp=1.0, min_tissue=0.1), ReadOptions(workers=1), compression="lz4")
     assert tile_slide(SlideJob(job.path, "fake", mpp=1.0), tmp_path, opts).status == "done"
     assert tile_slide(SlideJob(job.path, "fake", mpp=1.0), tmp_path, opts).status == "skipped"
     r = tile_slide(SlideJob(job.path, "fake"), tmp_path, opts)
@@ -104,7 +104,7 @@ def test_predict_rerun_with_another_mpp_override_is_refused_and_overwrite_redoes
     assert r.status == "failed" and "\n" not in r.error, r.error
     assert r.error.startswith(f"{out / 'img'}: ") and "mpp_override 1.0 -> 0.5" in r.error, r.error
     assert "--overwrite" in r.error and json.loads(done.read_text()) == first  # untouched
-    r = predict_slide(_dark(overwrite=True), SlideJob(png, "img", mpp=0.5), out)
+    r = predict_slide(_dark(write=WriteOptions(overwrite=True)), SlideJob(png, "img", mpp=0.5), out)
     assert r.status == "done", r.error
     again = json.loads(done.read_text())
     assert again["settings"]["mpp_override"] == 0.5 and again["slide"]["mpp"] == 0.5
@@ -145,7 +145,7 @@ def test_predict_rerun_through_another_dsbn_slot_is_refused_and_overwrite_redoes
     out, done = tmp_path / "p", tmp_path / "p" / "img" / "done.json"
 
     def run(overwrite=False, **domains):
-        return predict_slide(_dsbn(dsbn_model, overwrite=overwrite), SlideJob(png, "img", mpp=1.0, **domains), out)
+        return predict_slide(_dsbn(dsbn_model, write=WriteOptions(overwrite=overwrite)), SlideJob(png, "img", mpp=1.0, **domains), out)
 
     assert run(scanner="s1").status == "done"
     first = json.loads(done.read_text())

@@ -11,7 +11,7 @@ import zarr
 from PIL import Image
 
 from helpers import DarkModel, outputs, raw_config, tiny_checkpoint
-from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference import PredictOptions, Predictor, ReadOptions, WriteOptions, predict_slide
 from histodg.inference.rasters import threshold_u8
 from histodg.inference.stitching import ChunkAccumulator, gaussian_map
 from histodg.slides.inputs import SlideJob
@@ -136,7 +136,7 @@ def test_stitching_equals_the_gaussian_weighted_mean_and_chunks_equal_memory(tmp
 @pytest.mark.parametrize("h, w", [(150, 200), (40, 150)])
 def test_a_known_function_of_position_is_stitched_exactly(tmp_path, h, w):
     img = write_png(tmp_path / "pos.png", encode_position(h, w))
-    pred = predictor(PositionModel(), overlap=0.5, batch_size=3, tissue_method="none", workers=2, qc="off")  # not tissue
+    pred = predictor(PositionModel(), overlap=0.5, batch_size=3, tissue_method="none", read=ReadOptions(workers=2, qc="off"))  # not tissue
     r = predict_slide(pred, SlideJob(img, "pos", mpp=1.0), tmp_path / "out")
     assert r.status == "done", r.error
     prob = zarr.open_array(str(tmp_path / "out" / "pos" / "prob.zarr"), mode="r")[:]
@@ -152,8 +152,8 @@ def test_stitching_a_slide_in_chunks_equals_stitching_it_in_memory(cmu, tmp_path
     conv = torch.nn.Conv2d(3, 1, 7, padding=3)  # output depends on context: overlapping windows disagree
     results = {}
     for name, chunk, cache in (("memory", 4096, 1), ("chunks", 32, 4)):
-        pred = Predictor(conv, raw_config(4.0, 64), PredictOptions(overlap=0.5, batch_size=5, chunk_px=chunk,
-                                                                   cache_chunks=cache))
+        pred = Predictor(conv, raw_config(4.0, 64), PredictOptions(overlap=0.5, batch_size=5,
+                                                                   write=WriteOptions(chunk_px=chunk, cache_chunks=cache)))
         r = predict_slide(pred, SlideJob(cmu, name), tmp_path)
         assert r.status == "done", r.error
         results[name] = zarr.open_array(str(tmp_path / name / "prob.zarr"), mode="r")[:]
@@ -189,7 +189,7 @@ def test_real_slide_outputs_and_windows_only_over_tissue(ckpt, cmu, tmp_path):
 
 def test_flip_tta_undoes_its_flips(tmp_path):
     img = write_png(tmp_path / "pos.png", encode_position(90, 120))
-    pred = predictor(PositionModel(), overlap=0.25, tta="flip", tissue_method="none", qc="off")  # not tissue
+    pred = predictor(PositionModel(), overlap=0.25, tta="flip", tissue_method="none", read=ReadOptions(qc="off"))  # not tissue
     assert predict_slide(pred, SlideJob(img, "pos", mpp=1.0), tmp_path).status == "done"
     yy, xx = np.mgrid[:90, :120]
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "pos" / "prob.zarr"))[:], position_value(yy, xx))
@@ -233,7 +233,7 @@ def test_resume_skips_done_slides_and_redoes_half_done_ones(tmp_path):
     assert (out / "img" / "done.json").is_file()  # the finished output is untouched
     tta = predict_slide(predictor(DarkModel(), tta="none"), job, out)  # made at the default, --tta flip
     assert tta.status == "failed" and "tta 'flip' -> 'none'" in tta.error
-    forced = predict_slide(predictor(DarkModel(), threshold=0.3, overwrite=True), job, out)
+    forced = predict_slide(predictor(DarkModel(), threshold=0.3, write=WriteOptions(overwrite=True)), job, out)
     assert forced.status == "done" and not forced.resumed
     assert json.loads((out / "img" / "done.json").read_text())["settings"]["threshold"] == 0.3
 

@@ -10,12 +10,14 @@ import torch
 from PIL import Image
 
 from helpers import tiny_checkpoint
-from histodg.inference import PredictOptions, Predictor, predict_slide
+from histodg.inference import PredictOptions, Predictor, ReadOptions, predict_slide
 from histodg.model.checkpoint import load_checkpoint, save_checkpoint
 from histodg.model.shift import FeatureMeter, Moments, divergence, fit_reference, slide_shift
 from histodg.slides.inputs import SlideJob
 from histodg.summary import read_rows
 from histodg.training.augment import stain_jitter
+
+NO_QC = ReadOptions(qc="off")  # these tests measure the shift score alone, on every window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TILE, MPP = 64, 1.0
@@ -84,7 +86,7 @@ def test_the_reference_pools_domains_and_calibrates_each_slide_left_out(checkpoi
 
 @pytest.mark.slow
 def test_a_restained_or_rescaled_slide_scores_higher_and_a_flipped_one_the_same(tmp_path, checkpoint, he):
-    pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", batch_size=8, qc="off", tta="flip"))
+    pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", batch_size=8, read=NO_QC, tta="flip"))
     crop = he[:512, :512]
     small = np.asarray(Image.fromarray(he[:1000, :1000]).resize((512, 512), Image.BILINEAR))  # about half the resolution
     variants = {"plain": crop, "flipped": crop[::-1, ::-1], "restained": _restained(crop), "rescaled": small}
@@ -130,7 +132,7 @@ def test_predict_warns_per_slide_and_the_summary_and_report_carry_the_score(tmp_
 
 def test_no_reference_no_score(tmp_path, he):
     pred = Predictor.from_checkpoint(tiny_checkpoint(tmp_path / "old.pt", mpp=MPP, tile=TILE),
-                                     PredictOptions(device="cpu", qc="off"))
+                                     PredictOptions(device="cpu", read=NO_QC))
     r = predict_slide(pred, _slide(tmp_path, "s", he[:256, :256]), tmp_path / "out")
     assert r.status == "done" and r.shift is None and pred.meter is None
     assert json.loads((tmp_path / "out" / "s" / "done.json").read_text())["shift"] is None
@@ -145,7 +147,7 @@ def test_adapt_bn_scores_the_unadapted_model(tmp_path, checkpoint, he):
     got = {}
     for tta in ("flip", "none"):
         for adapt in ("none", "bn"):
-            pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", adapt=adapt, batch_size=8, qc="off",
+            pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", adapt=adapt, batch_size=8, read=NO_QC,
                                                                         tta=tta))
             r = predict_slide(pred, job, tmp_path / tta / adapt)
             assert r.status == "done", r.error

@@ -18,7 +18,7 @@ from helpers import openslide_rgb
 from histodg.slides.base import resize
 from histodg.slides.inputs import SlideJob
 from histodg.store import PROGRESS_FILE, StoreError, open_store, store_state
-from histodg.tiling import TileOptions, TileSettings, tile_slide
+from histodg.tiling import ReadOptions, TileOptions, TileSettings, tile_slide
 
 BAD_FILES = ["corrupt_tiles.svs", "empty.svs", "not_a_slide.svs", "tiny_valid.svs", "unopenable.tiff", "unreadable.svs"]
 
@@ -271,7 +271,7 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(cmu, tmp_pa
     whose shards, coords and tissue are all on disk, and the resumed store equals the reference."""
     monkeypatch.setattr("histodg.store.writer.SHARD_BYTES", 16 * 64 * 64 * 3)  # 16 patches per shard
     monkeypatch.setattr("histodg.store.writer.COMMIT_SECONDS", commit_seconds)
-    opts = TileOptions(TileSettings(tile_size=64, mpp=0.499, min_tissue=0.25), workers=2)
+    opts = TileOptions(TileSettings(tile_size=64, mpp=0.499, min_tissue=0.25), ReadOptions(workers=2))
     job = SlideJob(cmu, "cmu")
     ref = tile_slide(job, tmp_path / "ref", opts)
     assert ref.status == "done" and ref.patches > 100

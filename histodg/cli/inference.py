@@ -48,13 +48,16 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     from ..device import reader_threads
     from ..inference import PredictOptions, Predictor, predict_slide
     from ..inference.devices import parse_devices, predict_on_devices
+    from ..inference.options import WriteOptions
+    from ..slides.reading import ReadOptions
     from .views import PREDICT_SUMMARY, BatchView, err, error_markup
 
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
-                              stain_norm=stain_norm, stain_ref=stain_ref, geojson_tiles=geojson_tiles,
-                              threshold=threshold, device=device, workers=workers or reader_threads(), backend=backend,
-                              tissue_method=tissue_method, max_bad_fraction=max_bad_fraction, overwrite=overwrite, qc=qc)
+                              stain_norm=stain_norm, stain_ref=stain_ref, threshold=threshold, device=device,
+                              tissue_method=tissue_method,
+                              read=ReadOptions(backend, workers or reader_threads(), max_bad_fraction, qc),
+                              write=WriteOptions(geojson_tiles=geojson_tiles, overwrite=overwrite))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)

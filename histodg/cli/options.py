@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import ADAPT_MODES, AXES, BACKENDS, MAX_BAD_FRACTION, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
+from ..constants import ADAPT_MODES, AXES, BACKENDS, STAIN_METHODS, TISSUE_METHODS, TTA_MODES, UNKNOWN
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 BACKEND_CHOICE = click.Choice(BACKENDS)
@@ -19,6 +19,22 @@ def fail_line(message: str) -> None:
     err.print(error_markup(message))
 
 
+def read_options() -> list:
+    """The options of `ReadOptions` (`--backend`, `--workers`, `--max-bad-fraction`, `--qc`), made from its
+    fields: each default and help is the field's (`cli_default` where the command line decides later)."""
+    from ..slides.reading import ReadOptions, option_specs
+
+    made = []
+    for name, default, help, settings in option_specs(ReadOptions):
+        settings = dict(settings)
+        choices = settings.pop("choices", None)
+        default = settings.pop("cli_default", default)
+        kind = click.Choice(choices) if choices else type(ReadOptions.__dataclass_fields__[name].default)
+        made.append(click.option(f"--{name.replace('_', '-')}", type=kind, default=default,
+                                 show_default=default is not None, help=help, **settings))
+    return made
+
+
 def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str | None = None):
     """INPUTS, -o and the options every batch over slides takes (`tile`, `predict`).
 
@@ -28,8 +44,6 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
         # usage error that stops the batch
         click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False)),
         click.option("--tissue-method", type=TISSUE_CHOICE, default="otsu", show_default=True, help=tissue_help),
-        click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True),
-        click.option("--workers", type=int, default=None, help="Reader threads  [default: CPU count, at most 8]"),
         click.option("--organ", default=UNKNOWN, show_default=True, help=f"Organ of the inputs {recorded}."),
         click.option("--scanner", default=UNKNOWN, show_default=True, help=f"Scanner of the inputs {recorded}."),
         click.option("--mpp-override", type=float, default=None,
@@ -37,13 +51,7 @@ def slide_batch_options(*, recorded: str, overwrite_help: str, tissue_help: str 
                           "wrong value); a manifest's mpp column wins."),
         click.option("--domain-axis", type=click.Choice(AXES), default=None,
                      help="What the domain folders of a COSAS layout are."),
-        click.option("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION, show_default=True,
-                     help="Fail a slide when more of its windows than this cannot be decoded."),
-        click.option("--qc", type=click.Choice(QC_MODES), default="exclude", show_default=True,
-                     help="Artefact QC of every window, no weights (pen marks, out-of-focus, folds and dark debris, "
-                          "glass): exclude windows with pen, blur or a fold (tile: not stored; predict: not "
-                          "predicted, their area reported; glass is only recorded), flag them (kept, recorded), or "
-                          "off. Counts in the summary and `histodg info`."),
+        *read_options(),
         click.option("--shard", default=None, metavar="I/N",
                      help="Do only the I-th of N parts of the inputs  [default: from SLURM_ARRAY_TASK_ID]"),
         click.option("--overwrite", is_flag=True, help=overwrite_help),

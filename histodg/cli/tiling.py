@@ -87,6 +87,7 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
     from ..batch import run_jobs
     from ..device import reader_threads
     from ..slides.annotations import LabelMap
+    from ..slides.reading import ReadOptions
     from ..tiling import TileOptions, TileSettings, tile_slide
     from .views import TILE_SUMMARY, BatchView
 
@@ -96,8 +97,8 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
         settings = TileSettings(tile_size=tile_size, mpp=None if magnification is not None else (mpp if mpp is not None else 0.5),
                                 magnification=magnification, overlap=overlap, min_tissue=min_tissue,
                                 tissue_method=tissue_method, mpp_tolerance=mpp_tolerance)
-        opts = TileOptions(settings, backend, workers or reader_threads(), LabelMap.parse(labels, objects), overwrite, max_bad_fraction,
-                           compression, jpeg_quality, qc)
+        read = ReadOptions(backend, workers or reader_threads(), max_bad_fraction, qc)
+        opts = TileOptions(settings, read, LabelMap.parse(labels, objects), overwrite, compression, jpeg_quality)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, annotations, mpp_override, shard)

@@ -1,15 +1,33 @@
-"""What `histodg predict` is asked to do: `PredictOptions`, validated once."""
+"""What `histodg predict` is asked to do: `PredictOptions` with its `ReadOptions` and `WriteOptions`, validated once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, MAX_BAD_FRACTION, QC_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
+from ..slides.reading import ReadOptions
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What `predict` writes beside the mask, whether it redoes finished slides, and its stitching chunks."""
+
+    geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
+    overwrite: bool = False
+    chunk_px: int = 512  # stitching chunk and prob.zarr chunk side
+    cache_chunks: int | None = None  # stitching chunks held in memory; None: enough for a strip
+
+    def __post_init__(self):
+        if self.chunk_px < 16:
+            raise ValueError("chunk_px must be at least 16")
+        if self.cache_chunks is not None and self.cache_chunks < 1:
+            raise ValueError("cache_chunks must be at least 1")
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How to predict; None means "the checkpoint's" for mpp and tile size."""
+    """How to predict (what a rerun compares, and the device), then how slides are read and what is
+    written; None means "the checkpoint's" for mpp and tile size."""
 
     mpp: float | None = None
     tile_size: int | None = None
@@ -19,27 +37,19 @@ class PredictOptions:
     adapt: str = "none"  # "bn": BatchNorm statistics re-estimated on each slide (inference.adapt); "tent": and entropy steps (inference.tent)
     stain_norm: str = "checkpoint"  # checkpoint (what training did) | none | macenko | reinhard (model.stain)
     stain_ref: str | None = None  # the reference image of --stain-norm macenko|reinhard
-    geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
-    qc: str = "exclude"  # artefact QC (slides.qc): skip pen/blur/fold windows, only flag them, or off
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"
-    workers: int = 2
-    backend: str = "auto"
     tissue_method: str = "otsu"
     mpp_tolerance: float = 0.02
-    max_bad_fraction: float = MAX_BAD_FRACTION
-    overwrite: bool = False
-    chunk_px: int = 512  # stitching chunk and prob.zarr chunk side
-    cache_chunks: int | None = None  # stitching chunks held in memory; None: enough for a strip
     window_fraction: float = 1.0  # benchmarks: run only the first part of the windows (strip order)
+    read: ReadOptions = ReadOptions()  # how slides are read: backend, threads, bad windows, QC (shared with tile)
+    write: WriteOptions = WriteOptions()  # what is written and how
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(msg)
 
-        if self.qc not in QC_MODES:
-            bad(f"--qc must be one of {', '.join(QC_MODES)}")
         if self.mpp is not None and not 0.05 <= self.mpp <= 100:
             bad(f"--mpp {self.mpp} is outside 0.05-100 um/px")
         if self.tile_size is not None and not 16 <= self.tile_size <= 8192:
@@ -58,16 +68,8 @@ class PredictOptions:
             bad(f"--threshold {self.threshold} must be between 0 and 1 (exclusive)")
         if self.amp not in MODES:
             bad(f"amp {self.amp!r}: choose from {', '.join(MODES)}")
-        if self.workers < 1:
-            bad("--workers must be at least 1")
         if self.tissue_method not in TISSUE_METHODS:
             bad(f"--tissue-method {self.tissue_method!r} is not one of {', '.join(TISSUE_METHODS)}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            bad("--max-bad-fraction must be between 0 and 1")
-        if self.chunk_px < 16:
-            bad("chunk_px must be at least 16")
-        if self.cache_chunks is not None and self.cache_chunks < 1:
-            bad("cache_chunks must be at least 1")
         if not 0 < self.window_fraction <= 1:
             bad("window_fraction must be in (0, 1]")
 

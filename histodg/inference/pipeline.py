@@ -91,7 +91,7 @@ def _predict_locked(predictor: Predictor, job: SlideJob, out: Path, result: Pred
 def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResult) -> bool:
     """Skip a finished output (False) or make an empty folder for the slide (True)."""
     done = read_done(out)
-    if done is not None and not predictor.options.overwrite:
+    if done is not None and not predictor.options.write.overwrite:
         why = reuse_mismatch(done, predictor, job)
         if why:
             raise PredictError(out, f"exists with other settings ({why}): use --overwrite or another output folder")
@@ -115,8 +115,8 @@ def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count:
     (unreadable windows, stitching stats, what the artefact QC found)."""
     o = pred.options
     h, w = plan.out_shape
-    cache = o.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.chunk_px)
-    acc = ChunkAccumulator((h, w), o.chunk_px, prob.on_final, cache_chunks=cache, scratch=out / SCRATCH)
+    cache = o.write.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.write.chunk_px)
+    acc = ChunkAccumulator((h, w), o.write.chunk_px, prob.on_final, cache_chunks=cache, scratch=out / SCRATCH)
     acc.expect(plan.windows[:count], (pred.tile, pred.tile))
     if progress:
         progress(total=count, done=0)
@@ -126,7 +126,7 @@ def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count:
         with slide_batchnorm(pred, job, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
             if result.adaptation and result.adaptation.startswith(("bn", "tent")):
                 timings["adaptation"] = time.perf_counter() - t
-            qc = WindowQC.from_plan(slide, plan) if o.qc != "off" else None
+            qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
             bad = runner.run()
         result.shift = pred.end_shift()
@@ -139,7 +139,7 @@ def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count:
         prob.close()
     timings["prob_writing"] = prob.write_seconds  # in the writer thread, overlapping the model
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
-    stats = {"chunk": o.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
+    stats = {"chunk": o.write.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
              "reloaded": acc.reloads}
     report = runner.qc_report(count - len(bad))
     if report is not None and qc is not None:  # a report comes from QC
@@ -167,7 +167,7 @@ def excluded_area_mm2(plan: WindowPlan, excluded: list[int], count: int, mpp: fl
 
 def _tile_grid(pred: Predictor, plan: WindowPlan, count: int, slide) -> tuple | None:
     """--geojson-tiles: the cells (a window stride on a side) the predicted windows cover, and their side."""
-    if not pred.options.geojson_tiles:
+    if not pred.options.write.geojson_tiles:
         return None
     res, side = plan.resolution, pred.stride * plan.resolution.level0_per_px
     return covered_cells(plan.level0_xy[:count], res.level0_size, side, slide.dimensions), side
@@ -178,13 +178,13 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
     t_start = time.perf_counter()
     stain = pred.normalizer.stain
     stain_before = (stain.fallbacks, stain.seen) if stain is not None else None
-    with open_slide(job.path, o.backend, mpp=job.mpp) as slide:
+    with open_slide(job.path, o.read.backend, mpp=job.mpp) as slide:
         plan = plan_prediction(slide, pred)
         res = plan.resolution
         count = math.ceil(o.window_fraction * len(plan) - 1e-9) if o.window_fraction < 1 else len(plan)
         timings["planning"] = time.perf_counter() - t_start
         out_mpp = slide.mpp * res.level0_per_px
-        prob = ProbabilityMap(out / PROB, plan.out_shape, o.chunk_px,
+        prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
         bad, stitching, qc = _run_windows(pred, job, slide, plan, count, prob, out, progress, timings, result)
@@ -208,12 +208,12 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             "model": pred.describe(),
             "settings": {**compared_settings(pred, o, job), "batch_size": o.batch_size, "device": str(pred.device),
                          "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
-                         "workers": o.workers, "threshold_u8": threshold_u8(o.threshold),
+                         "workers": o.read.workers, "threshold_u8": threshold_u8(o.threshold),
                          "mpp_tolerance": o.mpp_tolerance},
             "slide": {"dimensions": list(slide.dimensions), "mpp": slide.mpp, "backend": slide.backend,
                       "read_level": res.level, "read_size": res.read_size},
             "output": {"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
-                       "chunk": o.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
+                       "chunk": o.write.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
             "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": run, "bad": len(bad),
                         "excluded": len(excluded), "bad_list": bad[:100]},
             "qc": qc,

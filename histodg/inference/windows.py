@@ -29,15 +29,15 @@ class WindowRunner:
 
     def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None, qc=None):
         self.pred, self.slide, self.plan, self.acc, self.progress = predictor, slide, plan, acc, progress
-        self.qc, self.exclude = qc, predictor.options.qc == "exclude"
+        self.qc, self.exclude = qc, predictor.options.read.excludes
         self.flags: dict[int, int] = {}  # window -> its QC flags (flagged windows only)
         o = predictor.options
-        self.n, self.batch_size, self.workers = count, o.batch_size, o.workers
+        self.n, self.batch_size, self.workers = count, o.batch_size, o.read.workers
         self.batches = [(i, min(i + o.batch_size, count)) for i in range(0, count, o.batch_size)]
-        self.per_task = max(1, math.ceil(o.batch_size / o.workers))
+        self.per_task = max(1, math.ceil(o.batch_size / o.read.workers))
         self.bad: list[dict] = []
         self.clock = {"reading": 0.0, "waiting_for_reads": 0.0, "model": 0.0, "stitching": 0.0}
-        n_buffers = 2 + max(2, o.workers)
+        n_buffers = 2 + max(2, o.read.workers)
         self.free = deque(predictor.new_batch() for _ in range(min(n_buffers, len(self.batches) + 1)))
         self.inflight: deque = deque()
         self.next_batch = 0
@@ -81,7 +81,7 @@ class WindowRunner:
         self.clock["waiting_for_reads"] += time.perf_counter() - t
         for i, reason in failed.items():
             self.bad.append(bad_window(self.plan.level0_xy[i], reason))
-        check_bad_windows(self.slide.path, self.bad, self.n, self.pred.options.max_bad_fraction)
+        check_bad_windows(self.slide.path, self.bad, self.n, self.pred.options.read.max_bad_fraction)
         return failed
 
     def excluded(self, i: int) -> bool:
@@ -94,7 +94,7 @@ class WindowRunner:
             return None
         out = sorted(i for i in self.flags if self.excluded(i))
         xy = self.plan.level0_xy
-        return {"mode": self.pred.options.qc, "windows": examined, "flagged": len(self.flags), "excluded": len(out),
+        return {"mode": self.pred.options.read.qc, "windows": examined, "flagged": len(self.flags), "excluded": len(out),
                 "counts": counts(list(self.flags.values())), "excluded_windows": out,
                 "excluded_list": [{"x": int(xy[i][0]), "y": int(xy[i][1]), "flags": qc_flag_names(self.flags[i])}
                                   for i in out[:100]]}

@@ -64,7 +64,7 @@ def requested(job: SlideJob, opts: TileOptions) -> dict:
     values = {"tile_size": s.tile_size, "mpp": s.mpp, "magnification": s.magnification, "overlap": s.overlap,
               "min_tissue": s.min_tissue, "tissue_method": s.tissue_method, "mpp_tolerance": s.mpp_tolerance,
               "organ": job.organ, "scanner": job.scanner, "compression": opts.compression,
-              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None, "qc": opts.qc,
+              "jpeg_quality": opts.jpeg_quality if opts.compression == "jpeg" else None, "qc": opts.read.qc,
               "mpp_override": job.mpp}
     assert tuple(values) == REUSE_KEYS
     return values
@@ -164,7 +164,7 @@ def _store_attrs(job: SlideJob, opts: TileOptions, slide, plan: WindowPlan, ann)
 
 
 def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileResult, progress) -> None:
-    with open_slide(job.path, opts.backend, mpp=job.mpp) as slide:
+    with open_slide(job.path, opts.read.backend, mpp=job.mpp) as slide:
         plan = plan_tiles(slide, opts.settings)
         ann = load_annotations(job.annotation, slide.dimensions, opts.labels) if job.annotation else None
         mpp0 = slide.mpp
@@ -181,12 +181,12 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
         reader = tiff_reader(slide)
         if reader is not None and opts.settings.overlap == 0:
             reader.cache_whole_tiles = False  # windows never share a tile: caching one only costs memory
-        qc = WindowQC.from_plan(slide, plan) if opts.qc != "off" else None
-        read = PatchReader(slide, plan, ann, writer, source, qc, exclude=opts.qc == "exclude")
-        _read_and_write(read, writer, opts.workers, progress)
+        qc = WindowQC.from_plan(slide, plan) if opts.read.qc != "off" else None
+        read = PatchReader(slide, plan, ann, writer, source, qc, exclude=opts.read.excludes)
+        _read_and_write(read, writer, opts.read.workers, progress)
         n_bad = len(writer.bad)
         try:
-            check_bad_windows(job.path, writer.bad, len(plan), opts.max_bad_fraction)
+            check_bad_windows(job.path, writer.bad, len(plan), opts.read.max_bad_fraction)
         except SlideError:
             shutil.rmtree(out, ignore_errors=True)  # a mostly unreadable slide never looks finished
             raise

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..constants import COMPRESSIONS, MAX_BAD_FRACTION, QC_MODES
+from ..constants import COMPRESSIONS
 from ..slides.annotations import LabelMap
+from ..slides.reading import ReadOptions
 from ..slides.tissue import METHODS
 
 
@@ -47,17 +48,14 @@ class TileSettings:
 
 @dataclass(frozen=True)
 class TileOptions:
-    """How to run: settings, reader backend and threads, labels, overwrite, bad-window limit, compression, QC."""
+    """How to run: the settings, how slides are read (shared with predict), labels, overwrite, compression."""
 
     settings: TileSettings = TileSettings()
-    backend: str = "auto"
-    workers: int = 2
+    read: ReadOptions = ReadOptions()
     labels: LabelMap = field(default_factory=LabelMap)
     overwrite: bool = False
-    max_bad_fraction: float = MAX_BAD_FRACTION
     compression: str = "auto"  # auto: jpeg for a lossy source (JPEG slides), lz4 for a lossless one
     jpeg_quality: int = 90
-    qc: str = "exclude"  # artefact QC (slides.qc): exclude flagged windows, flag them (kept), or off
 
     def for_source(self, path, existing: str | None = None) -> TileOptions:
         """These options with `auto` compression resolved for one input: the compression of the
@@ -70,11 +68,5 @@ class TileOptions:
         return replace(self, compression=existing or ("jpeg" if lossy_source(path) else "lz4"))
 
     def __post_init__(self):
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError("--max-bad-fraction must be between 0 and 1")
-        if self.workers < 1:
-            raise ValueError("--workers must be at least 1")
-        if self.qc not in QC_MODES:
-            raise ValueError(f"--qc must be one of {', '.join(QC_MODES)}")
         if self.compression not in ("auto", *COMPRESSIONS):
             raise ValueError(f"--compression must be auto or one of {', '.join(COMPRESSIONS)}")
