@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import DarkModel, raw_config
 from histodg.inference import PredictOptions, Predictor, predict_slide
 from histodg.inference.mask_tiff import pyramid_shapes
-from histodg.inference.outputs import MapGeometry, write_outputs
+from histodg.inference.outputs import MapGeometry, OutputSpec, write_outputs
 from histodg.inference.polygons import inside_only, mask_polygons, polygons_to_geojson, well_composed, write_geojson
 from histodg.inference.rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_overlay
 from histodg.slides.annotation_files import load_annotations
@@ -61,8 +61,8 @@ def test_ome_tiff_reads_back_with_the_slide_geometry_and_pixel_size(tmp_path):
     prob = (shapes_mask(500, 760) * 200).astype(np.uint8)
     dims = (3037, 1999)  # level 0, not a multiple of the output grid (4 level-0 px per output px)
     path = tmp_path / "mask.ome.tiff"
-    written = write_outputs(tmp_path, prob, None, MapGeometry(4.0, dims, 0.25), 0.5, "mask", np.full((100, 152, 3), 255, np.uint8),
-                            20.0, mask_png=False)
+    written = write_outputs(tmp_path, prob, None, MapGeometry(4.0, dims, 0.25), OutputSpec("mask", 0.5),
+                            np.full((100, 152, 3), 255, np.uint8), 20.0)
     assert written["files"] == ["prob.zarr", "mask.ome.tiff", "tumor.geojson", "overlay.png"]
     assert pyramid_shapes(*dims) == [(3037, 1999), (1519, 1000), (760, 500)]
     with tifffile.TiffFile(path) as tf:
@@ -208,7 +208,7 @@ def test_geojson_regions_carry_qupath_measurements_and_read_back(tmp_path):
     prob[150:250, 200:260] = 140  # a 100 x 60 bar, one hot pixel in it
     prob[200, 230] = 250
     geo = MapGeometry(4.0, (1600, 1200), 0.25)  # 4 level-0 px per map px at 0.25 um/px: 1 um per map px
-    write_outputs(tmp_path, prob, None, geo, 0.5, "m", np.full((30, 40, 3), 255, np.uint8), 40.0, mask_png=False)
+    write_outputs(tmp_path, prob, None, geo, OutputSpec("m", 0.5), np.full((30, 40, 3), 255, np.uint8), 40.0)
     feats = json.loads((tmp_path / "tumor.geojson").read_text())["features"]
     assert len(feats) == 2
     by_area = sorted((f["properties"] for f in feats), key=lambda p: p["measurements"]["Area µm^2"])

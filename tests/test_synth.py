@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from histodg.synth import DOMAINS, make_dataset, make_gallery
+from histodg.synth import DOMAINS, DatasetSpec, make_dataset, make_gallery
 from histodg.synth.dataset import plan, render_job
 from histodg.synth.gallery import read_manifest
 from histodg.synth.tissue import EPITHELIUM, TUMOUR
@@ -27,7 +27,7 @@ CASES = 2
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "set"
-    make_dataset(out, cases=CASES, size_um=SIZE_UM, formats=("wsi",), seed=0)
+    make_dataset(out, DatasetSpec(cases=CASES, size_um=SIZE_UM, formats=("wsi",), seed=0))
     return out
 
 
@@ -39,7 +39,7 @@ def rows(dataset) -> list[dict]:
 @pytest.fixture(scope="module")
 def renders(dataset) -> dict:
     """job name -> (job, Case): the generator's own ground truth for every case of the set."""
-    return {job.name: (job, render_job(job)) for job in plan(dataset, 0, CASES, SIZE_UM, ("wsi",))}
+    return {job.name: (job, render_job(job)) for job in plan(dataset, DatasetSpec(cases=CASES, size_um=SIZE_UM))}
 
 
 def _row(rows, name):
@@ -302,7 +302,7 @@ def test_colour_alone_cannot_find_the_tumour(dataset, rows, renders):
 
 # -- determinism, arguments, CLI -----------------------------------------------------------------------
 def test_more_cases_keep_the_first_ones(tmp_path, dataset):
-    one = make_dataset(tmp_path / "one", seed=0, cases=1, size_um=SIZE_UM)
+    one = make_dataset(tmp_path / "one", DatasetSpec(seed=0, cases=1, size_um=SIZE_UM))
     for row in read_manifest(one):
         if row["path"].endswith("-01.tiff"):
             assert (one.parent / row["path"]).read_bytes() == (dataset / row["path"]).read_bytes()

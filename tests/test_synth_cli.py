@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histodg.synth import DOMAINS, make_dataset
+from histodg.synth import DOMAINS, DatasetSpec, make_dataset
 from histodg.synth.gallery import read_manifest
 from histodg.synth.profiles import SCANNERS
 
@@ -19,9 +19,9 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
-    a = make_dataset(tmp_path / "a", seed=7, cases=1, size_um=400, formats=("wsi", "cosas"), workers=2)
-    b = make_dataset(tmp_path / "b", seed=7, cases=1, size_um=400, formats=("wsi", "cosas"), workers=1)
-    c = make_dataset(tmp_path / "c", seed=8, cases=1, size_um=400)
+    a = make_dataset(tmp_path / "a", DatasetSpec(seed=7, cases=1, size_um=400, formats=("wsi", "cosas")), workers=2)
+    b = make_dataset(tmp_path / "b", DatasetSpec(seed=7, cases=1, size_um=400, formats=("wsi", "cosas")), workers=1)
+    c = make_dataset(tmp_path / "c", DatasetSpec(seed=8, cases=1, size_um=400))
     ha, hb, hc = _hashes(a.parent), _hashes(b.parent), _hashes(c.parent)
     assert ha == hb  # also: one worker or two, the same bytes
     tiffs = [k for k in hc if k.endswith(".tiff")]
@@ -32,16 +32,16 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
 def test_bad_arguments_raise_value_error(tmp_path):
     for kwargs in ({"cases": 0}, {"size_um": 10}, {"formats": ("tiff",)}, {"formats": ()}, {"seed": -1}):
         with pytest.raises(ValueError):
-            make_dataset(tmp_path / "never", **kwargs)
+            make_dataset(tmp_path / "never", DatasetSpec(**kwargs))
     assert not (tmp_path / "never").exists()
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="use --overwrite"):
-        make_dataset(full, cases=1, size_um=400)
+        make_dataset(full, DatasetSpec(cases=1, size_um=400))
     (full / "wsi").mkdir()
     (full / "wsi" / "stale.tiff").write_bytes(b"old")
-    make_dataset(full, cases=1, size_um=400, overwrite=True)
+    make_dataset(full, DatasetSpec(cases=1, size_um=400), overwrite=True)
     assert not (full / "wsi" / "stale.tiff").exists()
     assert (full / "notes.txt").read_text() == "mine"  # only what synth writes is replaced
     assert (full / "manifest.csv").is_file()
@@ -60,7 +60,7 @@ def test_interrupted_run_leaves_no_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "make_case", flaky)
     with pytest.raises(KeyboardInterrupt):
-        make_dataset(tmp_path / "cut", cases=1, size_um=400, workers=1)
+        make_dataset(tmp_path / "cut", DatasetSpec(cases=1, size_um=400), workers=1)
     assert not (tmp_path / "cut" / "manifest.csv").exists()
     assert len(list((tmp_path / "cut").rglob("*.tiff"))) == 3
     assert not list((tmp_path / "cut").rglob("*.tmp*"))  # no temporary file left behind
@@ -121,7 +121,7 @@ def test_an_extra_scanner_is_a_held_out_domain_of_its_own(tmp_path):
     a, b = random_scanner(7), random_scanner(8)
     assert a == scanner_profile("scanner-x7") and a != b  # the seed is the acquisition
     assert all(a.stain_e != s.stain_e and a.white != s.white for s in SCANNERS.values())
-    manifest = make_dataset(tmp_path / "x", cases=1, size_um=400, extra_scanners=(7,))
+    manifest = make_dataset(tmp_path / "x", DatasetSpec(cases=1, size_um=400, extra_scanners=(7,)))
     rows = read_manifest(manifest)
     extra = [r for r in rows if r["scanner"] == "scanner-x7"]
     assert len(rows) == len(DOMAINS) + 1 and len(extra) == 1

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from histodg.synth import make_dataset
+from histodg.synth import DatasetSpec, make_dataset
 from histodg.synth.profiles import ORGANS, SCANNERS
 from histodg.synth.scanner import scan
 from histodg.synth.tissue import render_case
@@ -101,7 +101,7 @@ def test_scanner_j_stores_jpeg_2000_tiles_at_its_psnr_and_tile_reads_them(tmp_pa
     assert _psnr(rgb, codec_roundtrip(rgb, j.codec)) == pytest.approx(33, abs=1.5)  # OpenJPEG's target
     assert _psnr(rgb, codec_roundtrip(rgb, a.codec)) > 35  # scanner-a's JPEG q90 keeps more
 
-    manifest = make_dataset(tmp_path / "x", cases=1, size_um=600, formats=("wsi",), extra_scanners=("scanner-j",))
+    manifest = make_dataset(tmp_path / "x", DatasetSpec(cases=1, size_um=600, formats=("wsi",), extra_scanners=("scanner-j",)))
     with open(manifest, newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["scanner"] == "scanner-j")
     slide = manifest.parent / row["path"]
@@ -115,7 +115,7 @@ def test_scanner_j_stores_jpeg_2000_tiles_at_its_psnr_and_tile_reads_them(tmp_pa
 
 
 def test_synth_adds_scanner_f_on_request_and_refuses_an_unknown_name(tmp_path, cli):
-    manifest = make_dataset(tmp_path / "x", cases=1, size_um=400, formats=("cosas",), extra_scanners=("scanner-f",))
+    manifest = make_dataset(tmp_path / "x", DatasetSpec(cases=1, size_um=400, formats=("cosas",), extra_scanners=("scanner-f",)))
     with open(manifest, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["scanner"] == "scanner-f"]
     assert len(rows) == 1 and rows[0]["split"] == "heldout" and float(rows[0]["mpp"]) == 0.5

@@ -28,15 +28,15 @@ def synth(out_dir, seed, fmt, cases, size_um, gallery, extra_scanners, overwrite
     organ from training scanners and a held-out scanner. Writes OUT_DIR/manifest.csv (path,
     annotation, organ, scanner, split, task, mpp), ready for `histodg tile OUT_DIR/manifest.csv`.
     """
-    from ..synth import make_dataset, make_gallery
+    from ..synth import DatasetSpec, make_dataset, make_gallery
     from .views import err
 
     formats = ("wsi", "cosas") if fmt == "both" else (fmt,)
     kwargs = {k: v for k, v in {"cases": cases, "size_um": size_um}.items() if v is not None}
     try:
+        spec = DatasetSpec(seed=seed, formats=formats, extra_scanners=extra_scanners, **kwargs)
         with err.status("generating synthetic slides") as status:
-            manifest = make_dataset(out_dir, seed=seed, formats=formats, overwrite=overwrite,
-                                    progress=lambda msg: status.update(msg), extra_scanners=extra_scanners, **kwargs)
+            manifest = make_dataset(out_dir, spec, overwrite=overwrite, progress=lambda msg: status.update(msg))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {manifest}")

@@ -26,10 +26,22 @@ class MapGeometry:
     mpp: float | None  # the slide's level-0 um/px
 
 
-def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float, name: str, thumbnail,
-                  thumbnail_downsample: float, mask_png: bool, tiles: tuple | None = None) -> dict:
-    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}.
-    `tiles`: (cells, side) of `tiles_geojson` to write tiles.geojson too (`--geojson-tiles`)."""
+@dataclass(frozen=True)
+class OutputSpec:
+    """What to write from a map: the name inside the OME-TIFF, the tumour threshold, a 0/255
+    mask.png too (plain images), and `tiles`: (cells, side) of `tiles_geojson` for tiles.geojson
+    (`--geojson-tiles`)."""
+
+    name: str
+    threshold: float
+    mask_png: bool = False
+    tiles: tuple | None = None
+
+
+def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec, thumbnail,
+                  thumbnail_downsample: float) -> dict:
+    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}."""
+    threshold, tiles = spec.threshold, spec.tiles
     h, w = prob.shape
     cut = threshold_u8(threshold)
     f = contour_factor((h, w))
@@ -42,10 +54,10 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, threshold: float,
     except BaseException:
         ome.close()
         raise
-    ome.finish(name=name)
+    ome.finish(name=spec.name)
     low = reducer.finish()
     files = [PROB, "mask.ome.tiff"]
-    if mask_png:
+    if spec.mask_png:
         write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
         files.append("mask.png")
     scale = f * geo.level0_per_px

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +22,14 @@ import numpy as np
 
 from ..batch import BatchResult, claimed, qc_summary, recorded
 from ..slides.backends import ImageSlide
+from ..slides.base import Slide
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from ..slides.qc import WindowQC
 from .adapt import slide_batchnorm
 from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
-from .outputs import MapGeometry, verify_outputs, write_outputs
+from .outputs import MapGeometry, OutputSpec, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
 from .prob_map import NAME as PROB
 from .prob_map import ProbabilityMap
@@ -108,11 +110,28 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
     return True
 
 
-def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count: int, prob: ProbabilityMap, out: Path,
-                 progress, timings: dict, result: PredictResult) -> tuple[list[dict], dict, dict | None]:
+@dataclass
+class _SlideRun:
+    """One slide's prediction under way: what each step of `_predict` reads, and the result and
+    timings they fill in."""
+
+    pred: Predictor
+    job: SlideJob
+    slide: Slide
+    plan: WindowPlan
+    count: int  # the first `count` windows of the plan are run
+    out: Path
+    progress: Callable | None
+    result: PredictResult
+    timings: dict = field(default_factory=dict)
+
+
+def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict, dict | None]:
     """The whole window pipeline of one slide: the slide's BatchNorm route or adaptation, the shift
     meter, then the first `count` windows of the plan read, predicted and stitched into `prob`;
     (unreadable windows, stitching stats, what the artefact QC found)."""
+    pred, job, slide, plan, count, out = run.pred, run.job, run.slide, run.plan, run.count, run.out
+    progress, timings, result = run.progress, run.timings, run.result
     o = pred.options
     h, w = plan.out_shape
     cache = o.write.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.write.chunk_px)
@@ -123,8 +142,9 @@ def _run_windows(pred: Predictor, job: SlideJob, slide, plan: WindowPlan, count:
     try:
         t = time.perf_counter()
         pred.start_shift()
-        with slide_batchnorm(pred, job, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as result.adaptation:
-            if result.adaptation and result.adaptation.startswith(("bn", "tent")):
+        with slide_batchnorm(pred, job, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as note:
+            result.adaptation = None if note is None else str(note)
+            if note is not None and note.adapted:
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
@@ -165,16 +185,16 @@ def excluded_area_mm2(plan: WindowPlan, excluded: list[int], count: int, mpp: fl
     return px * (ds * mpp) ** 2 / 1e6
 
 
-def _tile_grid(pred: Predictor, plan: WindowPlan, count: int, slide) -> tuple | None:
+def _tile_grid(run: _SlideRun) -> tuple | None:
     """--geojson-tiles: the cells (a window stride on a side) the predicted windows cover, and their side."""
-    if not pred.options.write.geojson_tiles:
+    if not run.pred.options.write.geojson_tiles:
         return None
-    res, side = plan.resolution, pred.stride * plan.resolution.level0_per_px
-    return covered_cells(plan.level0_xy[:count], res.level0_size, side, slide.dimensions), side
+    res, side = run.plan.resolution, run.pred.stride * run.plan.resolution.level0_per_px
+    return covered_cells(run.plan.level0_xy[:run.count], res.level0_size, side, run.slide.dimensions), side
 
 
 def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
-    o, timings = pred.options, {}
+    o = pred.options
     t_start = time.perf_counter()
     stain = pred.normalizer.stain
     stain_before = (stain.fallbacks, stain.seen) if stain is not None else None
@@ -182,25 +202,27 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         plan = plan_prediction(slide, pred)
         res = plan.resolution
         count = math.ceil(o.window_fraction * len(plan) - 1e-9) if o.window_fraction < 1 else len(plan)
+        run = _SlideRun(pred, job, slide, plan, count, out, progress, result)
+        timings = run.timings
         timings["planning"] = time.perf_counter() - t_start
         out_mpp = slide.mpp * res.level0_per_px
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching, qc = _run_windows(pred, job, slide, plan, count, prob, out, progress, timings, result)
+        bad, stitching, qc = _run_windows(run, prob)
         excluded = qc.pop("excluded_windows") if qc else []
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
             result.qc = qc_summary(qc)
         t = time.perf_counter()
         geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
-        written = write_outputs(out, prob.array, prob.nonempty, geo, o.threshold, job.name, plan.thumbnail.rgb,
-                                plan.thumbnail.downsample, isinstance(slide, ImageSlide), _tile_grid(pred, plan, count, slide))
+        spec = OutputSpec(job.name, o.threshold, isinstance(slide, ImageSlide), _tile_grid(run))
+        written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample)
         verify_outputs(out, written["files"])
         timings["writing"] = time.perf_counter() - t
         area = prob.tumor_px * out_mpp**2 / 1e6
-        run = count - len(bad) - len(excluded)
-        result.windows, result.bad_windows, result.tumor_area_mm2 = run, len(bad), area
+        ran = count - len(bad) - len(excluded)
+        result.windows, result.bad_windows, result.tumor_area_mm2 = ran, len(bad), area
         timings["total"] = time.perf_counter() - t_start
         result.timings = {k: round(v, 4) for k, v in timings.items()}
         write_done(out, {
@@ -214,7 +236,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
                       "read_level": res.level, "read_size": res.read_size},
             "output": {"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
                        "chunk": o.write.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
-            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": run, "bad": len(bad),
+            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": ran, "bad": len(bad),
                         "excluded": len(excluded), "bad_list": bad[:100]},
             "qc": qc,
             "stitching": stitching,

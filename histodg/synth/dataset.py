@@ -250,36 +250,52 @@ def extra_scanner_name(value) -> str:
     raise ValueError(f"extra scanner {text!r}: give a seed (a scanner drawn at random) or one of {', '.join(opt_in)}")
 
 
-def plan(out_dir, seed: int, cases: int, size_um: float, formats, extra_scanners=()) -> list[CaseJob]:
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What `histodg synth` makes: the seed, the formats, cases per domain, each case's size, and
+    `extra_scanners`: seeds of extra held-out scanners (`profiles.random_scanner`, each a colon
+    domain `scanner-x<SEED>` of the scanner task) or opt-in built-in scanners (`scanner-f`)."""
+
+    seed: int = 0
+    formats: tuple[str, ...] = ("wsi",)
+    cases: int = DEFAULT_CASES
+    size_um: float = DEFAULT_SIZE_UM
+    extra_scanners: tuple = ()
+
+    def __post_init__(self):
+        formats = (self.formats,) if isinstance(self.formats, str) else self.formats
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
+        object.__setattr__(self, "extra_scanners", tuple(self.extra_scanners))
+        if not self.formats or any(f not in FORMATS for f in self.formats):
+            raise ValueError(f"formats must be one or both of {', '.join(FORMATS)} "
+                             f"(got {', '.join(map(str, self.formats)) or 'none'})")
+        if int(self.cases) != self.cases or self.cases < 1:
+            raise ValueError(f"cases must be a whole number of at least 1 (got {self.cases})")
+        if not MIN_SIZE_UM <= self.size_um <= MAX_SIZE_UM:
+            raise ValueError(f"size {self.size_um:g} um is outside {MIN_SIZE_UM:g}-{MAX_SIZE_UM:g} um")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0 (got {self.seed})")
+        for extra in self.extra_scanners:
+            extra_scanner_name(extra)  # a name that is no scanner: refused before anything is removed
+
+
+def plan(out_dir, spec: DatasetSpec) -> list[CaseJob]:
     """The cases of a data set, in manifest order."""
-    return [CaseJob(str(out_dir), d, i, seed, size_um, tuple(formats)) for d in domains(extra_scanners)
-            for i in range(1, cases + 1)]
+    return [CaseJob(str(out_dir), d, i, int(spec.seed), float(spec.size_um), spec.formats)
+            for d in domains(spec.extra_scanners) for i in range(1, int(spec.cases) + 1)]
 
 
-def _check_args(out_dir: Path, seed, formats, cases, size_um, overwrite) -> tuple[str, ...]:
-    formats = tuple(dict.fromkeys((formats,) if isinstance(formats, str) else formats))
-    if not formats or any(f not in FORMATS for f in formats):
-        raise ValueError(f"formats must be one or both of {', '.join(FORMATS)} (got {', '.join(map(str, formats)) or 'none'})")
-    if int(cases) != cases or cases < 1:
-        raise ValueError(f"cases must be a whole number of at least 1 (got {cases})")
-    if not MIN_SIZE_UM <= size_um <= MAX_SIZE_UM:
-        raise ValueError(f"size {size_um:g} um is outside {MIN_SIZE_UM:g}-{MAX_SIZE_UM:g} um")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0 (got {seed})")
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} is not empty: use --overwrite to replace the data set in it")
-    return formats
 
 
-def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",), cases: int = DEFAULT_CASES,
-                 size_um: float = DEFAULT_SIZE_UM, overwrite: bool = False, progress=None,
-                 workers: int | None = None, extra_scanners=()) -> Path:
-    """Write the data set; return the path of OUT_DIR/manifest.csv. progress(msg: str) may be None.
-
-    `extra_scanners`: seeds of extra held-out scanners (`profiles.random_scanner`), each a colon
-    domain `scanner-x<SEED>` of the scanner task.
+def make_dataset(out_dir, spec: DatasetSpec = DatasetSpec(), *, overwrite: bool = False, progress=None,
+                 workers: int | None = None) -> Path:
+    """Write the data set `spec` describes; return the path of OUT_DIR/manifest.csv. progress(msg:
+    str) may be None.
 
     Cases are made by `workers` processes (default: one, or two for sets of more than 40 million
     pixels when there are two CPU cores); the bytes do not depend on it. With `overwrite`
@@ -287,21 +303,19 @@ def make_dataset(out_dir, *, seed: int = 0, formats: tuple[str, ...] = ("wsi",),
     before anything else, so an interrupted run never leaves a manifest that looks finished.
     """
     out_dir = Path(out_dir)
-    formats = _check_args(out_dir, seed, formats, cases, size_um, overwrite)
-    for extra in extra_scanners:
-        extra_scanner_name(extra)  # a name that is no scanner: refused before anything is removed
+    _check_out_dir(out_dir, overwrite)
     with run_lock(out_dir, on_note=progress):  # one writer: a second `histodg synth` into OUT_DIR is refused
-        return _make(out_dir, seed, formats, cases, size_um, progress, workers, extra_scanners)
+        return _make(out_dir, spec, progress, workers)
 
 
-def _make(out_dir: Path, seed, formats, cases, size_um, progress, workers, extra_scanners) -> Path:
+def _make(out_dir: Path, spec: DatasetSpec, progress, workers) -> Path:
     manifest = out_dir / "manifest.csv"
     if out_dir.is_dir():
         manifest.unlink(missing_ok=True)
         for sub in FORMATS:
             shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan(out_dir, int(seed), int(cases), float(size_um), formats, extra_scanners)
+    jobs = plan(out_dir, spec)
     say = progress or (lambda msg: None)
     rows: dict[str, dict] = {}
     if workers is None:  # processes pay off for big sets only (each one imports numpy, OpenCV, ...)

@@ -57,7 +57,6 @@ def make_gallery(manifest_path, png_path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     manifest_path, png_path = Path(manifest_path), Path(png_path)
     rows = read_manifest(manifest_path)
@@ -86,13 +85,22 @@ def make_gallery(manifest_path, png_path) -> Path:
             ax.text(0.02, 0.02, f"{other}, {mpp0:g} um/px", transform=ax.transAxes, fontsize=7, color="black",
                     bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1.5})
     fig.suptitle(f"histodg synth: {GALLERY_UM:g} um of every domain, tumour annotation in green", fontsize=11)
+    return save_figure_png(fig, png_path, dpi=110)
+
+
+def save_figure_png(fig, png_path: Path, dpi: int) -> Path:
+    """A matplotlib figure as a small PNG (a 256-colour palette), written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     buf.seek(0)
+    png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(buf) as im:  # a 256-colour palette keeps the file small
+    with Image.open(buf) as im:
         small = im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
         atomic_write(png_path, lambda tmp: small.save(tmp, format="PNG", optimize=True))
     return png_path

@@ -34,8 +34,10 @@ def smooth_noise(rng, shape, sigma_px: float) -> np.ndarray:
 
 
 # -- geometry -------------------------------------------------------------------------------------
-def star_ring(rng, cx, cy, rx, ry, irregularity, n=180, angle=0.0, harmonics=range(2, 9), decay=1.0):
-    """A closed star-shaped ring (n, 2) around (cx, cy): an ellipse with random harmonic wobble."""
+def star_ring(rng, centre, radii, irregularity, *, n=180, angle=0.0, harmonics=range(2, 9), decay=1.0):
+    """A closed star-shaped ring (n, 2) around `centre` (x, y): an ellipse of `radii` (x, y) with
+    random harmonic wobble."""
+    (cx, cy), (rx, ry) = centre, radii
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     rho = np.ones(n)
     for k in harmonics:
@@ -53,7 +55,7 @@ def case_geometry(rng, width: int, height: int) -> tuple[np.ndarray, list]:
     case has tumour and normal tissue; a third of them spare an island of normal tissue (a hole).
     """
     cx, cy = width / 2 + rng.normal(0, width * 0.02), height / 2 + rng.normal(0, height * 0.02)
-    section = star_ring(rng, cx, cy, width * 0.44, height * 0.44, 0.1, n=720, angle=rng.uniform(0, np.pi),
+    section = star_ring(rng, (cx, cy), (width * 0.44, height * 0.44), 0.1, n=720, angle=rng.uniform(0, np.pi),
                         harmonics=range(2, 60), decay=1.1)
     polygons = []
     n_tumours = 1 + int(rng.random() < 0.5)
@@ -64,7 +66,7 @@ def case_geometry(rng, width: int, height: int) -> tuple[np.ndarray, list]:
         off = rng.uniform(0.05, 0.2) if n_tumours == 1 else rng.uniform(0.16, 0.24)
         tx, ty = cx + off * width * np.cos(ang), cy + off * height * np.sin(ang)
         aspect = rng.uniform(0.8, 1.25)
-        exterior = star_ring(rng, tx, ty, r * aspect, r / aspect, 0.35, n=200, angle=rng.uniform(0, np.pi),
+        exterior = star_ring(rng, (tx, ty), (r * aspect, r / aspect), 0.35, n=200, angle=rng.uniform(0, np.pi),
                              harmonics=range(2, 24), decay=1.2)
         # keep the region on the canvas: shrink it towards its centre where it would leave it
         d = exterior - (tx, ty)
@@ -79,7 +81,7 @@ def case_geometry(rng, width: int, height: int) -> tuple[np.ndarray, list]:
         rings = [exterior]
         if rng.random() < 0.35:  # a spared island of normal tissue inside the tumour
             rmin = np.hypot(*(exterior - (tx, ty)).T).min()
-            rings.append(star_ring(rng, tx, ty, 0.45 * rmin, 0.35 * rmin, 0.1, n=64, angle=rng.uniform(0, np.pi)))
+            rings.append(star_ring(rng, (tx, ty), (0.45 * rmin, 0.35 * rmin), 0.1, n=64, angle=rng.uniform(0, np.pi)))
         polygons.append([orient_ring(np.round(ring, 2), hole=k > 0) for k, ring in enumerate(rings)])
     return np.round(section, 2), polygons
 
@@ -150,8 +152,10 @@ class Canvas:
         for i in range(len(xs)):
             cv2.circle(target, (int(xs[i]), int(ys[i])), int(rs[i]), int(code), -1, cv2.LINE_8, SHIFT)
 
-    def nuclei(self, cell, x, y, a, b, angle_rad, level, texture, vesicular):
-        """Filled ellipses (centres, semi-axes in px), one OpenCV call each; later ones on top."""
+    def nuclei(self, cell, centres, axes, angle_rad, level, texture, vesicular):
+        """Filled ellipses (`centres` (x, y) and semi-`axes` (a, b) in px), one OpenCV call each;
+        later ones on top."""
+        (x, y), (a, b) = centres, axes
         xs, ys = fixed(np.asarray(x) - self.x0), fixed(np.asarray(y) - self.y0)
         a, b = np.maximum(a, 1.0), np.maximum(b, 0.5)
         aa, bb = fixed(a), fixed(b)

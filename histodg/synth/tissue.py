@@ -140,7 +140,7 @@ def _normal_glands(cv: Canvas, o: OrganProfile, free_um: np.ndarray, coarse: int
     across = np.arctan2(ny - gl.cy[g], nx - gl.cx[g])
     half = cv.px(o.nucleus_um / 2) * rng.normal(1, 0.05, len(k))
     axis = across if o.nucleus_radial else across + np.pi / 2
-    cv.nuclei(EPITHELIUM, nx, ny, half, half / o.nucleus_elongation, axis + rng.normal(0, 0.08, len(k)),
+    cv.nuclei(EPITHELIUM, (nx, ny), (half, half / o.nucleus_elongation), axis + rng.normal(0, 0.08, len(k)),
               rng.normal(0.95, 0.04, len(k)), 0.15, 0.0)
     if o.goblet > 0:  # goblet cells: round mucin vacuoles between nuclei, on the lumen side
         pick = rng.random(len(k)) < o.goblet
@@ -178,7 +178,7 @@ def _alveoli(cv: Canvas, o: OrganProfile) -> None:
     xi, yi = np.clip(x.astype(int), 1, cv.w - 2), np.clip(y.astype(int), 1, cv.h - 2)
     across = np.arctan2(to_edge[yi + 1, xi] - to_edge[yi - 1, xi], to_edge[yi, xi + 1] - to_edge[yi, xi - 1])
     half = cv.px(o.nucleus_um / 2) * rng.normal(1, 0.08, len(x))
-    cv.nuclei(EPITHELIUM, x, y, half, half / o.nucleus_elongation, across + np.pi / 2 + rng.normal(0, 0.1, len(x)),
+    cv.nuclei(EPITHELIUM, (x, y), (half, half / o.nucleus_elongation), across + np.pi / 2 + rng.normal(0, 0.1, len(x)),
               rng.normal(0.95, 0.04, len(x)), 0.15, 0.0)
 
 
@@ -236,7 +236,7 @@ def _tumour_glands(cv: Canvas, o: OrganProfile, label: np.ndarray, tumour_um: np
     depth = cv2.distanceTransform(cells.astype(np.uint8), cv2.DIST_L2, 3)
     across = np.arctan2(depth[yi + 1, xi] - depth[yi - 1, xi], depth[yi, xi + 1] - depth[yi, xi - 1])
     ha = cv.px(half) * rng.lognormal(0, 0.2, n_nuc)
-    cv.nuclei(TUMOUR, x, y, ha, ha / (elong * rng.uniform(0.75, 1.25, n_nuc)), across + rng.normal(0, 0.6, n_nuc),
+    cv.nuclei(TUMOUR, (x, y), (ha, ha / (elong * rng.uniform(0.75, 1.25, n_nuc))), across + rng.normal(0, 0.6, n_nuc),
               rng.normal(1.12, 0.12, n_nuc), 0.3, rng.uniform(0.2, 0.9, n_nuc))
     pick = rng.random(n_nuc) < 0.45  # prominent nucleoli
     cv.discs(x[pick], y[pick], ha[pick] * 0.2, 255, target=cv.nucleoli)
@@ -251,7 +251,7 @@ def _stroma_cells(cv: Canvas, o: OrganProfile, label: np.ndarray, orient: np.nda
     x, y = cv.sample(stroma, n)
     xi, yi = x.astype(int), y.astype(int)
     plump = np.where(label[yi, xi] > 0, 1.5, 1.0)  # activated fibroblasts of desmoplastic stroma
-    cv.nuclei(FIBROBLAST, x, y, cv.px(rng.uniform(4.5, 7.0, n)), cv.px(rng.uniform(0.9, 1.3, n)) * plump,
+    cv.nuclei(FIBROBLAST, (x, y), (cv.px(rng.uniform(4.5, 7.0, n)), cv.px(rng.uniform(0.9, 1.3, n)) * plump),
               orient[yi, xi] + rng.normal(0, 0.15, n), rng.normal(0.9, 0.05, n), 0.12, 0.0)
     n = int(o.lymphocytes_per_mm2 * area_mm2)
     hx, hy = cv.sample(stroma & (label == 0), max(1, n // 20))  # cluster centres in normal stroma
@@ -267,7 +267,7 @@ def _stroma_cells(cv: Canvas, o: OrganProfile, label: np.ndarray, orient: np.nda
     ex, ey = cv.sample(stroma & (label > 0), n // 20)  # a few among the tumour, too
     x, y = np.concatenate([x, ex]), np.concatenate([y, ey])
     r = cv.px(rng.uniform(2.6, 3.4, len(x)))
-    cv.nuclei(LYMPHOCYTE, x, y, r, r * rng.uniform(0.85, 1.0, len(x)), rng.uniform(0, np.pi, len(x)),
+    cv.nuclei(LYMPHOCYTE, (x, y), (r, r * rng.uniform(0.85, 1.0, len(x))), rng.uniform(0, np.pi, len(x)),
               rng.normal(1.35, 0.05, len(x)), 0.05, 0.0)
 
 
@@ -286,7 +286,7 @@ def _vessels(cv: Canvas, room_um: np.ndarray, coarse: int) -> None:
     k = np.arange(m.sum()) - np.repeat(np.cumsum(m) - m, m)
     tt = rng.uniform(0, 2 * np.pi, n)[g] + 2 * np.pi * k / m[g]
     nx, ny = gl.point(g, tt, gl.rho_at(g, tt) * 1.08)
-    cv.nuclei(ENDOTHELIUM, nx, ny, np.full(len(g), cv.px(4.5)), np.full(len(g), cv.px(1.1)),
+    cv.nuclei(ENDOTHELIUM, (nx, ny), (np.full(len(g), cv.px(4.5)), np.full(len(g), cv.px(1.1))),
               np.arctan2(ny - gl.cy[g], nx - gl.cx[g]) + np.pi / 2, 0.95, 0.1, 0.0)
     cells = rng.integers(0, 1 + (r * r / 20).astype(int))
     g = np.repeat(np.arange(n), cells)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,10 +22,21 @@ def quiet_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How validation scores: a binary (one-logit) or multi-class model, patches per forward pass,
+    patches per domain at most, and loader workers."""
+
+    binary: bool
+    batch_size: int
+    max_patches: int
+    workers: int
+
+
 @torch.no_grad()
-def score_domains(model, parts_by_domain: dict, normalizer, runtime, binary: bool, batch_size: int,
-                  max_patches: int, workers: int, route=None, own_statistics=None) -> dict:
-    """Dice/IoU per domain on at most `max_patches` patches each (spread evenly over its slides);
+def score_domains(model, parts_by_domain: dict, normalizer, runtime, settings: ScoreSettings, route=None,
+                  own_statistics=None) -> dict:
+    """Dice/IoU per domain on at most `settings.max_patches` patches each (spread evenly over its slides);
     `route(domain)`, if given, is the context each domain is scored in (DSBN's BatchNorm slot);
     where `own_statistics(domain)` is true, each slide of the domain is scored with BatchNorm
     statistics estimated on its own patches with most tissue (as `histodg predict` adapts a slide)."""
@@ -34,8 +46,9 @@ def score_domains(model, parts_by_domain: dict, normalizer, runtime, binary: boo
     model.eval()
     board = ScoreBoard()
     device = runtime.device
+    binary, batch_size, workers = settings.binary, settings.batch_size, settings.workers
     for domain, parts in parts_by_domain.items():
-        picks = capped_indices(parts, max_patches)
+        picks = capped_indices(parts, settings.max_patches)
         per_slide = own_statistics is not None and own_statistics(domain)
         for part, group in (_by_part(picks) if per_slide else [(None, picks)]):
             loader = DataLoader(PickDataset(group), batch_size=batch_size, collate_fn=collate,
