@@ -9,7 +9,6 @@ each panel applies one setting of the strong preset (one random draw up to its s
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def main(out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
+
+    from histodg.synth.gallery import save_figure_png
 
     rgb = patch()
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float()
@@ -62,14 +62,7 @@ def main(out: Path) -> None:
         ax.axis("off")
     fig.suptitle("histodg train --augment strong: each setting alone (a random draw up to its strength), then all of them",
                  fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    buf.seek(0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(buf) as im:
-        im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    save_figure_png(fig, out, dpi=80)
     print(f"wrote {out}")
 
 
