@@ -10,8 +10,9 @@ import zarr
 from PIL import Image
 
 from helpers import make_store, tiny_checkpoint, tissue_field
+from histodg.constants import ADAPT_MODES
 from histodg.inference import PredictError, PredictOptions, Predictor, predict_slide
-from histodg.inference.adapt import adapted_batchnorm
+from histodg.inference.adapt import ADAPTERS, adapted_batchnorm
 from histodg.model.batchnorm import batchnorm_layers
 from histodg.slides.inputs import SlideJob
 
@@ -65,6 +66,12 @@ def test_slides_adapt_alone_whatever_the_order(tmp_path, two_slides):
     assert np.abs(a["shifted"].astype(int) - plain["shifted"].astype(int)).max() > 5  # the statistics did change it
     done = json.loads((tmp_path / "ab" / "shifted" / "done.json").read_text())
     assert done["adaptation"].startswith("bn: statistics of") and done["settings"]["adapt"] == "bn"
+    assert "adaptation" in done["timings"]  # the adapter's note says it estimated statistics: its time is timed
+    assert "adaptation" not in json.loads((tmp_path / "none" / "shifted" / "done.json").read_text())["timings"]
+
+
+def test_every_adapt_mode_but_none_has_a_test_time_adapter():
+    assert ADAPT_MODES == ("none", *ADAPTERS)
 
 
 def test_a_rerun_with_another_adapt_is_refused(tmp_path, two_slides):

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from ..constants import UNKNOWN
+from ..domains import Domain
 from ..files import file_sha256, write_json_atomic, write_text_atomic
 from ..locks import run_lock
-from ..model.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..model.checkpoint import Payload, checkpoint_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..model.domain_bn import sync_shared
 from ..model.normalize import Normalizer
 from .align import FeatureTap, masked_alignment
@@ -89,9 +90,7 @@ class Patches:
 def _slots(stores, names) -> np.ndarray:
     """For a DSBN model (`names`: its slots' domains), each store's slot: its organ's or scanner's
     (as `predict` chooses), -1 for the shared one."""
-    from ..model.domain_bn import route_of
-
-    slots = (route_of(names, s.attrs.organ, s.attrs.scanner) for s in stores)
+    slots = (Domain.of(s.attrs).slot(names) for s in stores)
     return np.array([-1 if k is None else k for k in slots], dtype=int)
 
 
@@ -126,7 +125,7 @@ def _flip(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator):
 
 
 def _domain_of(stores, fallback: str) -> str:
-    names = {s.attrs.scanner if s.attrs.scanner != UNKNOWN else s.attrs.organ for s in stores}
+    names = {Domain.of(s.attrs).name(first="scanner") for s in stores}  # adapt's order (`domains`)
     names.discard(UNKNOWN)
     return names.pop() if len(names) == 1 else fallback
 
@@ -172,7 +171,7 @@ def _adapt(cfg: AdaptConfig, on_step=None) -> dict:
     source, target = Patches(source_refs, masks=True), Patches(target_refs, masks=False)
     probe = torch.from_numpy(target.get(target.spread(64))[0]).permute(0, 3, 1, 2).to(device)
     gap_before = bn_gap(model, normalizer(probe))
-    log = _train(cfg, hp, model, mc, normalizer, source, target, device, on_step)
+    log = _train(cfg, model, mc, normalizer, source, target, device, on_step)
     if mc.domain_bn:
         sync_shared(model)  # the shared slot: the mixture of the adapted domain slots, as DSBN leaves it
     if hp.bn:
@@ -187,9 +186,8 @@ def _adapt(cfg: AdaptConfig, on_step=None) -> dict:
               "settings": hp.to_dict(), "steps": cfg.steps}
     new_mc = mc.replace(shift=_shift_reference(model, normalizer, source_refs, target_refs, domain, mc, device),
                         adaptation=record)
-    save_checkpoint(out / "best.pt", {"model_state": model.state_dict(), "model_config": new_mc,
-                                      "train_config": ckpt.get("train_config"), "stage": ckpt.get("stage"),
-                                      "epoch": ckpt.get("epoch"), "global_step": cfg.steps, "best": None})
+    save_checkpoint(out / "best.pt", Payload(model.state_dict(), new_mc, ckpt.get("train_config"), ckpt.get("stage"),
+                                             ckpt.get("epoch"), cfg.steps, None))
     checkpoint_config(load_checkpoint(out / "best.pt"), out / "best.pt")  # it reads back
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     result = {"run_dir": str(out), "checkpoint": str(out / "best.pt"), **record,
@@ -218,8 +216,9 @@ def _teacher(hp, model, mc):
     return MeanTeacher(model, hp.ema, hp.threshold, own_statistics=bool(mc.domain_bn)), resolve_augment(hp.self_augment)
 
 
-def _train(cfg: AdaptConfig, hp, model, mc, normalizer, source: Patches, target: Patches, device, on_step) -> list[dict]:
+def _train(cfg: AdaptConfig, model, mc, normalizer, source: Patches, target: Patches, device, on_step) -> list[dict]:
     """The adaptation steps; one log record per step."""
+    hp = cfg.settings
     from ..training.methods.base import SegTask, seg_loss
 
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
@@ -292,7 +291,7 @@ def _shift_reference(model, normalizer, source_refs, target_refs, target_domain:
 
     train: dict[str, list] = {}
     for s in source_refs:
-        name = s.attrs.scanner if s.attrs.scanner != UNKNOWN else s.attrs.organ
+        name = Domain.of(s.attrs).name(first="scanner")
         train.setdefault(name if name != UNKNOWN else "source", []).append(Part(s, 0, s.n))
     train[target_domain] = [Part(s, 0, s.n) for s in target_refs]
     from ..device import resolve_placement

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import HistodgError
 from ..constants import IGNORE, UNKNOWN
+from ..domains import Domain
 from .metrics import ScoreBoard, dice_from, iou_from
 
 
@@ -57,12 +58,8 @@ class Evaluation:
 
 
 def domain_of(organ: str | None, scanner: str | None, axis: str | None = None) -> str:
-    organ, scanner = organ or UNKNOWN, scanner or UNKNOWN
-    if axis == "organ":
-        return organ
-    if axis == "scanner":
-        return scanner
-    return organ if organ != UNKNOWN else scanner
+    """The row an image is counted in: `domains.Domain.name` (with no axis, the organ, else the scanner)."""
+    return Domain(organ or UNKNOWN, scanner or UNKNOWN).name(axis)
 
 
 def binarise_truth(labels: np.ndarray) -> np.ndarray:

@@ -18,15 +18,53 @@ also goes once through the checkpoint's statistics, and the adapted prediction i
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..domains import Domain
 from ..model.batchnorm import MIN_WINDOWS, adaptation_windows
 from .adabn import adapted_batchnorm
 from .tent import adapted_tent
 
-__all__ = ["adapted_batchnorm", "adapted_to", "dsbn_route", "dsbn_slot", "slide_batchnorm", "window_batches"]
+__all__ = ["ADAPTERS", "AdaptNote", "adapted_batchnorm", "adapted_to", "dsbn_route", "dsbn_slot", "slide_batchnorm",
+           "window_batches"]
+
+
+@dataclass(frozen=True)
+class AdaptNote:
+    """What was done to a slide's BatchNorm before it was predicted: done.json's `adaptation` is its
+    text; `adapted` says whether statistics were estimated on the slide (its time is then timed)."""
+
+    text: str
+    adapted: bool = False
+
+    def __str__(self) -> str:
+        return self.text
+
+    def also(self, more: str) -> AdaptNote:
+        """This note with `more` added in brackets."""
+        return AdaptNote(f"{self.text} ({more})", self.adapted)
+
+
+@contextmanager
+def _bn(predictor, batches, n: int):
+    with adapted_batchnorm(predictor, batches):
+        yield AdaptNote(f"bn: statistics of {n} windows", adapted=True)
+
+
+@contextmanager
+def _tent(predictor, batches, n: int):
+    with adapted_tent(predictor, list(batches)) as losses:
+        yield AdaptNote(f"tent: statistics of {n} windows, {len(losses)} entropy steps "
+                        f"(entropy {losses[0]:.4f} at the first, {losses[-1]:.4f} at the last)", adapted=True)
+
+
+# --adapt's test-time adapters: mode -> (predictor, batches of the slide's windows, their count) -> a context
+# yielding its AdaptNote; `none` is the absence of one (constants.ADAPT_MODES lists them all)
+ADAPTERS: dict[str, Callable] = {"bn": _bn, "tent": _tent}
 
 
 @contextmanager
@@ -45,12 +83,12 @@ def slide_batchnorm(predictor, job, tissue, read):
     k = dsbn_slot(predictor, job)
     if k is not None:
         with domain(predictor.model, k):
-            yield f"dsbn: the BatchNorm of {names[k]}"
+            yield AdaptNote(f"dsbn: the BatchNorm of {names[k]}")
         return
     mode = "bn" if predictor.options.adapt == "none" else predictor.options.adapt
     why = "asked for" if predictor.options.adapt != "none" else "not one of the model's domains"
     with adapted_to(predictor, tissue, read, mode) as note:
-        yield f"{note} (dsbn: shared BatchNorm; {why})"
+        yield note.also(f"dsbn: shared BatchNorm; {why}")
 
 
 def dsbn_slot(predictor, job) -> int | None:
@@ -59,9 +97,7 @@ def dsbn_slot(predictor, job) -> int | None:
     or neither is a domain of the model), or a model without slots."""
     if not predictor.config.domain_bn or predictor.options.adapt != "none":
         return None
-    from ..model.domain_bn import route_of
-
-    return route_of(predictor.config.domain_bn, job.organ, job.scanner)
+    return Domain.of(job).slot(predictor.config.domain_bn)
 
 
 def dsbn_route(predictor, job) -> str | None:
@@ -74,25 +110,19 @@ def dsbn_route(predictor, job) -> str | None:
 
 @contextmanager
 def adapted_to(predictor, tissue, read, mode: str | None = None):
-    """Inside: with `--adapt bn` or `tent` (or `mode`), the model adapted to one slide (or store)
-    whose windows have these `tissue` fractions and are read by `read(i)`; yields what was done
-    (for done.json), or None without `--adapt`."""
-    mode = mode or predictor.options.adapt
-    if mode not in ("bn", "tent"):
+    """Inside: with `--adapt bn` or `tent` (or `mode`: one of `ADAPTERS`), the model adapted to one
+    slide (or store) whose windows have these `tissue` fractions and are read by `read(i)`; yields
+    what was done (an `AdaptNote`, for done.json), or None without `--adapt`."""
+    adapter = ADAPTERS.get(mode or predictor.options.adapt)
+    if adapter is None:
         yield None
         return
     picks = adaptation_windows(tissue)
     if len(picks) < MIN_WINDOWS:
-        yield f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)"
+        yield AdaptNote(f"none: only {len(picks)} tissue windows (at least {MIN_WINDOWS} needed)")
         return
-    batches = window_batches(read, picks, predictor.options.batch_size)
-    if mode == "bn":
-        with adapted_batchnorm(predictor, batches):
-            yield f"bn: statistics of {len(picks)} windows"
-        return
-    with adapted_tent(predictor, list(batches)) as losses:
-        yield (f"tent: statistics of {len(picks)} windows, {len(losses)} entropy steps "
-               f"(entropy {losses[0]:.4f} at the first, {losses[-1]:.4f} at the last)")
+    with adapter(predictor, window_batches(read, picks, predictor.options.batch_size), len(picks)) as note:
+        yield note
 
 
 def window_batches(read, indices, batch_size: int):

@@ -12,6 +12,7 @@ never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,37 @@ class CheckpointError(HistodgError):
     """A checkpoint is missing, unreadable or not histodg's."""
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
+@dataclass
+class Payload:
+    """What a checkpoint holds, built in one place for the trainer (best.pt, stageN.pt, last.pt) and
+    `histodg adapt` (its best.pt): the weights, the model contract, the training config, where in
+    training it was made, and for a resumable last.pt `resume` (optimizer_state, scheduler_state,
+    method_state, rng, history)."""
+
+    model_state: dict
+    model_config: ModelConfig
+    train_config: dict | None
+    stage: int | None
+    epoch: int | None
+    global_step: int
+    best: float | None
+    done: bool | None = None  # training finished (None: not a training checkpoint, an adapted one)
+    metrics: dict | None = None  # best.pt: the validation record it was chosen by
+    resume: dict | None = None
+
+    def to_dict(self) -> dict:
+        p = {"model_state": self.model_state, "model_config": self.model_config, "train_config": self.train_config,
+             "stage": self.stage, "epoch": self.epoch, "global_step": self.global_step, "best": self.best}
+        if self.done is not None:
+            p["done"] = self.done
+        if self.metrics is not None:
+            p["metrics"] = self.metrics
+        return {**p, **(self.resume or {})}
+
+
+def save_checkpoint(path: Path, payload: dict | Payload) -> None:
+    if isinstance(payload, Payload):
+        payload = payload.to_dict()
     payload = {"format": FORMAT, "version": VERSION, "histodg_version": __version__, **payload}
     if isinstance(payload.get("model_config"), ModelConfig):
         payload["model_config"] = payload["model_config"].to_dict()

@@ -180,17 +180,10 @@ def domain(model: nn.Module, route):
             m.route = r
 
 
-def route_of(names, *domains: str):
-    """The slot of the first of `domains` (a slide's organ, then its scanner, as `predict` chooses)
-    that is one of the model's domain `names`, or None (the shared slot)."""
-    names = list(names or ())
-    return next((names.index(d) for d in domains if d in names), None)
-
-
 def domain_context(model: nn.Module, names, name: str):
     """`domain(model, slot of name)`, or nothing for a domain without a slot (or a plain model)."""
-    k = route_of(names, name)
-    return nullcontext() if k is None or not slots(model) else domain(model, k)
+    names = list(names or ())
+    return nullcontext() if name not in names or not slots(model) else domain(model, names.index(name))
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:

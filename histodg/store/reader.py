@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import HistodgError, exc_line
+from ..domains import Domain
 from ..files import read_csv_rows
 from .codecs import registered_zarr
 from .integrity import shard_problem
@@ -66,8 +67,9 @@ class StoreRef:
     def scanner(self) -> str:
         return self.attrs.scanner
 
-    def domain(self, axis: str) -> str:
-        return self.organ if axis == "organ" else self.scanner
+    def domain(self, axis: str | None = None) -> str:
+        """This store's domain on `axis` (`domains.Domain.name`: with no axis, the organ, else the scanner)."""
+        return Domain.of(self.attrs).name(axis)
 
 
 def store_name(path: Path) -> str:

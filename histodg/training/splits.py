@@ -73,11 +73,9 @@ def heldout_stores(stores: list[StoreRef], names) -> dict[str, list[StoreRef]]:
 def group(stores: list[StoreRef], axis: str) -> dict[str, list[StoreRef]]:
     if axis == "all":
         return {"all": list(stores)}
-    if axis == "union":
-        by_organ = domains_on(stores, "organ")
-        rest = [s for s in stores if s.organ == UNKNOWN]
-        out = {**by_organ}
-        for d, ss in domains_on(rest, "scanner").items():
+    if axis == "union":  # the domain rule with no axis (`domains`): a store's organ, else its scanner; organs first
+        out = domains_on(stores, "organ")
+        for d, ss in domains_on([s for s in stores if s.organ == UNKNOWN], "scanner").items():
             out.setdefault(d, []).extend(ss)
         return out
     return domains_on(stores, axis)

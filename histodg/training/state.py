@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..device import Placement, bind_device, resolve_device, resolve_placement
+from ..model.checkpoint import Payload
 
 
 @dataclass
@@ -120,18 +121,14 @@ class TrainState:
         self.stage, self.epoch, self.optimizer, self.scheduler, self.method_extra = index + 1, 0, None, None, None
 
     def payload(self, model, model_config, train_config: dict, final: bool, light: bool = False,
-                record: dict | None = None, rng: dict | None = None) -> dict:
+                record: dict | None = None, rng: dict | None = None) -> Payload:
         """A checkpoint's contents; `light` (best.pt, stageN.pt) leaves out what only a resume needs
         (`rng`: every rank's random states, `all_rng_states`; this process's alone when not given)."""
-        p = {"model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "model_config": model_config, "train_config": train_config, "stage": self.stage, "epoch": self.epoch,
-             "global_step": self.global_step, "best": self.best, "done": final}
-        if record is not None:
-            p["metrics"] = record
-        if not light:
-            p.update({"optimizer_state": self.optimizer, "scheduler_state": self.scheduler,
-                      "method_state": self.method_extra, "rng": rng or {"ranks": [rng_state()]}, "history": self.history})
-        return p
+        resume = None if light else {"optimizer_state": self.optimizer, "scheduler_state": self.scheduler,
+                                     "method_state": self.method_extra, "rng": rng or {"ranks": [rng_state()]},
+                                     "history": self.history}
+        return Payload({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_config, train_config,
+                       self.stage, self.epoch, self.global_step, self.best, done=final, metrics=record, resume=resume)
 
 
 def rng_state(device=None) -> dict:

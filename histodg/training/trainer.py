@@ -33,7 +33,7 @@ from ..device import place_model
 from ..files import append_text, write_json_atomic, write_text_atomic
 from ..locks import run_lock
 from ..model.build import build_model
-from ..model.checkpoint import load_checkpoint, save_checkpoint
+from ..model.checkpoint import Payload, load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
 from ..model.domain_bn import carry_slots, convertible, load_model_state
 from ..model.normalize import Normalizer
@@ -45,7 +45,7 @@ from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
 from .stain_reference import stain_reference
 from .state import Runtime, TrainState, all_rng_states, on_rank0, params_checksum, resolve_runtime
-from .validation import score_domains
+from .validation import ScoreSettings, score_domains
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json", "curves.png")
 
@@ -215,15 +215,17 @@ class Trainer:
         def index(name):  # a seen domain by its index in the stage, a held-out one as None
             return names.index(name) if name in names else None
 
-        return score_domains(run.model, parts_by_domain, run.normalizer, run.rt, run.task.binary,
-                             max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers,
+        settings = ScoreSettings(run.task.binary, max(8, 2 * cfg.batch_size), cfg.val_max_patches, cfg.workers)
+        return score_domains(run.model, parts_by_domain, run.normalizer, run.rt, settings,
                              lambda name: run.method.evaluation_route(index(name)),
                              lambda name: run.method.own_statistics(index(name)))
 
     # -- output --------------------------------------------------------------------------------
     def _payload(self, model, st: TrainState, final: bool, light: bool = False, record: dict | None = None,
-                 rng: dict | None = None) -> dict:
-        return st.payload(model, self.model_config, self.cfg.to_dict(), final, light, record, rng)
+                 rng: dict | None = None, config=None) -> Payload:
+        """A checkpoint of `model` at `st` (`model.checkpoint.Payload`), with this run's model config
+        unless `config` is given."""
+        return st.payload(model, config or self.model_config, self.cfg.to_dict(), final, light, record, rng)
 
     def _check_same_stages(self, stages: list[Stage]) -> None:
         """A resumed run goes on with the stages it was started with: a run begun by a histodg whose
@@ -240,13 +242,13 @@ class Trainer:
                                        f"plan {' -> '.join(now)}: finish it with the histodg that began it, "
                                        f"or start again with --overwrite")
 
-    def _stage_payload(self, model, st: TrainState, stage: Stage) -> dict:
+    def _stage_payload(self, model, st: TrainState, stage: Stage) -> Payload:
         """stageN.pt: the weights after stage N, its config naming that stage's own slots (a DSBN
         model's stage 1 has the organ slots, whatever the last stage's are)."""
         config = self.model_config
         if config.domain_bn:
             config = dataclasses.replace(config, domain_bn=list(stage.domain_names))
-        return st.payload(model, config, self.cfg.to_dict(), False, True, None, None)
+        return self._payload(model, st, final=False, light=True, config=config)
 
     def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:
         """The training domains' description (`model.shift`) into best.pt and, for the final
