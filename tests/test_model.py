@@ -71,3 +71,20 @@ def test_tu_efficientnet_lite0_gets_them_with_no_download(monkeypatch):
     assert not torch.equal(scratch.encoder.model.state_dict()["conv_stem.weight"], weights["conv_stem.weight"])
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64) and np.isfinite(
         model(torch.rand(1, 3, 64, 64)).detach().numpy()).all()
+
+
+def test_a_checkpoint_payload_saves_what_predict_and_resume_read(tmp_path):
+    from histodg.model.checkpoint import Payload, load_checkpoint, save_checkpoint
+
+    net = torch.nn.Conv2d(3, 1, 1)
+    config = ModelConfig(arch="unet", encoder="resnet18", mpp=1.0, tile_size=64)
+    light = Payload(net.state_dict(), config, {"lr": 1e-3}, 1, 2, 30, 0.5, done=False, metrics={"dice": 0.5})
+    full = Payload(net.state_dict(), config, None, 1, 2, 30, 0.5, done=False, resume={"optimizer_state": {"k": 1}})
+    adapted = Payload(net.state_dict(), config, None, None, None, 100, None)
+    for name, p in (("light", light), ("full", full), ("adapted", adapted)):
+        save_checkpoint(tmp_path / f"{name}.pt", p)
+    ck = {n: load_checkpoint(tmp_path / f"{n}.pt") for n in ("light", "full", "adapted")}
+    assert ck["light"]["metrics"] == {"dice": 0.5} and "optimizer_state" not in ck["light"]
+    assert ck["full"]["optimizer_state"] == {"k": 1} and ck["full"]["global_step"] == 30
+    assert "done" not in ck["adapted"] and ck["adapted"]["best"] is None
+    assert ck["adapted"]["model_config"]["tile_size"] == 64  # the ModelConfig as plain data
