@@ -90,11 +90,11 @@ class TrainConfig:
             if getattr(self, name) not in MODES:
                 bad(f"--{name.replace('_', '-')}: choose auto, on or off")
         resolve_augment(self.augment, self.aug)  # raises ValueError on a bad --augment / --aug
-        if self.method == "fishr" and self.batch_size < 2:
-            bad("--method fishr needs --batch-size 2 or more: it compares gradient variances within each domain")
         if self.method not in METHODS:
             bad(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        parse_hparams(METHODS[self.method], self.hparams)  # raises ValueError on a bad --hp
+        hparams = parse_hparams(METHODS[self.method], self.hparams)  # raises ValueError on a bad --hp
+        if why := METHODS[self.method].check_config(self.batch_size, hparams):
+            bad(why)
 
     @property
     def domain_bn(self) -> bool:

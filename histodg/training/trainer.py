@@ -35,11 +35,11 @@ from ..locks import run_lock
 from ..model.build import build_model
 from ..model.checkpoint import Payload, load_checkpoint, save_checkpoint
 from ..model.config import ModelConfig, Normalization
-from ..model.domain_bn import carry_slots, convertible, load_model_state
+from ..model.domain_bn import load_model_state
 from ..model.normalize import Normalizer
 from .config import TrainConfig
 from .data import label_set, load_stores
-from .methods import SegTask
+from .methods import METHODS, SegTask, parse_hparams
 from .shift_reference import shift_reference
 from .splits import Stage, plan_stages
 from .stage import NonFiniteLoss, StageRun
@@ -72,6 +72,8 @@ class Trainer:
         self.overwrite = overwrite
         self.cb = callbacks or Callbacks()
         self._resume_model_state = None
+        self.method_class = METHODS[cfg.method]  # its run-level contract: checks, slots, what goes on between stages
+        self.hparams = parse_hparams(self.method_class, cfg.hparams)
 
     # -- set-up --------------------------------------------------------------------------------
     def _prepare_dir(self, rt: Runtime, stages: list[Stage]) -> TrainState:
@@ -103,12 +105,11 @@ class Trainer:
         torch.manual_seed(cfg.seed + rt.rank)
         np.random.seed(cfg.seed + rt.rank)
         model = build_model(cfg.arch, cfg.encoder, cfg.encoder_weights, classes)
-        if cfg.domain_bn and not convertible(model):
+        if why := self.method_class.refuse_model(model, self.hparams):
             # the same words whether dsbn came from the user or from the default: the config cannot tell which
             default = ", and dsbn is the default method: add --method erm, or" if cfg.method == "dsbn" else ":"
-            raise TrainError(f"--method {cfg.method}",
-                             f"{cfg.arch}-{cfg.encoder} has no BatchNorm layers to make domain-specific (MiT / SegFormer "
-                             f"encoders use LayerNorm){default} choose a ResNet or EfficientNet encoder")
+            raise TrainError(f"--method {cfg.method}", f"{cfg.arch}-{cfg.encoder} {why}{default} choose a ResNet or "
+                                                       f"EfficientNet encoder")
         return place_model(model, rt.placement)
 
     def run(self) -> dict:
@@ -126,7 +127,7 @@ class Trainer:
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
             loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
             normalization=Normalization(stain=stain),
-            domain_bn=list(stages[-1].domain_names) if cfg.domain_bn else None)
+            domain_bn=self.method_class.recorded_domains(self.hparams, stages[-1].domain_names))
         # one writer per run folder: a second `histodg train` into it is refused while this one runs
         # (rank 0 holds the lock; a refusal reaches every rank)
         with ExitStack() as held:
@@ -149,8 +150,9 @@ class Trainer:
                 "stores": [str(s.path) for s in stores], "stages": [s.summary() for s in stages]}})
             write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
         for stage in stages[st.stage:]:
-            if stage.index and cfg.domain_bn:  # slots of domains the last stage trained go on (organ -> union)
-                carry_slots(model, stages[stage.index - 1].domain_names, stage.domain_names)
+            if stage.index:  # what the last stage learned goes on (a DSBN slot of the same domain: organ -> union)
+                self.method_class.between_stages(model, self.hparams, stages[stage.index - 1].domain_names,
+                                                 stage.domain_names)
             self._run_stage(stage, len(stages), model, task, rt, st)
             st.next_stage(stage.index)
             rng = all_rng_states(rt)  # every rank's, gathered by every rank
@@ -247,7 +249,8 @@ class Trainer:
         model's stage 1 has the organ slots, whatever the last stage's are)."""
         config = self.model_config
         if config.domain_bn:
-            config = dataclasses.replace(config, domain_bn=list(stage.domain_names))
+            config = dataclasses.replace(config, domain_bn=self.method_class.recorded_domains(self.hparams,
+                                                                                            stage.domain_names))
         return self._payload(model, st, final=False, light=True, config=config)
 
     def _describe_domains(self, model, stages, rt: Runtime, st: TrainState, last: dict) -> None:

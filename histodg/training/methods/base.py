@@ -15,6 +15,9 @@ them, before their `loss` calls: a method can pool statistics over the whole ste
 `end_of_step()` after each optimizer step (return True to have the optimizer's state reset),
 and `close()` when the stage ends (remove the hooks the method put on the model);
 `evaluation_route(index)` is the context validation scores a domain in (DSBN: its BatchNorm).
+Around the stages, class methods the trainer calls: `check_config` (settings the method cannot take),
+`refuse_model` (a model it cannot train), `between_stages` (what goes on into the next stage), and
+`recorded_domains` (what the checkpoint records, by which `predict` routes each slide).
 Domain-specific BatchNorm is a part any method can take: `uses_domain_bn(hparams)` says whether
 a run of it has slots (DSBN always; SDS with `--hp dsbn=true`), `use_domain_bn()` converts the
 model, and `forward_domains(x, sizes)` is the forward with each domain through its own slot (the
@@ -108,10 +111,41 @@ class Method(nn.Module):
         self.normalizer = normalizer
         self.slots = False  # True once `use_domain_bn` has converted the model
 
+    # -- the run-level contract: what the trainer asks of a method before, between and after stages --
+    @classmethod
+    def check_config(cls, batch_size: int, hparams) -> str | None:
+        """Why a run with these settings cannot train this method (one line naming the option), or None."""
+        return None
+
     @classmethod
     def uses_domain_bn(cls, hparams) -> bool:
         """Whether a run of this method with `hparams` has domain-specific BatchNorm slots."""
         return False
+
+    @classmethod
+    def refuse_model(cls, model: nn.Module, hparams) -> str | None:
+        """Why this method cannot train `model` (checked before the run folder is touched), or None:
+        a method with slots needs BatchNorm layers to make domain-specific."""
+        from ...model.domain_bn import convertible
+
+        if cls.uses_domain_bn(hparams) and not convertible(model):
+            return "has no BatchNorm layers to make domain-specific (MiT / SegFormer encoders use LayerNorm)"
+        return None
+
+    @classmethod
+    def recorded_domains(cls, hparams, domain_names) -> list[str] | None:
+        """What the checkpoint records for prediction (`ModelConfig.domain_bn`): the slots' domains, in
+        slot order, when the method has slots. `predict` routes a slide by it (`domains.Domain.slot`)."""
+        return list(domain_names) if cls.uses_domain_bn(hparams) else None
+
+    @classmethod
+    def between_stages(cls, model: nn.Module, hparams, before, after) -> None:
+        """Carry what a stage learned into the next one's model: a slot's BatchNorm goes on by its
+        domain's name (organ -> union); nothing for a method without slots."""
+        if cls.uses_domain_bn(hparams):
+            from ...model.domain_bn import carry_slots
+
+            carry_slots(model, before, after)
 
     def use_domain_bn(self) -> None:
         """Give every BatchNorm layer of the model one slot per domain (`model.domain_bn.convert`),

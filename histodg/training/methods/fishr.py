@@ -70,6 +70,12 @@ class Fishr(Method):
     name = "fishr"
     Hparams = FishrHparams
 
+    @classmethod
+    def check_config(cls, batch_size: int, hparams) -> str | None:
+        if batch_size < 2:
+            return "--method fishr needs --batch-size 2 or more: it compares gradient variances within each domain"
+        return None
+
     def __init__(self, model, num_domains, hparams=None, task=None, normalizer=None):
         super().__init__(model, num_domains, hparams, task, normalizer)
         self.tap = DecoderTap(model)
