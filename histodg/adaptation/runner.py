@@ -220,12 +220,12 @@ def _train(cfg: AdaptConfig, model, mc, normalizer, source: Patches, target: Pat
     """The adaptation steps; one log record per step."""
     hp = cfg.settings
     from ..training.methods.base import SegTask, seg_loss
+    from ..training.state import optimizer_and_schedule
 
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     restyler, (teacher, strong) = _restyler(hp, target, device), _teacher(hp, model, mc)
     task = SegTask(classes=mc.classes, loss=mc.loss)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    opt, sched = optimizer_and_schedule(model, cfg.lr, cfg.weight_decay, cfg.steps)  # training's recipe, no warm-up
     tap, log = FeatureTap(model), []
     by_store = _slots(source.stores, mc.domain_bn) if mc.domain_bn else None
     model.train()

@@ -22,7 +22,7 @@ from .data import PatchDataset, collate, loaded
 from .methods import METHODS, parse_hparams
 from .sampler import BalancedBatchSampler
 from .splits import Stage
-from .state import TrainState, lr_factor, restore_rng
+from .state import TrainState, optimizer_and_schedule, restore_rng
 from .validation import quiet_worker
 
 
@@ -66,10 +66,9 @@ class StageRun:
         return method
 
     def _optimizer(self):
-        cfg, warmup, total = self.cfg, int(self.cfg.warmup * self.total), self.total
-        optimizer = torch.optim.AdamW([p for p in self.method.parameters() if p.requires_grad], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+        cfg = self.cfg
+        optimizer, scheduler = optimizer_and_schedule(self.method, cfg.lr, cfg.weight_decay, self.total,
+                                                      int(cfg.warmup * self.total))
         if self.st.optimizer is not None:
             optimizer.load_state_dict(self.st.optimizer)
             scheduler.load_state_dict(self.st.scheduler)

@@ -192,6 +192,13 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def optimizer_and_schedule(module: torch.nn.Module, lr: float, weight_decay: float, total: int, warmup: int = 0):
+    """The one optimisation recipe of training and `histodg adapt`: AdamW on the trainable
+    parameters, a linear warm-up of `warmup` steps, then cosine decay to 0 at `total`."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at `total`."""
     if warmup and step < warmup:
