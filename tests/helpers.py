@@ -84,6 +84,17 @@ class DarkModel(torch.nn.Module):
         return (20 * (0.5 - x.mean(1, keepdim=True))).float()
 
 
+def encode_position(h: int, w: int) -> np.ndarray:
+    """RGB whose pixels say where they are: R, G = x, y mod 256, B = their high bits."""
+    y, x = np.mgrid[:h, :w]
+    return np.stack([x % 256, y % 256, x // 256 + 16 * (y // 256)], -1).astype(np.uint8)
+
+
+def position_value(y, x):
+    """A known function of position (test_predict's PositionModel outputs it), as uint8 probability (1..253)."""
+    return 1 + (3 * x + 7 * y) % 253
+
+
 def raw_config(mpp: float = 1.0, tile: int = 64, classes: int = 1) -> ModelConfig:
     """The ModelConfig of a fake model that sees RGB / 255."""
     return ModelConfig(arch="fake", encoder="fake", mpp=mpp, tile_size=tile, classes=classes, normalization=RAW_RGB)

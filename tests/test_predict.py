@@ -10,7 +10,7 @@ import torch
 import zarr
 from PIL import Image
 
-from helpers import DarkModel, outputs, raw_config, tiny_checkpoint
+from helpers import DarkModel, encode_position, outputs, position_value, raw_config, tiny_checkpoint
 from histodg.inference import PredictOptions, Predictor, ReadOptions, WriteOptions, predict_slide
 from histodg.inference.rasters import threshold_u8
 from histodg.inference.stitching import ChunkAccumulator, gaussian_map
@@ -33,17 +33,6 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
 
 
 # -- fake models -------------------------------------------------------------------------------------
-def encode_position(h: int, w: int) -> np.ndarray:
-    """RGB whose pixels say where they are: R, G = x, y mod 256, B = their high bits."""
-    y, x = np.mgrid[:h, :w]
-    return np.stack([x % 256, y % 256, x // 256 + 16 * (y // 256)], -1).astype(np.uint8)
-
-
-def position_value(y, x):
-    """The known function of position the PositionModel outputs, as uint8 probability (1..253)."""
-    return 1 + (3 * x + 7 * y) % 253
-
-
 class PositionModel(torch.nn.Module):
     """Reads each pixel's position from its colour and outputs logit(position_value / 255)."""
 
