@@ -1,6 +1,6 @@
 """The slide readers behind `open_slide`.
 
-- `TiffSlideSlide` (``tiffslide``): metadata from tiffslide, pixels from `TiffTileReader` (each
+- `TiffTileSlide` (``tiffslide``): metadata from tiffslide, pixels from `TiffTileReader` (each
   stored tile decoded once, in threads, with a cache). `auto` uses it for Aperio SVS and
   generic tiled TIFF.
 - `OpenSlideSlide` (``openslide``): everything OpenSlide opens (MRXS, NDPI, SCN, BIF, DICOM, ...).
@@ -107,7 +107,7 @@ class OpenSlideSlide(Slide):
         self._retired = []
 
 
-class TiffSlideSlide(Slide):
+class TiffTileSlide(Slide):
     backend = "tiffslide"
 
     def __init__(self, path: Path):

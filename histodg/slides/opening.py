@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import SlideError
 from ..constants import BACKENDS
-from .backends import ImageSlide, OpenSlideSlide, TiffSlideSlide
+from .backends import ImageSlide, OpenSlideSlide, TiffTileSlide
 from .base import Slide
 from .inputs import unusable
 
@@ -86,7 +86,7 @@ def _open(path: Path, backend: str) -> Slide:
     if backend == "openslide":
         return OpenSlideSlide(path)
     if backend == "tiffslide":
-        return TiffSlideSlide(path)
+        return TiffTileSlide(path)
     if backend == "image":
         return ImageSlide(path)
     kind = _sniff(path) if path.is_file() else "other"
@@ -101,7 +101,7 @@ def _open(path: Path, backend: str) -> Slide:
     if kind == "tiff":
         if fmt in FAST_FORMATS or fmt is None:
             try:
-                return TiffSlideSlide(path)
+                return TiffTileSlide(path)
             except SlideError as fast_error:
                 if fmt is None:
                     return _plain_tiff_or(path, fast_error)

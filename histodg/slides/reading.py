@@ -18,8 +18,9 @@ def _opt(default, help: str, **click):
 class ReadOptions:
     """The reader backend, its threads, when bad windows fail a slide, and artefact QC."""
 
-    backend: str = _opt("auto", "Slide reader. auto: plain images by their bytes, Aperio and generic TIFFs by "
-                                "histodg's own tile reader (tiffslide), other formats by OpenSlide.", choices=BACKENDS)
+    backend: str = _opt("auto", "Slide reader. auto: plain images by their bytes; Aperio and generic TIFFs by "
+                                "histodg's own tile reader with tiffslide's metadata (`tiffslide`); other formats "
+                                "by OpenSlide.", choices=BACKENDS)
     workers: int = _opt(2, "Reader threads  [default: CPU count, at most 8]", cli_default=None)
     max_bad_fraction: float = _opt(MAX_BAD_FRACTION, "Fail a slide when more of its windows than this cannot be "
                                                      "decoded.")
