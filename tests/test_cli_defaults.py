@@ -7,10 +7,12 @@ import dataclasses
 
 import pytest
 
+from histodg.adaptation.config import AdaptConfig
 from histodg.cli import main
 from histodg.inference.options import PredictOptions, WriteOptions
 from histodg.slides.reading import ReadOptions
 from histodg.tiling.settings import TileOptions, TileSettings
+from histodg.training.config import TrainConfig
 
 # (command, field): why the command line's default differs from the dataclass's
 DECIDED_LATER = {
@@ -18,6 +20,7 @@ DECIDED_LATER = {
     ("predict", "workers"): "None: the CPU count, at most 8",
     ("tile", "mpp"): "None: 0.5 unless --magnification is given",
     ("evaluate", "threshold"): "None: 0.5, or each prediction's own threshold",
+    ("train", "workers"): "None: CPUs - 1 data-loading processes, at most 4",
 }
 
 
@@ -29,14 +32,16 @@ def _default(field: dataclasses.Field):
 
 @pytest.mark.parametrize("command, classes", [("tile", (TileSettings, TileOptions, ReadOptions)),
                                               ("predict", (PredictOptions, ReadOptions, WriteOptions)),
-                                              ("evaluate", (PredictOptions,))])
+                                              ("evaluate", (PredictOptions,)), ("train", (TrainConfig,)),
+                                              ("adapt", (AdaptConfig,))])
 def test_an_option_that_sets_a_field_has_the_fields_default(command, classes):
     params = {p.name: p for p in main.commands[command].params}
     shared, differ = 0, []
     for cls in classes:
         for field in dataclasses.fields(cls):
             p = params.get(field.name)
-            if p is None or getattr(p, "is_flag", False) or p.multiple or (command, field.name) in DECIDED_LATER:
+            if (p is None or getattr(p, "is_flag", False) or p.multiple or (command, field.name) in DECIDED_LATER
+                    or _default(field) is dataclasses.MISSING):  # a required argument has no default to compare
                 continue  # flags are off, repeated options build other values (`--label` -> LabelMap)
             shared += 1
             if p.default != _default(field):
