@@ -149,3 +149,27 @@ def test_predict_skips_excluded_windows_and_reports_their_area(cli, artefact_png
     row = json.loads((tmp_path / "exclude" / "summary.json").read_text())[0]
     assert row["qc_excluded"] == qc["excluded"] and row["qc_area_mm2"] == pytest.approx(qc["area_mm2"])
     assert "QC excluded" in (tmp_path / "exclude" / "report.html").read_text()
+
+
+def test_the_window_reader_tile_and_predict_share_flags_excludes_and_keeps_a_read_error(slide_pixels):
+    from histodg import SlideError
+    from histodg.slides.window_reader import WindowReader
+
+    art, _ = draw_artefacts(slide_pixels)
+    slide = MemorySlide(art, 0.499)
+    target, scale = resolve_target(slide, 0.5, None)
+    plan = plan_windows(slide, resolve(slide, target, scale, T, 0.02), T, "pad", "otsu", 0.25)
+    xy, flags = window_flags(art)
+    qc = WindowQC.from_plan(slide, plan)
+    kept, left_out = WindowReader(slide, plan, qc, exclude=False), WindowReader(slide, plan, qc, exclude=True)
+    reads = [kept.read(i) for i in range(len(plan))]
+    assert [r.flags for r in reads] == list(flags) and not any(r.excluded for r in reads)
+    assert [left_out.read(i).excluded for i in range(len(plan))] == [bool(f & QC_EXCLUDED) for f in flags]
+    assert sum(bool(f & QC_EXCLUDED) for f in flags) >= 6
+
+    class Broken(MemorySlide):
+        def read_region(self, xy0, level, size):
+            raise SlideError("broken.svs", "tile 3 cannot be decoded")
+
+    bad = WindowReader(Broken(art, 0.499), plan, qc).read(0)
+    assert bad.image is None and bad.error == "tile 3 cannot be decoded" and bad.flags == 0

@@ -16,11 +16,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import SlideError
 from ..batch import bad_window, check_bad_windows, gc_paused
 from ..constants import QC_EXCLUDED, qc_flag_names
 from ..slides.plan import WindowPlan
 from ..slides.qc import counts
+from ..slides.window_reader import WindowReader
 from .stitching import ChunkAccumulator
 
 
@@ -30,6 +30,7 @@ class WindowRunner:
     def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None, qc=None):
         self.pred, self.slide, self.plan, self.acc, self.progress = predictor, slide, plan, acc, progress
         self.qc, self.exclude = qc, predictor.options.read.excludes
+        self.reader = WindowReader(slide, plan, qc, self.exclude)
         self.flags: dict[int, int] = {}  # window -> its QC flags (flagged windows only)
         o = predictor.options
         self.n, self.batch_size, self.workers = count, o.batch_size, o.read.workers
@@ -46,18 +47,15 @@ class WindowRunner:
     def _read(self, buf_np, i0: int, i1: int, base: int):
         t = time.perf_counter()
         failed, flags = [], {}
-        res = self.plan.resolution
         for i in range(i0, i1):
-            try:
-                buf_np[i - base] = res.read(self.slide, self.plan.level0_xy[i])
-            except SlideError as exc:
+            w = self.reader.read(i)
+            if w.error is not None:
                 buf_np[i - base] = 255
-                failed.append((i, exc.reason))
+                failed.append((i, w.error))
                 continue
-            if self.qc is not None:
-                f = self.qc(buf_np[i - base])
-                if f:
-                    flags[i] = f
+            buf_np[i - base] = w.image
+            if w.flags:
+                flags[i] = w.flags
         return failed, flags, time.perf_counter() - t
 
     def _fill(self, pool) -> None:

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from .. import HistodgError, SlideError
 from ..batch import BatchResult, check_bad_windows, claimed, gc_paused, qc_summary, recorded
-from ..constants import QC_EXCLUDED
 from ..files import setting_diffs, source_changed, source_fingerprint
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import WindowPlan, plan_windows, resolve, resolve_target
-from ..slides.qc import WindowQC, decode_for_qc
+from ..slides.qc import WindowQC
+from ..slides.window_reader import WindowReader
 from ..store import StoreAttrs, StoreError, StoreWriter, read_attrs, store_state
 from ..store.schema import REUSE_KEYS
 from .settings import TileOptions, TileSettings
@@ -201,33 +201,26 @@ def _tile(job: SlideJob, out: Path, opts: TileOptions, state: str, result: TileR
 
 
 class PatchReader:
-    """Reads, rasterises and compresses windows of a plan (called from the reader threads)."""
+    """Reads (`slides.window_reader`), rasterises and compresses windows of a plan (called from the
+    reader threads)."""
 
     def __init__(self, slide, plan: WindowPlan, ann, writer: StoreWriter, source: SourceTiles | None,
                  qc: WindowQC | None = None, exclude: bool = True):
-        self.slide, self.plan, self.ann, self.writer, self.source = slide, plan, ann, writer, source
-        self.qc, self.exclude = qc, exclude
+        self.plan, self.ann, self.writer, self.qc = plan, ann, writer, qc
+        self.reader = WindowReader(slide, plan, qc, exclude, source)
 
     def __call__(self, i0: int, i1: int) -> list[tuple[int, tuple | None, str | None, bool, int]]:
         """(index, encoded patch or None, reason it failed or None, copied, QC flags) of windows
         i0..i1-1; a window --qc exclude leaves out has neither a patch nor a reason."""
         res, out = self.plan.resolution, []
         for i in range(i0, i1):
-            xy = self.plan.level0_xy[i]
-            try:
-                raw = self.source.raw(xy) if self.source is not None else None
-                img = res.read(self.slide, xy) if raw is None else None
-            except SlideError as exc:
-                out.append((i, None, exc.reason, False, 0))
+            w = self.reader.read(i)
+            if w.error is not None or w.excluded:
+                out.append((i, None, w.error, False, w.flags))
                 continue
-            flags = 0
-            if self.qc is not None:  # a copied JPEG tile is decoded for it, at QC's size: QC needs the pixels
-                flags = self.qc(img if img is not None else decode_for_qc(raw, res.tile))
-                if flags & QC_EXCLUDED and self.exclude:
-                    out.append((i, None, None, False, flags))
-                    continue
+            xy = self.plan.level0_xy[i]
             mask = self.ann.rasterize(float(xy[0]), float(xy[1]), res.level0_per_px, res.tile) if self.ann is not None else None
-            out.append((i, self.writer.encode(img, mask, raw), None, raw is not None, flags))
+            out.append((i, self.writer.encode(w.image, mask, w.raw), None, w.raw is not None, w.flags))
         return out
 
 
