@@ -10,19 +10,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "histodg"
-HELPERS = {"constants", "domains", "files", "locks", "device", "batch", "summary", "__init__", "__main__"}
+HELPERS = {"constants", "domains", "qc_report", "files", "locks", "device", "batch", "summary", "__init__", "__main__"}
 
 # what each part may import from histodg (besides itself and the package root); cli may import anything
 ALLOWED = {
-    "constants": set(), "domains": {"constants"}, "files": set(), "locks": {"files"}, "device": {"constants"}, "batch": {"locks"},
+    "constants": set(), "domains": {"constants"}, "qc_report": {"constants"}, "files": set(), "locks": {"files"}, "device": {"constants"}, "batch": {"locks"},
     "summary": {"files"},
     "slides": {"constants", "files"},
-    "store": {"constants", "domains", "files", "batch"},
+    "store": {"constants", "domains", "files", "batch", "qc_report"},
     "model": {"constants", "files", "device"},
     "tiling": {"constants", "files", "batch", "slides", "store"},
     "training": {"constants", "domains", "files", "locks", "device", "model", "store", "evaluation.metrics"},
     "adaptation": {"constants", "domains", "files", "locks", "device", "model", "store", "training", "tiling", "slides"},
-    "inference": {"constants", "domains", "files", "device", "batch", "slides", "model"},
+    "inference": {"constants", "domains", "files", "device", "batch", "qc_report", "slides", "model"},
     "evaluation": {"constants", "domains", "files", "batch", "inference", "slides", "store"},
     "synth": {"constants", "files", "locks", "slides"},
 }

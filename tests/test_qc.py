@@ -173,3 +173,17 @@ def test_the_window_reader_tile_and_predict_share_flags_excludes_and_keeps_a_rea
 
     bad = WindowReader(Broken(art, 0.499), plan, qc).read(0)
     assert bad.image is None and bad.error == "tile 3 cannot be decoded" and bad.flags == 0
+
+
+def test_a_qc_report_counts_windows_and_reads_back_a_journal_of_an_earlier_histodg():
+    from histodg.qc_report import QCReport
+
+    r = QCReport()
+    for flags, kept in ((0, True), (FLAGS["pen"] | FLAGS["blur"], False), (FLAGS["glass"], True)):
+        r.add(flags, kept)
+    assert (r.windows, r.flagged, r.excluded) == (3, 2, 1)
+    assert r.counts == {"pen": 1, "blur": 1, "dark": 0, "glass": 1}
+    assert QCReport.from_dict(r.to_dict()) == r
+    old = {"windows": 3, "flagged": 1, "excluded": 0, "counts": {"pen": 1}}  # a journal without thresholds
+    assert QCReport.from_dict(old).counts == {"pen": 1, "blur": 0, "dark": 0, "glass": 0}
+    assert QCReport.of_windows(10, [(FLAGS["dark"], False)]).to_dict()["windows"] == 10

@@ -126,10 +126,11 @@ class _SlideRun:
     timings: dict = field(default_factory=dict)
 
 
-def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict, dict | None]:
+def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict, dict | None, list[int]]:
     """The whole window pipeline of one slide: the slide's BatchNorm route or adaptation, the shift
     meter, then the first `count` windows of the plan read, predicted and stitched into `prob`;
-    (unreadable windows, stitching stats, what the artefact QC found)."""
+    (unreadable windows, stitching stats, done.json's `qc` (a `QCReport` with the mode and the
+    excluded list; None with QC off), the windows QC left out)."""
     pred, job, slide, plan, count, out = run.pred, run.job, run.slide, run.plan, run.count, run.out
     progress, timings, result = run.progress, run.timings, run.result
     o = pred.options
@@ -161,10 +162,11 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
     stats = {"chunk": o.write.chunk_px, "cache_chunks": cache, "max_alive": acc.max_alive, "spilled": acc.spills,
              "reloaded": acc.reloads}
-    report = runner.qc_report(count - len(bad))
-    if report is not None and qc is not None:  # a report comes from QC
-        report["thresholds"] = qc.describe()
-    return bad, stats, report
+    found = runner.qc_report(count - len(bad))
+    if found is None:
+        return bad, stats, None, []
+    report, excluded = found
+    return bad, stats, {"mode": o.read.qc, **report.to_dict(), "excluded_list": runner.excluded_list(excluded)}, excluded
 
 
 def excluded_area_mm2(plan: WindowPlan, excluded: list[int], count: int, mpp: float | None) -> float | None:
@@ -209,8 +211,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
-        bad, stitching, qc = _run_windows(run, prob)
-        excluded = qc.pop("excluded_windows") if qc else []
+        bad, stitching, qc, excluded = _run_windows(run, prob)
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
             result.qc = qc_summary(qc)

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..batch import bad_window, check_bad_windows, gc_paused
 from ..constants import QC_EXCLUDED, qc_flag_names
+from ..qc_report import QCReport
 from ..slides.plan import WindowPlan
-from ..slides.qc import counts
 from ..slides.window_reader import WindowReader
 from .stitching import ChunkAccumulator
 
@@ -86,16 +86,19 @@ class WindowRunner:
         """Whether --qc exclude leaves window i out of the map."""
         return self.exclude and bool(self.flags.get(i, 0) & QC_EXCLUDED)
 
-    def qc_report(self, examined: int) -> dict | None:
-        """What the QC found: windows examined, flagged, excluded, counts per flag, the excluded list."""
+    def qc_report(self, examined: int) -> tuple[QCReport, list[int]] | None:
+        """What the QC found on the `examined` windows, and the windows it left out (plan indices);
+        None with QC off."""
         if self.qc is None:
             return None
-        out = sorted(i for i in self.flags if self.excluded(i))
+        report = QCReport.of_windows(examined, ((f, not self.excluded(i)) for i, f in self.flags.items()),
+                                     self.qc.describe())
+        return report, sorted(i for i in self.flags if self.excluded(i))
+
+    def excluded_list(self, excluded: list[int]) -> list[dict]:
+        """done.json's list of the first 100 windows QC left out: level-0 x, y and their flags."""
         xy = self.plan.level0_xy
-        return {"mode": self.pred.options.read.qc, "windows": examined, "flagged": len(self.flags), "excluded": len(out),
-                "counts": counts(list(self.flags.values())), "excluded_windows": out,
-                "excluded_list": [{"x": int(xy[i][0]), "y": int(xy[i][1]), "flags": qc_flag_names(self.flags[i])}
-                                  for i in out[:100]]}
+        return [{"x": int(xy[i][0]), "y": int(xy[i][1]), "flags": qc_flag_names(self.flags[i])} for i in excluded[:100]]
 
     # -- the model and stitching -----------------------------------------------------------------
     def _launch(self, bno: int, buf):

@@ -26,8 +26,8 @@ import numpy as np
 
 from .. import __version__
 from ..batch import bad_window
-from ..constants import QC_FLAGS, qc_flag_names
 from ..files import atomic_write, write_json_atomic
+from ..qc_report import QCReport
 from .codecs import patch_encoder, registered_zarr, zarr_compressor, zarr_serializer
 from .integrity import MISSING, shard_file
 from .reader import StoreError
@@ -98,7 +98,7 @@ class StoreWriter:
         self.plan_done = 0  # caller's plan position matching `count`
         self.copied = 0  # patches stored as the source's own JPEG tile (--compression jpeg)
         self.bad: list[dict] = []
-        self.qc = {"windows": 0, "flagged": 0, "excluded": 0, "counts": dict.fromkeys(QC_FLAGS, 0)}  # --qc, so far
+        self.qc = QCReport()  # --qc, so far
         self.with_qc = attrs.qc not in (None, "off")
         self._buf: tuple[list, list, list, list, list] = ([], [], [], [], [])  # images, masks, xy, tissue, qc
         # coords/tissue/qc of flushed shards not yet written: zarr costs ~8 ms of GIL-holding Python
@@ -147,7 +147,7 @@ class StoreWriter:
         w._group = g
         w.count, w.plan_done, w.bad = progress["count"], progress["plan_done"], progress["bad"]
         w.copied = int(progress.get("copied", 0))
-        w.qc = progress.get("qc") or w.qc
+        w.qc = QCReport.from_dict(progress.get("qc"))
         w.with_qc = "qc" in g
         w._open_encoders()
         return w
@@ -163,13 +163,7 @@ class StoreWriter:
     def add_qc(self, flags: int, kept: bool) -> None:
         """Count one examined window's artefact flags (in plan order, before its `append` if kept);
         `excluded` counts the flagged ones left out."""
-        q = self.qc
-        q["windows"] += 1
-        if flags:
-            q["flagged"] += 1
-            q["excluded"] += not kept
-            for name in qc_flag_names(flags):
-                q["counts"][name] = q["counts"].get(name, 0) + 1
+        self.qc.add(flags, kept)
 
     def append(self, encoded: tuple[bytes, bytes | None], xy, tissue: float, copied: bool = False,
                plan_done: int | None = None, qc: int = 0) -> None:
@@ -231,7 +225,7 @@ class StoreWriter:
 
     def _journal(self) -> None:
         write_json_atomic(self.path / PROGRESS_FILE, {"count": self.count, "plan_done": self.plan_done, "bad": self.bad,
-                                                      "copied": self.copied, "qc": self.qc}, indent=None)
+                                                      "copied": self.copied, "qc": self.qc.to_dict()}, indent=None)
 
     def finish(self, extra_attrs: dict | None = None) -> None:
         """Trim the arrays to the patches written, write the final attributes, then mark the
@@ -245,7 +239,8 @@ class StoreWriter:
                 arr.resize((n,) + arr.shape[1:])
         extra = dict(extra_attrs or {})
         thresholds = extra.pop("qc_thresholds", None)  # the QC's thresholds join its counts in qc_report
-        qc_report = {**self.qc, "thresholds": thresholds} if self.with_qc else None
+        self.qc.thresholds = thresholds
+        qc_report = self.qc.to_dict() if self.with_qc else None
         final = self.attrs.replace(**extra, qc_report=qc_report, bad_windows=self.bad, n_patches=n,
                                    source_tiles_copied=self.copied if self.attrs.compression == "jpeg" else None)
         attrs = final.to_attrs()
