@@ -21,6 +21,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import __version__
@@ -67,8 +68,34 @@ def read_done(out: Path) -> dict | None:
         return None
 
 
-def write_done(out: Path, record: dict) -> None:
-    write_json_atomic(Path(out) / DONE, {"histodg_version": __version__, **record})
+@dataclass
+class DoneRecord:
+    """done.json, typed: one field per part of the table above, each filled by the step that knows it;
+    `to_dict()` is the file (the input's keys at the top level, as always)."""
+
+    input: dict  # name, source, organ, scanner, meta (`input_record`)
+    model: dict
+    settings: dict
+    slide: dict
+    output: dict
+    windows: dict
+    qc: dict | None
+    stitching: dict
+    adaptation: str | None
+    shift: dict | None
+    stain_unnormalised: dict | None
+    tumor_pixels: int
+    tumor_area_mm2: float
+    timings: dict
+    files: list[str]
+
+    def to_dict(self) -> dict:
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "input"}
+        return {"histodg_version": __version__, **self.input, **parts}
+
+
+def write_done(out: Path, record: DoneRecord) -> None:
+    write_json_atomic(Path(out) / DONE, record.to_dict())
 
 
 def input_record(job) -> dict:

@@ -28,7 +28,7 @@ from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from ..slides.qc import WindowQC
 from .adapt import slide_batchnorm
-from .done import compared_settings, input_record, read_done, reuse_mismatch, write_done
+from .done import DoneRecord, compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, OutputSpec, verify_outputs, write_outputs
 from .predictor import PredictError, Predictor
 from .prob_map import NAME as PROB
@@ -226,27 +226,20 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         result.windows, result.bad_windows, result.tumor_area_mm2 = ran, len(bad), area
         timings["total"] = time.perf_counter() - t_start
         result.timings = {k: round(v, 4) for k, v in timings.items()}
-        write_done(out, {
-            **input_record(job),
-            "model": pred.describe(),
-            "settings": {**compared_settings(pred, o, job), "batch_size": o.batch_size, "device": str(pred.device),
-                         "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
-                         "workers": o.read.workers, "threshold_u8": threshold_u8(o.threshold),
-                         "mpp_tolerance": o.mpp_tolerance},
-            "slide": {"dimensions": list(slide.dimensions), "mpp": slide.mpp, "backend": slide.backend,
-                      "read_level": res.level, "read_size": res.read_size},
-            "output": {"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
-                       "chunk": o.write.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
-            "windows": {"grid": plan.total_windows, "tissue": len(plan), "run": ran, "bad": len(bad),
-                        "excluded": len(excluded), "bad_list": bad[:100]},
-            "qc": qc,
-            "stitching": stitching,
-            "adaptation": result.adaptation,
-            "shift": result.shift,
-            "stain_unnormalised": None if stain is None or stain_before is None else {
+        write_done(out, DoneRecord(
+            input=input_record(job),
+            model=pred.describe(),
+            settings={**compared_settings(pred, o, job), "batch_size": o.batch_size, "device": str(pred.device),
+                      "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
+                      "workers": o.read.workers, "threshold_u8": threshold_u8(o.threshold),
+                      "mpp_tolerance": o.mpp_tolerance},
+            slide={"dimensions": list(slide.dimensions), "mpp": slide.mpp, "backend": slide.backend,
+                   "read_level": res.level, "read_size": res.read_size},
+            output={"shape": list(plan.out_shape), "mpp": out_mpp, "level0_per_px": res.level0_per_px,
+                    "chunk": o.write.chunk_px, "geojson_factor": written["geojson_factor"], "polygons": written["polygons"]},
+            windows={"grid": plan.total_windows, "tissue": len(plan), "run": ran, "bad": len(bad),
+                     "excluded": len(excluded), "bad_list": bad[:100]},
+            qc=qc, stitching=stitching, adaptation=result.adaptation, shift=result.shift,
+            stain_unnormalised=None if stain is None or stain_before is None else {
                 "patches": stain.fallbacks - stain_before[0], "of": stain.seen - stain_before[1]},
-            "tumor_pixels": prob.tumor_px,
-            "tumor_area_mm2": area,
-            "timings": result.timings,
-            "files": written["files"],
-        })
+            tumor_pixels=prob.tumor_px, tumor_area_mm2=area, timings=result.timings, files=written["files"]))
