@@ -195,3 +195,27 @@ def test_evaluate_on_stores_reports_each_stores_shift_score(tmp_path, checkpoint
     warned = [line for line in table.output.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "foreign: domain shift" in warned[0], table.output
     assert "shift" in next(line for line in table.output.splitlines() if "Dice" in line and "IoU" in line)
+
+
+def test_the_meter_says_who_measures_through_its_contexts_and_a_slide_ends_them():
+    import segmentation_models_pytorch as smp
+
+    model = smp.Unet("resnet18", encoder_weights=None, classes=1).eval()
+    meter, x = FeatureMeter(model), torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        with meter.one_slide():
+            model(x)
+            with meter.flip(first=False):  # a flipped copy: measured, its images not counted again
+                model(x.flip(3))
+            assert meter.images == 2
+            meter.measured_apart()  # an adapter measured the unadapted model itself
+            model(x)
+            with meter.measuring():
+                model(x)
+            assert meter.images == 4  # the adapted pass was not measured, the adapter's own was
+            first = meter.take()
+        assert meter.active and meter.counting  # the next slide starts measuring again
+        with meter.one_slide():
+            model(x)
+            assert meter.images == 2 and meter.take().count[0] == first.count[0] / 3  # 1 pass of 3 measured
+    meter.remove()

@@ -31,10 +31,10 @@ def score_and_shift(predictor, store, cut: int) -> tuple[tuple[int, int, int], d
         raise EvaluateError(store.path, f"patches are at {store.attrs.mpp:g} um/px but the model runs at {predictor.mpp:g} um/px: "
                                         f"tile the images at the model's resolution")
     job = SlideJob(store.path, store.path.stem, organ=store.attrs.organ, scanner=store.attrs.scanner)  # a DSBN route
-    predictor.start_shift()
-    with slide_batchnorm(predictor, job, store.tissue, lambda i: np.asarray(store.images[i])):  # --adapt bn: per store
+    read = lambda i: np.asarray(store.images[i])  # noqa: E731
+    with predictor.shift_of_slide() as shift, slide_batchnorm(predictor, job, store.tissue, read):  # --adapt bn: per store
         counts = _score_patches(predictor, store, cut)
-    return counts, predictor.end_shift()
+    return counts, shift.score
 
 
 def _score_patches(predictor, store, cut: int) -> tuple[int, int, int]:

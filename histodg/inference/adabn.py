@@ -19,12 +19,11 @@ def adapted_batchnorm(predictor, batches):
     flips = ((), (3,), (2,), (2, 3)) if predictor.options.tta == "flip" else ((),)  # NCHW: 3 = width
 
     def measure(x, layers, saved):
-        meter.active = True
-        for dims in flips:
-            meter.counting = not dims  # a window counts once, however many flips are measured
-            _unadapted_forward(predictor.model, layers, saved, x.flip(dims) if dims else x)
-        meter.counting = True
-        meter.active = False  # not the estimating pass, nor the adapted prediction after it
+        with meter.measuring():
+            for dims in flips:
+                with meter.flip(first=not dims):  # a window counts once, however many flips are measured
+                    _unadapted_forward(predictor.model, layers, saved, x.flip(dims) if dims else x)
+        meter.measured_apart()  # not the estimating pass, nor the adapted prediction after it
 
     inputs = (predictor.model_input(batch) for batch in batches)
     with estimated_statistics(predictor.model, inputs, measure if meter is not None else None) as layers:

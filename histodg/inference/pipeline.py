@@ -142,15 +142,15 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
         progress(total=count, done=0)
     try:
         t = time.perf_counter()
-        pred.start_shift()
-        with slide_batchnorm(pred, job, plan.tissue, lambda i: plan.resolution.read(slide, plan.level0_xy[i])) as note:
+        read = lambda i: plan.resolution.read(slide, plan.level0_xy[i])  # noqa: E731
+        with pred.shift_of_slide() as shift, slide_batchnorm(pred, job, plan.tissue, read) as note:
             result.adaptation = None if note is None else str(note)
             if note is not None and note.adapted:
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
             bad = runner.run()
-        result.shift = pred.end_shift()
+        result.shift = shift.score
         timings.update(runner.clock)
         t = time.perf_counter()
         acc.close()

@@ -10,6 +10,8 @@ each flipped back. On CUDA: bf16 autocast, channels_last, pinned host buffers.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import HistodgError, exc_line
@@ -23,6 +25,13 @@ from .stitching import gaussian_map
 
 class PredictError(HistodgError):
     """A prediction cannot be made or an existing output cannot be reused."""
+
+
+@dataclass
+class ShiftScore:
+    """A slide's domain-shift score, once `Predictor.shift_of_slide` has left (None: no reference)."""
+
+    score: dict | None = None
 
 
 class Predictor:
@@ -130,14 +139,12 @@ class Predictor:
                 return self._prob(self._logits(x))
             total = None
             for dims in ((), (2,), (1,), (1, 2)):  # NHWC: 2 = width, 1 = height
-                if self.meter is not None:  # the shift score counts each window once, and measures every flip
-                    self.meter.counting = not dims
-                xi = x.flip(dims) if dims else x
-                p = self._prob(self._logits(xi))
+                # the shift score counts each window once, and measures every flip
+                with self.meter.flip(first=not dims) if self.meter is not None else nullcontext():
+                    xi = x.flip(dims) if dims else x
+                    p = self._prob(self._logits(xi))
                 p = p.flip(dims) if dims else p  # (N, H, W): the same dims
                 total = p if total is None else total + p
-            if self.meter is not None:
-                self.meter.counting = True
             return total / 4
 
     def weighted(self, batch):
@@ -152,22 +159,21 @@ class Predictor:
 
         return torch.empty((self.options.batch_size, self.tile, self.tile, 3), dtype=torch.uint8, pin_memory=self.cuda)
 
-    def start_shift(self) -> None:
-        """A new slide: its feature statistics start from nothing."""
-        if self.meter is not None:
-            self.meter.take()
-            self.meter.active = True
-
-    def end_shift(self) -> dict | None:
-        """The slide's domain-shift score (`model.shift.slide_shift`), or None without a reference."""
-        reference = self.config.shift
-        if self.meter is None or reference is None:  # a meter is made only for a checkpoint with a reference
-            return None
+    @contextmanager
+    def shift_of_slide(self):
+        """Inside: one slide's (or store's) forwards measured for its domain-shift score; yields a
+        `ShiftScore` whose `score` (`model.shift.slide_shift`; None without a reference) is set on
+        leaving."""
+        found = ShiftScore()
+        if self.meter is None or self.config.shift is None:  # a meter is made only for a checkpoint with a reference
+            yield found
+            return
         from ..model.shift import slide_shift
 
-        self.meter.active = True
-        windows = self.meter.images
-        return slide_shift(reference, self.meter.take(), windows)
+        with self.meter.one_slide():
+            yield found
+            windows = self.meter.images
+            found.score = slide_shift(self.config.shift, self.meter.take(), windows)
 
     def describe(self) -> dict:
         mc = self.config

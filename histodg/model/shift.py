@@ -20,6 +20,7 @@ move the shallow stages' statistics, morphology the deep ones'.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +65,14 @@ class Moments:
 
 class FeatureMeter:
     """Accumulates `Moments` of the encoder's stage outputs on every forward while `active`; the
-    sums stay on the model's device until `take()`, so measuring adds no synchronisation."""
+    sums stay on the model's device until `take()`, so measuring adds no synchronisation.
+
+    Who measures what is said through its contexts, never by setting its flags from outside:
+    `one_slide()` (a slide's measurement, from nothing; every forward counts until told otherwise),
+    `flip(first)` (a flipped copy of windows already counted: measured, its images not counted
+    again), and `measured_apart()` (an adapter that measured the unadapted model itself: the
+    slide's later forwards, the adapted ones, are not measured), with `measuring()` for that
+    adapter's own passes."""
 
     def __init__(self, model):
         self._sums: list[list] = []  # per stage [positions, sums, squares], torch tensors on the device
@@ -95,6 +103,34 @@ class FeatureMeter:
                     self._sums[i][0] += n
                     self._sums[i][1] += s
                     self._sums[i][2] += ss
+
+    @contextmanager
+    def _flags(self, active: bool | None = None, counting: bool | None = None):
+        before = self.active, self.counting
+        self.active = before[0] if active is None else active
+        self.counting = before[1] if counting is None else counting
+        try:
+            yield self
+        finally:
+            self.active, self.counting = before
+
+    def one_slide(self):
+        """Inside: one slide's forwards measured from nothing (`take()` them before leaving)."""
+        self._sums, self.images = [], 0
+        return self._flags(active=True, counting=True)
+
+    def flip(self, first: bool):
+        """Inside: a pass over flipped windows; only the `first` of the flips counts its images."""
+        return self._flags(counting=first)
+
+    def measuring(self):
+        """Inside: measured, whatever `measured_apart` said (the adapter's unadapted pass)."""
+        return self._flags(active=True)
+
+    def measured_apart(self) -> None:
+        """From now until the slide's end, forwards are not measured (the adapter measured the
+        unadapted model on the slide's windows itself)."""
+        self.active = False
 
     def take(self) -> Moments:
         """The moments so far; the meter starts again from nothing."""
