@@ -11,7 +11,9 @@ mkdir -p "$OUT"
 echo "== 1. a real whole-slide image: what is in it, and its tissue tiled into a patch store"
 if [ -f "$SHARED_SLIDE" ]; then
   histodg info "$SHARED_SLIDE"
-  histodg tile "$SHARED_SLIDE" -o "$OUT/stores_real" --tile-size 256 --mpp 0.5 --organ skin --scanner aperio
+  # --overwrite: a second `make demo` after the shared slide was replaced makes its store again (a second
+  # of work) instead of refusing a store made from other pixels
+  histodg tile "$SHARED_SLIDE" -o "$OUT/stores_real" --tile-size 256 --mpp 0.5 --organ skin --scanner aperio --overwrite
 else
   echo "(../shared/data not found: skipping the real slide)"
 fi
