@@ -58,34 +58,46 @@ def _true_px(path: Path) -> tuple[int, int]:
     return int((m == 1).sum()), int(m.size)
 
 
-def test_cli_evaluate_stores_with_models_of_known_output(cli, stores, tmp_path):
+def _everything(cli, stores, tmp_path) -> tuple[dict, dict, dict]:
+    """`evaluate --json` of a model that calls every pixel tumour: the table, its rows, and each scored
+    store's expected Dice (every pixel predicted: 2|T| / (|all| + |T|))."""
     everything = tiny_checkpoint(tmp_path / "all.pt", mpp=1.0, head_logit=10.0)
-    nothing = tiny_checkpoint(tmp_path / "none.pt", mpp=1.0, head_logit=-10.0)
     r = cli("evaluate", everything, stores, "--json")
     assert r.exit_code == 0, r.output
     t = json.loads(r.stdout)
-    rows = {x["name"]: x for x in t["images"]}
-    assert set(rows) == {"colon-a", "colon-b", "s2-a", "s2-empty"}
     expected = {}
     for name in ("colon-a", "colon-b", "s2-a"):
         n_true, n_all = _true_px(stores / f"{name}.zarr")
-        assert rows[name]["true_px"] == n_true and rows[name]["predicted_px"] == n_all
-        expected[name] = 2 * n_true / (n_all + n_true)  # every pixel predicted: Dice = 2|T| / (|all| + |T|)
-        assert rows[name]["dice"] == pytest.approx(expected[name])
-        assert rows[name]["iou"] == pytest.approx(n_true / n_all)
+        expected[name] = 2 * n_true / (n_all + n_true)
+    return t, {x["name"]: x for x in t["images"]}, expected
+
+
+def test_evaluate_scores_each_store_as_a_model_of_known_output_predicts_it(cli, stores, tmp_path):
+    _, rows, expected = _everything(cli, stores, tmp_path)
+    assert set(rows) == {"colon-a", "colon-b", "s2-a", "s2-empty"}
+    for name, dice in expected.items():
+        n_true, n_all = _true_px(stores / f"{name}.zarr")
+        assert (rows[name]["true_px"], rows[name]["predicted_px"]) == (n_true, n_all)
+        assert rows[name]["dice"] == pytest.approx(dice) and rows[name]["iou"] == pytest.approx(n_true / n_all)
     assert rows["s2-empty"]["dice"] == 0.0  # predicted tumour on an image without any
-    assert rows["colon-a"]["domain"] == "colon" and rows["s2-a"]["domain"] == "s2"  # the axis each store knows
+
+
+def test_evaluate_averages_images_per_domain_on_the_axis_each_store_knows(cli, stores, tmp_path):
+    t, rows, expected = _everything(cli, stores, tmp_path)
+    assert rows["colon-a"]["domain"] == "colon" and rows["s2-a"]["domain"] == "s2"
     assert t["domains"]["colon"]["dice"] == pytest.approx((expected["colon-a"] + expected["colon-b"]) / 2)
-    assert t["domains"]["s2"]["dice"] == pytest.approx(expected["s2-a"] / 2)
+    assert t["domains"]["s2"]["dice"] == pytest.approx(expected["s2-a"] / 2)  # with s2-empty's 0
     assert t["overall"]["dice"] == pytest.approx(sum(expected.values()) / 4)
 
+
+def test_an_empty_prediction_of_an_empty_image_is_perfect_and_the_axis_can_be_forced(cli, stores, tmp_path):
+    nothing = tiny_checkpoint(tmp_path / "none.pt", mpp=1.0, head_logit=-10.0)
     r = cli("evaluate", nothing, stores / "s2-empty.zarr", stores / "colon-a.zarr", "--domain-axis", "scanner", "--json")
     t = json.loads(r.stdout)
     rows = {x["name"]: x for x in t["images"]}
-    assert rows["s2-empty"]["dice"] == 1.0 and rows["s2-empty"]["iou"] == 1.0  # empty vs empty
-    assert rows["colon-a"]["dice"] == 0.0 and rows["colon-a"]["domain"] == "unknown"
+    assert rows["s2-empty"]["dice"] == 1.0 and rows["s2-empty"]["iou"] == 1.0
+    assert rows["colon-a"]["dice"] == 0.0 and rows["colon-a"]["domain"] == "unknown"  # no scanner recorded
     assert t["overall"]["dice"] == 0.5
-
     r = cli("evaluate", nothing, stores)  # the rich tables
     assert r.exit_code == 0 and "per domain" in r.stdout and "overall" in r.stdout and "s2-empty" in r.stdout
 

@@ -3,6 +3,7 @@ else; `histodg tile --qc` keeps or leaves them out and counts them; `histodg pre
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -88,35 +89,64 @@ def test_each_rule_measures_what_it_says():
     assert WindowQC()(np.full((64, 64, 3), 245, np.uint8)) == FLAGS["glass"]
 
 
-def test_tile_flags_or_excludes_and_counts_them(cli, artefact_png, tmp_path):
-    common = ["--tile-size", str(T), "--mpp-override", "0.499", "--mpp", "0.5"]
-    r = cli("tile", artefact_png, "-o", tmp_path / "flag", "--qc", "flag", *common)
-    assert r.exit_code == 0, r.output
-    flagged = open_store(tmp_path / "flag" / "artefacts.zarr")
+COMMON = ["--tile-size", str(T), "--mpp-override", "0.499", "--mpp", "0.5"]
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from histodg.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiled(artefact_png, tmp_path_factory) -> Path:
+    """The artefact slide tiled with `--qc flag` (OUT/flag) and with the default `--qc exclude` (OUT/excl)."""
+    out = tmp_path_factory.mktemp("tiled")
+    for mode, folder in (("flag", "flag"), ("exclude", "excl")):
+        r = _cli("tile", artefact_png, "-o", out / folder, "--qc", mode, *COMMON)
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def test_tile_qc_flag_keeps_every_window_and_counts_its_flags(tiled):
+    flagged = open_store(tiled / "flag" / "artefacts.zarr")
     report = flagged.attrs.qc_report
     assert flagged.attrs.qc == "flag" and report["flagged"] == int((flagged.qc > 0).sum()) > 6
     assert report["counts"] == counts(flagged.qc) and min(report["counts"][k] for k in ("pen", "blur", "dark")) >= 2
     assert report["excluded"] == 0 and report["windows"] == len(flagged)
-    r = cli("tile", artefact_png, "-o", tmp_path / "excl", *common)  # the default: exclude
-    assert r.exit_code == 0, r.output
-    excluded = open_store(tmp_path / "excl" / "artefacts.zarr")
-    left_out = (flagged.qc & QC_EXCLUDED) > 0  # pen, blur, dark: glass is only recorded
+
+
+def test_tile_qc_exclude_leaves_out_exactly_the_pen_blur_and_dark_windows(tiled):
+    flagged, excluded = open_store(tiled / "flag" / "artefacts.zarr"), open_store(tiled / "excl" / "artefacts.zarr")
+    left_out = (flagged.qc & QC_EXCLUDED) > 0  # glass is only recorded
     assert left_out.sum() >= 6 and len(excluded) == len(flagged) - left_out.sum()
     assert not np.any(excluded.qc & QC_EXCLUDED)
     assert {tuple(c) for c in excluded.coords} == {tuple(c) for c in flagged.coords[~left_out]}
     assert excluded.attrs.qc_report["excluded"] == left_out.sum()
-    row = json.loads((tmp_path / "excl" / "summary.json").read_text())[0]
-    assert row["qc_excluded"] == left_out.sum() and row["qc_pen"] == report["counts"]["pen"]
-    info = cli("info", tmp_path / "excl" / "artefacts.zarr", "--json")
-    assert json.loads(info.output)[0]["qc"]["excluded"] == left_out.sum()
-    again = cli("tile", artefact_png, "-o", tmp_path / "excl", "--qc", "off", *common)
+
+
+def test_the_qc_counts_reach_the_batch_summary_and_info(tiled):
+    flagged = open_store(tiled / "flag" / "artefacts.zarr")
+    left_out = int(((flagged.qc & QC_EXCLUDED) > 0).sum())
+    row = json.loads((tiled / "excl" / "summary.json").read_text())[0]
+    assert row["qc_excluded"] == left_out and row["qc_pen"] == flagged.attrs.qc_report["counts"]["pen"]
+    info = _cli("info", tiled / "excl" / "artefacts.zarr", "--json")
+    assert json.loads(info.output)[0]["qc"]["excluded"] == left_out
+
+
+def test_a_rerun_with_other_qc_is_refused_and_a_store_made_before_qc_is_reused(tiled, artefact_png, tmp_path):
+    out = tmp_path / "excl"
+    shutil.copytree(tiled / "excl", out)
+    again = _cli("tile", artefact_png, "-o", out, "--qc", "off", *COMMON)
     assert again.exit_code == 1 and "qc" in again.output  # other settings: refused, not mixed
-    meta = tmp_path / "excl" / "artefacts.zarr" / "zarr.json"  # a store made before QC: no qc attributes
+    meta = out / "artefacts.zarr" / "zarr.json"  # a store made before QC: no qc attributes
     doc = json.loads(meta.read_text())
     for key in ("qc", "qc_report"):
         doc["attributes"].pop(key)
     meta.write_text(json.dumps(doc))
-    again = cli("tile", artefact_png, "-o", tmp_path / "excl", "--json", *common)
+    again = _cli("tile", artefact_png, "-o", out, "--json", *COMMON)
     assert again.exit_code == 0 and json.loads(again.stdout)[0]["status"] == "skipped"  # reused as it is
 
 

@@ -32,40 +32,61 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_two_stages_pretrain_then_finetune_from_stage1_weights(stores, tmp_path):
-    seen = {}
+@pytest.fixture(scope="module")
+def two_stages(stores, tmp_path_factory):
+    """One organ -> scanner run (lung held out), with the weights each stage started from."""
+    out, seen = tmp_path_factory.mktemp("two") / "run", {}
 
     def on_stage_start(stage, model, total):
         seen[stage.index] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    c = cfg(stores, tmp_path / "run", pretrain="organ", finetune="scanner", epochs=2, val_domains=("lung",))
+    c = cfg(stores, out, pretrain="organ", finetune="scanner", epochs=2, val_domains=("lung",))
     result = Trainer(c, callbacks=Callbacks(on_stage_start=on_stage_start)).run()
-    stage1 = load_checkpoint(tmp_path / "run" / "stage1.pt")
-    assert states_equal(seen[1], stage1["model_state"])  # stage 2 starts from stage 1's final weights
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, seen, result, lines
+
+
+@pytest.mark.slow
+def test_stage_two_starts_from_stage_ones_final_weights(two_stages):
+    out, seen, _, _ = two_stages
+    assert states_equal(seen[1], load_checkpoint(out / "stage1.pt")["model_state"])
     assert not states_equal(seen[0], seen[1])  # and stage 1 did train
+
+
+@pytest.mark.slow
+def test_each_stage_trains_on_its_axis_and_never_on_the_held_out_organ(two_stages):
+    _, _, result, lines = two_stages
     s1, s2 = result["stages"]
     assert s1["axis"] == "organ" and set(s1["train_patches"]) == {"colon", "stomach"}
     assert s2["axis"] == "scanner" and set(s2["train_patches"]) == {"s1", "s2", "s3"}
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (1, 2), (2, 1), (2, 2)]
-    # a fresh optimizer and schedule in stage 2: its first epoch has a high lr again
-    assert lines[2]["lr"] > lines[1]["lr"]
-    assert set(lines[0]["heldout"]["domains"]) == {"lung"} and "lung" not in s1["train_patches"]
-    assert set(lines[0]["val"]["domains"]) == {"colon", "stomach"}
+    assert set(lines[0]["heldout"]["domains"]) == {"lung"} and set(lines[0]["val"]["domains"]) == {"colon", "stomach"}
+
+
+@pytest.mark.slow
+def test_stage_two_gets_a_fresh_optimizer_and_schedule(two_stages):
+    lines = two_stages[3]
+    assert lines[2]["lr"] > lines[1]["lr"]  # its first epoch has a high lr again
+
+
+@pytest.mark.slow
+def test_the_run_folder_has_every_output_and_best_pt_is_a_final_stage_model_predict_can_build(two_stages):
+    out = two_stages[0]
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "result.json"):
-        assert (tmp_path / "run" / name).is_file(), name
-    best = load_checkpoint(tmp_path / "run" / "best.pt")
+        assert (out / name).is_file(), name
+    best = load_checkpoint(out / "best.pt")
     mc = best["model_config"]
     assert mc["tile_size"] == 64 and mc["mpp"] == 1.0 and mc["classes"] == 1 and mc["arch"] == "unet"
-    assert best["metrics"]["stage"] == 2  # best.pt is a fine-tuned (final stage) model
+    assert best["metrics"]["stage"] == 2
     model, config = model_from_checkpoint(best)
-    assert config.tile_size == 64 and config.arch == "unet"
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
-    # the domain-shift reference: every training domain of both stages (never the held-out lung), one
-    # calibration score per training slide; best.pt's for its own weights
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    for ck in (best, last):
+    assert config.tile_size == 64 and model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+@pytest.mark.slow
+def test_the_shift_reference_covers_both_stages_training_domains_and_never_the_held_out_one(two_stages):
+    out = two_stages[0]
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    for ck in (best, last):  # one calibration score per training slide; best.pt's for its own weights
         ref = ck["model_config"]["shift"]
         assert set(ref["domains"]) == {"colon", "stomach", "s1", "s2", "s3"}
         assert sum(d["slides"] for d in ref["domains"].values()) == len(ref["calibration"]) == 5
