@@ -28,8 +28,8 @@ def read_options() -> list:
     for name, default, help, settings in option_specs(ReadOptions):
         settings = dict(settings)
         choices = settings.pop("choices", None)
+        kind = click.Choice(choices) if choices else type(default)  # the field's own default's type
         default = settings.pop("cli_default", default)
-        kind = click.Choice(choices) if choices else type(ReadOptions.__dataclass_fields__[name].default)
         made.append(click.option(f"--{name.replace('_', '-')}", type=kind, default=default,
                                  show_default=default is not None, help=help, **settings))
     return made

@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..batch import bad_window, check_bad_windows, gc_paused
-from ..constants import QC_EXCLUDED, qc_flag_names
+from ..constants import qc_flag_names
 from ..qc_report import QCReport
 from ..slides.plan import WindowPlan
 from ..slides.window_reader import WindowReader
@@ -29,9 +29,10 @@ class WindowRunner:
 
     def __init__(self, predictor, slide, plan: WindowPlan, count: int, acc: ChunkAccumulator, progress=None, qc=None):
         self.pred, self.slide, self.plan, self.acc, self.progress = predictor, slide, plan, acc, progress
-        self.qc, self.exclude = qc, predictor.options.read.excludes
-        self.reader = WindowReader(slide, plan, qc, self.exclude)
+        self.qc = qc
+        self.reader = WindowReader(slide, plan, qc, predictor.options.read.excludes)
         self.flags: dict[int, int] = {}  # window -> its QC flags (flagged windows only)
+        self.left_out: set[int] = set()  # windows --qc exclude leaves out (the reader says which)
         o = predictor.options
         self.n, self.batch_size, self.workers = count, o.batch_size, o.read.workers
         self.batches = [(i, min(i + o.batch_size, count)) for i in range(0, count, o.batch_size)]
@@ -46,7 +47,7 @@ class WindowRunner:
     # -- reader threads --------------------------------------------------------------------------
     def _read(self, buf_np, i0: int, i1: int, base: int):
         t = time.perf_counter()
-        failed, flags = [], {}
+        failed, flags, left_out = [], {}, []
         for i in range(i0, i1):
             w = self.reader.read(i)
             if w.error is not None:
@@ -56,7 +57,9 @@ class WindowRunner:
             buf_np[i - base] = w.image
             if w.flags:
                 flags[i] = w.flags
-        return failed, flags, time.perf_counter() - t
+            if w.excluded:
+                left_out.append(i)
+        return failed, flags, left_out, time.perf_counter() - t
 
     def _fill(self, pool) -> None:
         """Hand free buffers to the readers for the next batches."""
@@ -72,10 +75,11 @@ class WindowRunner:
         t = time.perf_counter()
         failed = {}
         for fut in futs:
-            errs, flags, secs = fut.result()
+            errs, flags, left_out, secs = fut.result()
             self.clock["reading"] += secs
             failed.update(errs)
             self.flags.update(flags)
+            self.left_out.update(left_out)
         self.clock["waiting_for_reads"] += time.perf_counter() - t
         for i, reason in failed.items():
             self.bad.append(bad_window(self.plan.level0_xy[i], reason))
@@ -84,7 +88,7 @@ class WindowRunner:
 
     def excluded(self, i: int) -> bool:
         """Whether --qc exclude leaves window i out of the map."""
-        return self.exclude and bool(self.flags.get(i, 0) & QC_EXCLUDED)
+        return i in self.left_out
 
     def qc_report(self, examined: int) -> tuple[QCReport, list[int]] | None:
         """What the QC found on the `examined` windows, and the windows it left out (plan indices);
@@ -93,7 +97,7 @@ class WindowRunner:
             return None
         report = QCReport.of_windows(examined, ((f, not self.excluded(i)) for i, f in self.flags.items()),
                                      self.qc.describe())
-        return report, sorted(i for i in self.flags if self.excluded(i))
+        return report, sorted(self.left_out)
 
     def excluded_list(self, excluded: list[int]) -> list[dict]:
         """done.json's list of the first 100 windows QC left out: level-0 x, y and their flags."""
