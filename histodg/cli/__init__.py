@@ -2,7 +2,7 @@
 
 - `options`: the option blocks `tile` and `predict` share, small parsers;
 - `tiling` (`info`, `tile`), `training` (`train`, `methods`), `adapting` (`adapt`), `inference`
-  (`predict`, `evaluate`), `synthetic` (`synth`): the commands;
+  (`predict`, `evaluate`), `models` (`export`), `synthetic` (`synth`): the commands;
 - `views`: every rich table, progress bar and live view.
 
 Heavy modules (torch, smp, zarr, openslide) are imported inside command bodies so that
@@ -33,6 +33,10 @@ def _terminated(signum, frame):
 
 class Group(click.Group):
     """Turn library errors into one line and exit 1; never a traceback for bad input."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["histodg.argv"] = list(args)  # the command as typed, for the record (`train`'s model card)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -97,11 +101,12 @@ def quiet_readers() -> None:
 
 from .adapting import adapt  # noqa: E402
 from .inference import evaluate, predict  # noqa: E402
+from .models import export  # noqa: E402
 from .synthetic import synth  # noqa: E402
 from .tiling import info, tile  # noqa: E402
 from .training import methods, train  # noqa: E402
 
-for command in (info, tile, train, methods, adapt, synth, predict, evaluate):
+for command in (info, tile, train, methods, adapt, synth, predict, evaluate, export):
     main.add_command(command)
 
 __all__ = ["main"]

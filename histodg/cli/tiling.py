@@ -18,13 +18,16 @@ from .options import BACKEND_CHOICE, CONTEXT, fail_line, label_option, magnifica
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of tables.")
 @click.option("--check", is_flag=True, help="Stores: decode every patch and mask and report what is missing or damaged.")
 def info(paths, backend, as_json, check):
-    """What is in slides, images and patch stores.
+    """What is in slides, images, patch stores and models.
 
     For a slide: reader backend, vendor, dimensions, levels and downsamples, mpp, objective
     power, associated images. For a store: patch count, tile size, mpp, organ, scanner, labels,
     complete or not; with --check, whether every shard is there and every chunk decodes (exit
-    status 1 if not).
+    status 1 if not). For a checkpoint (.pt): the model card (network, input, method, the organs,
+    scanners and patches it was trained on, validation Dice per domain, the shift reference's
+    domains, the training command). For an exported model (.onnx, TorchScript): its metadata.
     """
+    from ..model.card import describe_model_file, is_model_file
     from ..slides.opening import open_slide
     from ..store import check_store, describe_store
     from .views import print_info
@@ -32,7 +35,9 @@ def info(paths, backend, as_json, check):
     out, errors = [], []
     for p in paths:
         with collected(errors, p):
-            if (p / "zarr.json").is_file():
+            if is_model_file(p):
+                out.append(describe_model_file(p))
+            elif (p / "zarr.json").is_file():
                 d = describe_store(p, verify=not check)
                 if check and d["complete"]:
                     n, problems = check_store(p)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -93,7 +95,8 @@ def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, d
                 aug={**parse_pairs(aug, "--aug"), **({"jitter": jitter} if jitter is not None else {})},
                 stain_norm=stain_norm, stain_ref=stain_ref,
                 amp=amp, channels_last=channels_last, device=device,
-                workers=loader_processes() if workers is None else workers, seed=seed)
+                workers=loader_processes() if workers is None else workers, seed=seed,
+                command=shlex.join(["histodg", *click.get_current_context().meta.get("histodg.argv", sys.argv[1:])]))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
     main = launch_rank() == 0  # under torchrun only rank 0 shows progress and results

@@ -184,11 +184,29 @@ def _warn_shift(name: str, shift: dict) -> None:
                   f"on; check its result before trusting it")
 
 
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """A model card's rows: nested sections as `section.key`."""
+    rows: list[tuple[str, object]] = []
+    for k, v in d.items():
+        if k in ("kind", "path", "model_config"):  # the whole config is in --json
+            continue
+        if isinstance(v, dict) and v and k not in ("labels", "hparams", "augmentation", "normalization", "val", "heldout"):
+            rows += _flat(v, f"{prefix}{k}.")
+        else:
+            rows.append((prefix + k, v))
+    return rows
+
+
 def print_info(items: list[dict]) -> None:
     for d in items:
         table = Table(title=escape(d["path"]), show_header=False, title_justify="left")
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
+        if d.get("kind") in ("model", "exported"):  # a model card, or the record an exported model carries
+            for k, v in _flat(d):
+                table.add_row(k, escape("not recorded" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
+            out.print(table)
+            continue
         if d.get("kind") == "store":
             keys = ["complete", "patches", "tile_size", "mpp", "overlap", "organ", "scanner", "labels", "has_masks",
                     "bad_windows", "qc", "format_version", "histodg_version"]

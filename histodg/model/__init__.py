@@ -7,7 +7,9 @@
 - `normalize`: `Normalizer`, the model's input normalisation on the device;
 - `taps`: forward hooks methods use (decoder features, shallow encoder stages, the head);
 - `batchnorm`: BatchNorm statistics estimated on a slide's windows and put back (AdaBN's core);
-- `domain_bn`: DSBN's per-domain BatchNorm slots.
+- `domain_bn`: DSBN's per-domain BatchNorm slots;
+- `export`: a checkpoint as ONNX or TorchScript with its contract as metadata (`histodg export`);
+- `card`: a checkpoint's model card (`histodg info best.pt`).
 
 May import: the top-level helpers. Knows nothing of slides, stores, training or inference.
 """

@@ -52,6 +52,7 @@ class ModelConfig:
     shift: dict | None = None  # the training domains' description for the domain-shift score (model.shift)
     adaptation: dict | None = None  # `histodg adapt`: the checkpoint it started from, the target, the settings
     domain_bn: list | None = None  # --method dsbn: the domains of its BatchNorm slots, in slot order (model.domain_bn)
+    trained_on: dict | None = None  # the model card's data: the stores given, patches per organ and scanner, the stages, the command
     version: int = MODEL_CONFIG_VERSION
 
     def __post_init__(self):

@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
+    command: str | None = None  # the command line that started the run, for the model card (`histodg info best.pt`)
 
     def __post_init__(self):
         def bad(msg):

@@ -127,7 +127,8 @@ class Trainer:
             mpp=stores[0].attrs.mpp, tile_size=stores[0].attrs.tile_size, method=cfg.method, hparams=dict(cfg.hparams),
             loss=cfg.loss, augmentation={"preset": cfg.augment, **cfg.augmentation.to_dict()},
             normalization=Normalization(stain=stain),
-            domain_bn=self.method_class.recorded_domains(self.hparams, stages[-1].domain_names))
+            domain_bn=self.method_class.recorded_domains(self.hparams, stages[-1].domain_names),
+            trained_on=trained_on(cfg, stores, stages))
         # one writer per run folder: a second `histodg train` into it is refused while this one runs
         # (rank 0 holds the lock; a refusal reaches every rank)
         with ExitStack() as held:
@@ -319,3 +320,16 @@ class Trainer:
         except Exception as exc:  # a plot must never fail a finished run
             write_text_atomic(self.out / "curves.error.txt", str(exc))
         return result
+
+
+def trained_on(cfg: TrainConfig, stores, stages) -> dict:
+    """The model card's data (`ModelConfig.trained_on`): the stores as given, how many stores and
+    patches of each organ and scanner (a total per pair, not a list: a data set may be thousands
+    of small stores), the stages, the command line."""
+    pairs: dict = {}
+    for s in stores:
+        row = pairs.setdefault((s.organ, s.scanner), {"organ": s.organ, "scanner": s.scanner, "stores": 0, "patches": 0})
+        row["stores"] += 1
+        row["patches"] += s.n
+    return {"stores": list(cfg.stores), "domains": [pairs[k] for k in sorted(pairs)],
+            "stages": [s.summary() for s in stages], "command": cfg.command}
