@@ -6,6 +6,7 @@ set -euo pipefail
 OUT=${DEMO_OUT:-demo_out}
 STEPS=${DEMO_STEPS:-60}
 SHARED_SLIDE="$(cd "$(dirname "$0")/.." && pwd)/../shared/data/cmu_small_region.svs"
+CONFIGS="$(cd "$(dirname "$0")" && pwd)/configs"   # one YAML per step (`--config`); the command line wins
 mkdir -p "$OUT"
 
 echo "== 1. a real whole-slide image: what is in it, and its tissue tiled into a patch store"
@@ -24,7 +25,8 @@ echo "== 2. a built-in COSAS-shaped data set: 4 organs from one scanner, 4 scann
 awk -F, 'NR == 1 || $5 == "heldout"' "$OUT/synth/manifest.csv" > "$OUT/synth/heldout.csv"
 
 echo "== 3. tile every case at 1 um/px into 128 px patches, tissue only, organ and scanner recorded"
-histodg tile "$OUT/synth/manifest.csv" -o "$OUT/stores" --mpp 1.0 --tile-size 128 --min-tissue 0.5
+# the settings are in examples/configs/tile.yaml (paths on the command line win, so DEMO_OUT works)
+histodg tile --config "$CONFIGS"/tile.yaml "$OUT/synth/manifest.csv" -o "$OUT/stores"
 
 echo "== 4. train by organ, then on both tasks together (histodg's default for a COSAS layout), at its default"
 echo "   method: one BatchNorm per training organ and scanner (lung and scanner-d are held out; FPN with an"
@@ -44,15 +46,16 @@ else
 fi
 
 echo "== 5. predict whole-slide masks on the held-out slides"
-histodg predict "$OUT/run/best.pt" "$OUT/synth/heldout.csv" -o "$OUT/predictions" --batch-size 16 $REPREDICT
+histodg predict --config "$CONFIGS"/predict.yaml "$OUT/run/best.pt" "$OUT/synth/heldout.csv" -o "$OUT/predictions" $REPREDICT
 
 echo "== 6. evaluate the predictions against the pathologist-style GeoJSON annotations"
-histodg evaluate "$OUT/predictions" --truth "$OUT/synth/heldout.csv"
+histodg evaluate --config "$CONFIGS"/evaluate.yaml "$OUT/predictions" --truth "$OUT/synth/heldout.csv"
 
 echo
 echo "Outputs:"
 echo "  training run          $OUT/run (metrics.jsonl, curves.png, best.pt)"
 echo "  batch report          $OUT/predictions/report.html (open it in a browser), summary.csv"
+echo "  settings of each step $OUT/stores/config.yaml, $OUT/run/config.yaml, $OUT/predictions/config.yaml (rerun: --config FILE)"
 for d in "$OUT"/predictions/*/; do
   echo "  $(basename "$d")  overlay: ${d}overlay.png  QuPath: ${d}mask.ome.tiff, ${d}tumor.geojson"
 done

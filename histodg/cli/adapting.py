@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .config_file import config_option, records_config
 from .options import CONTEXT, parse_hp
 
 
@@ -28,6 +29,8 @@ from .options import CONTEXT, parse_hp
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda")
 @click.option("--overwrite", is_flag=True, help="Make the adapted model again in a folder that has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@config_option
+@records_config()
 def adapt(checkpoint, source, target, out_dir, hp, steps, batch_size, lr, mpp_override, seed, device, overwrite, as_json):
     """Adapt a trained model to a new scanner or organ without its labels.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..constants import AXES
+from .config_file import config_option, note_outputs, records_config
 from .options import CONTEXT, fail_line, label_option, model_run_options, resolve_jobs, slide_batch_options
 
 
@@ -26,6 +27,8 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
               help="Also write tiles.geojson: the probability map as locked QuPath tiles with a measurement per class.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
+@config_option
+@records_config()
 def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
             geojson_tiles, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, qc, shard, overwrite, as_json):
@@ -81,6 +84,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     except OSError as exc:
         err.print(error_markup(f"{out_dir / 'report.html'}: not written ({exc.strerror or exc})"))
     if any(r.status == "failed" for r in results):
+        note_outputs(results)  # config.yaml is still written when some inputs have outputs of these settings
         sys.exit(1)
 
 
@@ -94,6 +98,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
 @click.option("--threshold", type=float, default=None, help="Probability cut  [default: 0.5, or each prediction's own]")
 @model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@config_option
 def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, stain_norm, stain_ref,
              as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
@@ -155,11 +160,11 @@ PREDICTIONS_ONLY = ("truth", "labels", "objects")
 
 
 def _given(ctx: click.Context) -> set[str]:
-    """The parameters the user set (on the command line or from the environment), not defaults."""
+    """The parameters the user set (on the command line, from the environment or in a --config file), not defaults."""
     from click.core import ParameterSource
 
-    return {name for name in ctx.params
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in (
+        ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)}
 
 
 def _option(name: str) -> str:

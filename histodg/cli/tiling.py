@@ -9,6 +9,7 @@ import click
 
 from ..batch import collected
 from ..constants import COMPRESSIONS
+from .config_file import config_option, note_outputs, records_config
 from .options import BACKEND_CHOICE, CONTEXT, fail_line, label_option, magnification, resolve_jobs, slide_batch_options
 
 
@@ -76,6 +77,8 @@ def info(paths, backend, as_json, check):
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="Quality of the patches --compression jpeg has to encode.")
 @slide_batch_options(recorded="(a manifest column or COSAS folder wins)", overwrite_help="Rewrite stores that exist.")
+@config_option
+@records_config()
 def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap, min_tissue, annotations, labels, objects,
          compression, jpeg_quality, tissue_method, backend, workers, organ, scanner, mpp_override, domain_axis,
          max_bad_fraction, qc, shard, overwrite, as_json):
@@ -113,4 +116,5 @@ def tile(inputs, out_dir, mpp, magnification, mpp_tolerance, tile_size, overlap,
     with BatchView("tile", TILE_SUMMARY, as_json, BatchSummary(out_dir, "tile")) as view:
         results = run_jobs(jobs, lambda job, progress: tile_slide(job, out_dir, opts, progress), view)
     if any(r.status == "failed" for r in results):
+        note_outputs(results)  # config.yaml is still written when some inputs have outputs of these settings
         sys.exit(1)

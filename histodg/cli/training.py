@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..constants import AUGMENT_PRESETS, AXES, DEVICE_MODES, LOSSES, STAIN_METHODS
+from .config_file import config_option, records_config
 from .options import CONTEXT, parse_hp, parse_pairs
 
 
@@ -60,6 +61,8 @@ from .options import CONTEXT, parse_hp, parse_pairs
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (its saved settings win).")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@config_option
+@records_config(skip_when="resume")
 def train(stores, out_dir, arch, encoder, encoder_weights, pretrain, finetune, domains, union, val_domains, cv,
           val_fraction, val_max_patches, method, hp, epochs, steps, steps_per_epoch, batch_size, accumulate, lr,
           weight_decay, warmup, loss, augment, aug, jitter, no_augment, stain_norm, stain_ref, amp, channels_last, device, workers, seed, resume,
