@@ -114,12 +114,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(dg.SEEDS))
     ap.add_argument("--adapted", metavar="VARIANT", help="score the DSBN checkpoints uda_benchmark.py adapted to lung "
                                                           "with VARIANT (e.g. 'self-training only') instead")
+    ap.add_argument("--target", default="lung", help="with --adapted: the domain the checkpoints were adapted to "
+                                                     "(lung, scanner-d)")
     ap.add_argument("--flips-only", action="store_true", help="only `none` and `flip`")
     ap.add_argument("--tables", action="store_true")
     args = ap.parse_args()
     label = f"adapted: {args.adapted}" if args.adapted else args.row
     if args.adapted and args.row != "dsbn":  # the DSBN row's adapted runs keep their first key
         label = f"{args.row}, {label}"
+    if args.adapted and args.target != "lung":  # adapted to lung: the first key, without the target
+        label = f"{label} to {args.target}"
     scales = {"none": [1.0]} if args.flips_only else SCALES
     import torch
 
@@ -135,7 +139,7 @@ def main() -> None:
             if args.adapted:
                 import uda_benchmark as uda
 
-                run, ckpt = uda.out_dir(args.row, seed, "lung", args.adapted), "best.pt"
+                run, ckpt = uda.out_dir(args.row, seed, args.target, args.adapted), "best.pt"
             else:
                 run, ckpt = dg.run_dir_of(table_name, args.row, seed, sel[seed]["lr"]), "last.pt"
             if not (run / ckpt).exists():

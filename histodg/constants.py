@@ -58,3 +58,7 @@ QC_EXCLUDED = QC_FLAGS["pen"] | QC_FLAGS["blur"] | QC_FLAGS["dark"]
 def qc_flag_names(mask: int) -> list[str]:
     """The names of the QC flags set in a bitmask."""
     return [name for name, bit in QC_FLAGS.items() if int(mask) & bit]
+
+# predict's outputs beyond the defaults (`--outputs`), and where the viewer's files go (`--layout`)
+EXTRA_OUTPUTS = ("prob-tiff",)
+LAYOUTS = ("folders", "flat")

@@ -160,7 +160,8 @@ def test_real_slide_outputs_and_windows_only_over_tissue(ckpt, cmu, tmp_path):
     r = predict_slide(pred, SlideJob(cmu, "cmu", organ="skin", scanner="aperio"), tmp_path)
     assert r.status == "done", r.error
     out = tmp_path / "cmu"
-    assert sorted(p.name for p in out.iterdir()) == ["done.json", "mask.ome.tiff", "overlay.png", "prob.zarr", "tumor.geojson"]
+    assert sorted(p.name for p in out.iterdir()) == ["done.json", "mask.ome.tiff", "overlay.png", "prob.zarr", "qc.geojson",
+                                                    "tumor.geojson"]
     done = json.loads((out / "done.json").read_text())
     assert done["windows"]["tissue"] < done["windows"]["grid"] and done["windows"]["run"] == r.windows > 0
     assert done["organ"] == "skin" and done["settings"]["tile_size"] == 64 and done["settings"]["overlap_px"] == 32

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES
+from ..constants import AXES, EXTRA_OUTPUTS, LAYOUTS
 from .config_file import config_option, note_outputs, records_config
 from .options import CONTEXT, fail_line, label_option, model_run_options, resolve_jobs, slide_batch_options
 
@@ -25,12 +25,19 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
 @click.option("--geojson-tiles", is_flag=True,
               help="Also write tiles.geojson: the probability map as locked QuPath tiles with a measurement per class.")
+@click.option("--outputs", "outputs", multiple=True, type=click.Choice(EXTRA_OUTPUTS),
+              help="More files per input (repeatable): prob-tiff = prob.ome.tiff, the probability (0-255) as a pyramidal "
+                   "OME-TIFF at the mask's size, which QuPath opens as an overlay image.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="folders", show_default=True,
+              help="flat: the files a viewer opens beside the input folders, OUT/<name>.ome.tiff, OUT/<name>.geojson "
+                   "(OUT/<name>.qc.geojson, OUT/<name>.prob.ome.tiff), as QuPath batch-import scripts expect; "
+                   "done.json, prob.zarr and overlay.png stay in OUT/<name>/.")
 @slide_batch_options(recorded="(recorded for `histodg evaluate`)", overwrite_help="Redo inputs that have finished outputs.",
                      tissue_help="Run windows that touch tissue (none: every window).")
 @config_option
 @records_config()
 def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
-            geojson_tiles, inputs, tissue_method,
+            geojson_tiles, outputs, layout, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, qc, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -39,7 +46,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     overlaps. Per input, OUT/<name>/ gets prob.zarr (uint8 probability at the model's resolution),
     mask.ome.tiff (pyramidal 0/255 mask at the slide's size and pixel size: open it in QuPath),
     tumor.geojson (polygons with holes in level-0 pixels: QuPath > File > Import objects),
-    overlay.png, mask.png (plain images: same size as the input) and done.json (settings,
+    overlay.png, mask.png (plain images: same size as the input), qc.geojson (the windows artefact
+    QC flagged, one QuPath class per flag) and done.json (settings,
     timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
     redone; a bad input fails alone and the batch goes on. OUT/summary.csv and summary.json
     list every input; OUT/report.html shows every slide on one self-contained page. Windows with
@@ -60,7 +68,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
                               stain_norm=stain_norm, stain_ref=stain_ref, threshold=threshold, device=device,
                               tissue_method=tissue_method,
                               read=ReadOptions(backend, workers or reader_threads(), max_bad_fraction, qc),
-                              write=WriteOptions(geojson_tiles=geojson_tiles, overwrite=overwrite))
+                              write=WriteOptions(geojson_tiles=geojson_tiles, outputs=tuple(outputs), layout=layout,
+                                                 overwrite=overwrite))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)

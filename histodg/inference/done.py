@@ -37,13 +37,15 @@ def compared_settings(predictor, options, job) -> dict:
             "mpp": predictor.mpp, "tile_size": predictor.tile, "overlap_px": predictor.overlap, "tta": options.tta,
             "threshold": options.threshold, "tissue_method": options.tissue_method,
             "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain,
-            "geojson_tiles": options.write.geojson_tiles, "qc": options.read.qc, "mpp_override": job.mpp,
+            "geojson_tiles": options.write.geojson_tiles, "outputs": sorted(options.write.outputs),
+            "layout": options.write.layout, "qc": options.read.qc, "mpp_override": job.mpp,
             "dsbn_route": dsbn_route(predictor, job)}
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
-    have = {"adapt": "none", "stain": None, "geojson_tiles": False, **(done.get("settings") or {})}  # made before --adapt / --stain-norm: without
+    have = {"adapt": "none", "stain": None, "geojson_tiles": False, "outputs": [], "layout": "folders",
+            **(done.get("settings") or {})}  # made before these options: without them
     have.setdefault("qc", predictor.options.read.qc)  # made before artefact QC: kept as it is
     wanted = compared_settings(predictor, predictor.options, job)
     # Made before the DSBN route was recorded: taken to be the route the slide gets now (kept). Made before

@@ -1,4 +1,5 @@
-"""`mask.ome.tiff`: the thresholded mask (0/255) at level-0 geometry as a pyramidal OME-TIFF.
+"""`mask.ome.tiff`: the thresholded mask (0/255) at level-0 geometry as a pyramidal OME-TIFF; and
+with `--outputs prob-tiff`, `prob.ome.tiff`: the probability itself (uint8 0-255), the same pyramid.
 
 Tiled 512, deflate, pyramid levels as SubIFDs halving down to <= 1024 px, PhysicalSizeX/Y and
 the TIFF resolution tags set to the slide's mpp: QuPath, tifffile and tiffslide open it. Level
@@ -36,13 +37,14 @@ class _Level:
     """One pyramid level built from output-resolution bands: its rows are filled in order, and each
     completed row of tiles is compressed and appended to a spool file (memory: one tile row)."""
 
-    def __init__(self, shape, downsample: float, level0_per_px: float, out_shape, spool, level: int = 1):
+    def __init__(self, shape, downsample: float, level0_per_px: float, out_shape, spool, level: int = 1, scale: int = 255):
         self.w, self.h = shape
         t = TIFF_TILE
         self.src_rows = sample_index(self.h, downsample, level0_per_px, out_shape[0])
         cols = sample_index(self.w, downsample, level0_per_px, out_shape[1])
         self.cols = None if np.array_equal(cols, np.arange(self.w)) and self.w <= out_shape[1] else cols
-        self.buf = np.zeros((t, -(-self.w // t) * t), bool)
+        self.buf = np.zeros((t, -(-self.w // t) * t), np.uint8)  # the mask as 0/1 (x `scale` when written), or the probability
+        self.scale = np.uint8(scale)
         self.next_row = 0
         self.dirty = False
         self.spool = spool
@@ -51,7 +53,7 @@ class _Level:
         self._known: dict[str, tuple[int, int]] = {}
 
     def feed(self, r0: int, band: np.ndarray | None, rows: int) -> None:
-        """`band`: bool mask rows r0..r0+rows of the output grid, or None when they are all False."""
+        """`band`: uint8 rows r0..r0+rows of the output grid (0/1 for a mask), or None when they are all 0."""
         t = TIFF_TILE
         y1 = int(np.searchsorted(self.src_rows, r0 + rows, side="left"))
         while self.next_row < y1:
@@ -77,21 +79,21 @@ class _Level:
         if not self.dirty:  # a row of empty tiles
             self.tiles.extend([self._shared("empty", self.buf[:, :t])] * n)
             return
-        self.buf[rows:] = False
+        self.buf[rows:] = 0
         for x in range(0, self.w, t):
             tile = self.buf[:, x : x + t]
             if not tile.any():
                 self.tiles.append(self._shared("empty", tile))
-            elif tile.all():
+            elif self.scale == 255 and tile.all():  # a mask's all-tumour tile (a probability's rarely repeats)
                 self.tiles.append(self._shared("full", tile))
             else:
-                self.tiles.append(self._write(zlib.compress((tile * np.uint8(255)).tobytes(), self.level)))
-        self.buf[:] = False
+                self.tiles.append(self._write(zlib.compress((tile * self.scale).tobytes(), self.level)))
+        self.buf[:] = 0
         self.dirty = False
 
     def _shared(self, key: str, tile) -> tuple[int, int]:
         if key not in self._known:
-            self._known[key] = self._write(zlib.compress((tile * np.uint8(255)).tobytes(), self.level))
+            self._known[key] = self._write(zlib.compress((tile * self.scale).tobytes(), self.level))
         return self._known[key]
 
     def _write(self, data: bytes) -> tuple[int, int]:
@@ -106,25 +108,26 @@ class _Level:
 
 class OmeTiffMask:
     """Builds every pyramid level of the thresholded mask in one pass over the output bands
-    (`feed`), compressed tiles spooled to a temporary file, then writes the OME-TIFF (`finish`)."""
+    (`feed`), compressed tiles spooled to a temporary file, then writes the OME-TIFF (`finish`).
+    `threshold` None: the probability itself (uint8 0-255), not a mask."""
 
-    def __init__(self, path: Path, level0_per_px: float, level0_size, out_shape, mpp: float | None, threshold: float):
+    def __init__(self, path: Path, level0_per_px: float, level0_size, out_shape, mpp: float | None, threshold: float | None):
         self.path = Path(path)
-        self.cut = threshold_u8(threshold)
+        self.cut = None if threshold is None else threshold_u8(threshold)
         self.mpp = mpp
         self.dims = tuple(int(v) for v in level0_size)
         self.shapes = pyramid_shapes(*self.dims)
         self.spool_path = new_temporary(self.path, "tiles")  # never a link planted at a guessable name
         self.spool = open(self.spool_path, "r+b")
         w0 = self.dims[0]
-        self.levels = [_Level(s, w0 / s[0] if i else 1.0, level0_per_px, out_shape, self.spool)
-                       for i, s in enumerate(self.shapes)]
+        self.levels = [_Level(s, w0 / s[0] if i else 1.0, level0_per_px, out_shape, self.spool,
+                              scale=1 if self.cut is None else 255) for i, s in enumerate(self.shapes)]
 
     def feed(self, r0: int, band: np.ndarray) -> None:
-        hit = band >= self.cut
-        mask = hit if hit.any() else None
+        values = band if self.cut is None else (band >= self.cut).view(np.uint8)
+        data = values if values.any() else None
         for lv in self.levels:
-            lv.feed(r0, mask, band.shape[0])
+            lv.feed(r0, data, band.shape[0])
 
     def finish(self, name: str = "tumor mask") -> list[tuple[int, int]]:
         try:

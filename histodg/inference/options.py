@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, EXTRA_OUTPUTS, LAYOUTS, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 from ..slides.reading import ReadOptions
 
@@ -13,11 +13,17 @@ class WriteOptions:
     """What `predict` writes beside the mask, whether it redoes finished slides, and its stitching chunks."""
 
     geojson_tiles: bool = False  # also tiles.geojson: the probability map as QuPath tile objects
+    outputs: tuple[str, ...] = ()  # more files: "prob-tiff" (prob.ome.tiff, the probability as a pyramidal OME-TIFF)
+    layout: str = "folders"  # "flat": the viewer's files as OUT/<slide>.ome.tiff, OUT/<slide>.geojson (outputs.FLAT_NAMES)
     overwrite: bool = False
     chunk_px: int = 512  # stitching chunk and prob.zarr chunk side
     cache_chunks: int | None = None  # stitching chunks held in memory; None: enough for a strip
 
     def __post_init__(self):
+        if unknown := set(self.outputs) - set(EXTRA_OUTPUTS):
+            raise ValueError(f"--outputs {', '.join(sorted(unknown))}: choose from {', '.join(EXTRA_OUTPUTS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout {self.layout!r}: choose {' or '.join(LAYOUTS)}")
         if self.chunk_px < 16:
             raise ValueError("chunk_px must be at least 16")
         if self.cache_chunks is not None and self.cache_chunks < 1:

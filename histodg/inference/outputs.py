@@ -1,4 +1,5 @@
-"""Everything made from a finished `prob.zarr`: mask.ome.tiff, tumor.geojson, overlay.png, mask.png.
+"""Everything made from a finished `prob.zarr`: mask.ome.tiff, tumor.geojson, overlay.png, mask.png
+(and prob.ome.tiff, tiles.geojson when asked); `--layout flat` moves the viewer's files beside the folder.
 
 One pass over the probability map's non-empty chunks builds the OME-TIFF pyramid and the
 reduced map (`BlockReducer`) that the GeoJSON and the overlay are made from; plain images also
@@ -36,6 +37,12 @@ class OutputSpec:
     threshold: float
     mask_png: bool = False
     tiles: tuple | None = None
+    prob_tiff: bool = False  # --outputs prob-tiff: prob.ome.tiff beside mask.ome.tiff
+
+
+# --layout flat: the files a viewer opens, moved beside the slide folders as OUT/<slide><suffix>
+FLAT_NAMES = {"mask.ome.tiff": ".ome.tiff", "tumor.geojson": ".geojson", "qc.geojson": ".qc.geojson",
+              "prob.ome.tiff": ".prob.ome.tiff", "tiles.geojson": ".tiles.geojson"}
 
 
 def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec, thumbnail,
@@ -45,18 +52,23 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec,
     h, w = prob.shape
     cut = threshold_u8(threshold)
     f = contour_factor((h, w))
-    ome = OmeTiffMask(out / "mask.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, threshold)
+    tiffs = {"mask.ome.tiff": OmeTiffMask(out / "mask.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, threshold)}
+    if spec.prob_tiff:
+        tiffs["prob.ome.tiff"] = OmeTiffMask(out / "prob.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, None)
     reducer = BlockReducer((h, w), f)
     try:
         for r0, band in iter_bands(prob, nonempty):
-            ome.feed(r0, band)
+            for tiff in tiffs.values():
+                tiff.feed(r0, band)
             reducer.feed(band)
     except BaseException:
-        ome.close()
+        for tiff in tiffs.values():
+            tiff.close()
         raise
-    ome.finish(name=spec.name)
+    for name, tiff in tiffs.items():
+        tiff.finish(name=spec.name if name == "mask.ome.tiff" else f"{spec.name} tumour probability x 255")
     low = reducer.finish()
-    files = [PROB, "mask.ome.tiff"]
+    files = [PROB, *tiffs]
     if spec.mask_png:
         write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
         files.append("mask.png")
@@ -100,3 +112,28 @@ def verify_outputs(out: Path, files: list[str]) -> None:
                     im.verify()
         except Exception as exc:  # any reader's error: the file is not what a user could open
             raise PredictError(path, f"written but cannot be read back ({exc_line(exc, 120)})") from None
+
+
+def place_flat(out: Path, name: str, files: list[str]) -> list[str]:
+    """`--layout flat`: move the files a viewer opens from `out` (OUT/<name>/) to OUT/<name><suffix>
+    (`FLAT_NAMES`); returns the file list with those as paths relative to `out` (`../<name>.geojson`),
+    as done.json records them."""
+    import os
+
+    placed = []
+    for f in files:
+        if f in FLAT_NAMES:
+            target = out.parent / f"{name}{FLAT_NAMES[f]}"
+            os.replace(out / f, target)  # a link planted at the target is replaced, its target untouched
+            placed.append(f"../{target.name}")
+        else:
+            placed.append(f)
+    return placed
+
+
+def remove_placed(out: Path, files: list[str]) -> None:
+    """The flat files a finished prediction in `out` placed beside it (its done.json's `../` entries),
+    removed before the input is predicted again: never a file of the user's of the same name."""
+    for f in files:
+        if f.startswith("../") and "/" not in f[3:]:
+            (out.parent / f[3:]).unlink(missing_ok=True)

@@ -29,10 +29,13 @@ from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, reso
 from ..slides.qc import WindowQC
 from .adapt import slide_batchnorm
 from .done import DoneRecord, compared_settings, input_record, read_done, reuse_mismatch, write_done
-from .outputs import MapGeometry, OutputSpec, verify_outputs, write_outputs
+from .outputs import MapGeometry, OutputSpec, place_flat, remove_placed, verify_outputs, write_outputs
+from .polygons import write_geojson
 from .predictor import PredictError, Predictor
 from .prob_map import NAME as PROB
 from .prob_map import ProbabilityMap
+from .qc_geojson import NAME as QC_GEOJSON
+from .qc_geojson import qc_features
 from .rasters import threshold_u8
 from .stitching import ChunkAccumulator
 from .tiles_geojson import covered_cells
@@ -105,6 +108,8 @@ def _prepare(predictor: Predictor, job: SlideJob, out: Path, result: PredictResu
         return False
     if out.exists():
         result.resumed = done is None
+        if done is not None:
+            remove_placed(out, list(done.get("files") or []))  # --layout flat: the last prediction's files beside the folder
         shutil.rmtree(out)
     out.mkdir(parents=True)
     return True
@@ -124,6 +129,7 @@ class _SlideRun:
     progress: Callable | None
     result: PredictResult
     timings: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)  # window -> its artefact QC flags (flagged windows only)
 
 
 def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict, dict | None, list[int]]:
@@ -150,6 +156,7 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
             qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
             bad = runner.run()
+            run.flags = runner.flags
         result.shift = shift.score
         timings.update(runner.clock)
         t = time.perf_counter()
@@ -195,6 +202,27 @@ def _tile_grid(run: _SlideRun) -> tuple | None:
     return covered_cells(run.plan.level0_xy[:run.count], res.level0_size, side, run.slide.dimensions), side
 
 
+def _write(run: _SlideRun, prob: ProbabilityMap, with_qc: bool) -> dict:
+    """Every file made from the finished map (`outputs.write_outputs`), qc.geojson when QC ran,
+    each read back, then placed as `--layout` asks; `write_outputs`' record."""
+    o, plan, slide, out = run.pred.options, run.plan, run.slide, run.out
+    t = time.perf_counter()
+    geo = MapGeometry(plan.resolution.level0_per_px, slide.dimensions, slide.mpp)
+    spec = OutputSpec(run.job.name, o.threshold, isinstance(slide, ImageSlide), _tile_grid(run),
+                      prob_tiff="prob-tiff" in o.write.outputs)
+    written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample)
+    if with_qc:
+        write_geojson(out / QC_GEOJSON, qc_features(run.flags, plan.level0_xy, plan.resolution.level0_size,
+                                                    plan.tissue_mask.shape, plan.thumbnail.downsample, slide.dimensions,
+                                                    o.read.qc == "exclude"))
+        written["files"].append(QC_GEOJSON)
+    verify_outputs(out, written["files"])
+    if o.write.layout == "flat":
+        written["files"] = place_flat(out, run.job.name, written["files"])
+    run.timings["writing"] = time.perf_counter() - t
+    return written
+
+
 def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
     o = pred.options
     t_start = time.perf_counter()
@@ -215,12 +243,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
             result.qc = qc_summary(qc)
-        t = time.perf_counter()
-        geo = MapGeometry(res.level0_per_px, slide.dimensions, slide.mpp)
-        spec = OutputSpec(job.name, o.threshold, isinstance(slide, ImageSlide), _tile_grid(run))
-        written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample)
-        verify_outputs(out, written["files"])
-        timings["writing"] = time.perf_counter() - t
+        written = _write(run, prob, qc is not None)
         area = prob.tumor_px * out_mpp**2 / 1e6
         ran = count - len(bad) - len(excluded)
         result.windows, result.bad_windows, result.tumor_area_mm2 = ran, len(bad), area
