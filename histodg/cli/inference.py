@@ -28,6 +28,12 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @click.option("--outputs", "outputs", multiple=True, type=click.Choice(EXTRA_OUTPUTS),
               help="More files per input (repeatable): prob-tiff = prob.ome.tiff, the probability (0-255) as a pyramidal "
                    "OME-TIFF at the mask's size, which QuPath opens as an overlay image.")
+@click.option("--roi", type=click.Path(path_type=Path), default=None, metavar="FILE|DIR",
+              help="Predict inside a region only: what --annotations of `tile` takes (QuPath GeoJSON, Aperio/ASAP XML, "
+                   "a mask image at any downsample), or a folder of them named after the slides (a slide without "
+                   "one is predicted whole). Only windows touching the region run; outside it every output is 0.")
+@click.option("--roi-class", default=None, metavar="NAME",
+              help="With --roi: only the annotations of this class make the region (e.g. \"Tumor bed\").")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="folders", show_default=True,
               help="flat: the files a viewer opens beside the input folders, OUT/<name>.ome.tiff, OUT/<name>.geojson "
                    "(OUT/<name>.qc.geojson, OUT/<name>.prob.ome.tiff), as QuPath batch-import scripts expect; "
@@ -37,7 +43,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @config_option
 @records_config()
 def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
-            geojson_tiles, outputs, layout, inputs, tissue_method,
+            geojson_tiles, outputs, roi, roi_class, layout, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, qc, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -47,8 +53,8 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     mask.ome.tiff (pyramidal 0/255 mask at the slide's size and pixel size: open it in QuPath),
     tumor.geojson (polygons with holes in level-0 pixels: QuPath > File > Import objects),
     overlay.png, mask.png (plain images: same size as the input), qc.geojson (the windows artefact
-    QC flagged, one QuPath class per flag) and done.json (settings,
-    timings, tumour area in mm², written last). Finished inputs are skipped, unfinished ones
+    QC flagged, one QuPath class per flag) and done.json (settings, timings, tumour area in mm²,
+    written last). --roi limits each slide to a drawn region. Finished inputs are skipped, unfinished ones
     redone; a bad input fails alone and the batch goes on. OUT/summary.csv and summary.json
     list every input; OUT/report.html shows every slide on one self-contained page. Windows with
     pen, blur or a fold are not predicted (--qc exclude; their tissue area is in done.json's qc).
@@ -66,13 +72,13 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
                               stain_norm=stain_norm, stain_ref=stain_ref, threshold=threshold, device=device,
-                              tissue_method=tissue_method,
+                              tissue_method=tissue_method, roi=None if roi is None else str(roi), roi_class=roi_class,
                               read=ReadOptions(backend, workers or reader_threads(), max_bad_fraction, qc),
                               write=WriteOptions(geojson_tiles=geojson_tiles, outputs=tuple(outputs), layout=layout,
                                                  overwrite=overwrite))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    jobs = resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard)
+    jobs = _jobs_with_regions(resolve_jobs(inputs, organ, scanner, domain_axis, None, mpp_override, shard), roi, roi_class)
     device_list = parse_devices(devices) if devices else [device]
     if len(device_list) == 1:
         opts = replace(opts, device=device_list[0])
@@ -95,6 +101,17 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     if any(r.status == "failed" for r in results):
         note_outputs(results)  # config.yaml is still written when some inputs have outputs of these settings
         sys.exit(1)
+
+
+def _jobs_with_regions(jobs, roi, roi_class):
+    """--roi: each job's region file (one file for one slide, or a folder matched by name)."""
+    if roi_class is not None and roi is None:
+        raise click.UsageError("--roi-class picks annotations of the --roi file: give --roi too")
+    if roi is None:
+        return jobs
+    from ..slides.inputs import attach_regions
+
+    return attach_regions(jobs, roi)
 
 
 @click.command(context_settings=CONTEXT)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import exc_line
 from ..batch import collected
-from ..constants import UNKNOWN
+from ..constants import IGNORE, UNKNOWN
 from ..inference.done import DONE, read_done
 from ..inference.prob_map import NAME as PROB
 from ..inference.prob_map import open_probability
@@ -75,6 +75,23 @@ class TruthIndex:
         return found, UNKNOWN, UNKNOWN
 
 
+def _region_of(pred_dir: Path, done: dict, dims: tuple[int, int]):
+    """The region (`slides.roi.Region`) a prediction was made inside (`predict --roi`), or None."""
+    from ..files import file_sha256
+    from ..slides.roi import Region
+
+    roi = done.get("roi") or {}
+    if not roi.get("file"):
+        return None
+    path = Path(roi["file"])
+    if not path.is_file():
+        raise EvaluateError(pred_dir, f"predicted inside the region {path}, which is not there any more: "
+                                      f"it is needed to score inside it")
+    if roi.get("sha256") and file_sha256(path) != roi["sha256"]:
+        raise EvaluateError(path, "changed since the prediction was made inside it: predict again (--overwrite)")
+    return Region.load(path, dims, roi.get("class"))
+
+
 def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: float | None = None,
                      chunk: int = 1024) -> tuple[int, int, int]:
     """(|P & T|, |P|, |T|) of one finished prediction against an annotation file, at the
@@ -90,6 +107,7 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
     except Exception as exc:
         raise EvaluateError(pred_dir, f"not a readable prediction ({exc_line(exc)})") from None
     ann = load_annotations(annotation, dims, labels)
+    region = _region_of(pred_dir, done, dims)
     h, w = prob.shape
     total = np.zeros(3, np.int64)
     for y in range(0, h, chunk):
@@ -99,8 +117,10 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
             except Exception as exc:  # the codecs' own errors: a damaged probability map
                 raise EvaluateError(pred_dir / PROB, f"damaged: the region at ({x}, {y}) cannot be read "
                                                      f"({exc_line(exc, 120)}); rerun `histodg predict --overwrite`") from None
-            t = ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]
-            total += counts(p, binarise_truth(t))
+            t = binarise_truth(ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]])
+            if region is not None:  # scored inside the region the prediction was made in
+                t[~region.raster(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]] = IGNORE
+            total += counts(p, t)
     return int(total[0]), int(total[1]), int(total[2])
 
 

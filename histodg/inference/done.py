@@ -8,7 +8,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 | --- | --- |
 | `histodg_version`, `name`, `source` (path, size, mtime), `organ`, `scanner`, `meta` | the input |
 | `model` | the checkpoint, its sha256, arch, encoder, classes, labels, method, trained mpp and tile |
-| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles, qc, mpp_override (`--mpp-override` or the manifest's mpp; null: none), dsbn_route (a DSBN model's BatchNorm slot the slide went through: its domain's name or "shared"; null: a model without slots) (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
+| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles, outputs, layout, roi (the region file's sha256 and class), qc, mpp_override (`--mpp-override` or the manifest's mpp; null: none), dsbn_route (a DSBN model's BatchNorm slot the slide went through: its domain's name or "shared"; null: a model without slots) (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
 | `slide` | dimensions, mpp, backend, read_level, read_size |
 | `output` | shape (H, W) and mpp of prob.zarr, level0_per_px, chunk, geojson_factor, polygons |
 | `windows` | grid, tissue, run, bad, excluded (left out by `--qc exclude`), bad_list (first 100: level-0 x, y, reason) |
@@ -17,6 +17,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 | `stitching` | chunk, cache_chunks, max_alive, spilled, reloaded |
 | `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result |
 | `stain_unnormalised` | windows stain normalisation left as they were (too little tissue), when it is on |
+| `roi` | `--roi`: file (absolute path), sha256 and class of the slide's region, area_mm2 (the region), tumor_area_mm2 (the tumour inside it: the slide's, as nothing outside is predicted); {"file": null, "note": ...} for a slide with no region file in the `--roi` folder (predicted whole); null without `--roi` |
 | `shift` | the domain-shift score (`model.shift`): score (x the farthest training slide), raw, nearest (training domain), percentile (of training slides closer), warn, windows, calibration_slides; null when the checkpoint has no reference (trained before it) |
 """
 from __future__ import annotations
@@ -38,13 +39,26 @@ def compared_settings(predictor, options, job) -> dict:
             "threshold": options.threshold, "tissue_method": options.tissue_method,
             "window_fraction": options.window_fraction, "adapt": options.adapt, "stain": predictor.stain,
             "geojson_tiles": options.write.geojson_tiles, "outputs": sorted(options.write.outputs),
-            "layout": options.write.layout, "qc": options.read.qc, "mpp_override": job.mpp,
+            "layout": options.write.layout, "roi": roi_setting(options, job), "qc": options.read.qc, "mpp_override": job.mpp,
             "dsbn_route": dsbn_route(predictor, job)}
+
+
+def roi_setting(options, job) -> dict | None:
+    """The region a slide is predicted inside, as a rerun compares it: its file's contents and the
+    class (None without --roi, or for a slide the --roi folder has no file for)."""
+    if options.roi is None or job.region is None:
+        return None
+    from ..files import file_sha256
+
+    try:
+        return {"sha256": file_sha256(job.region), "class": options.roi_class}
+    except OSError:
+        return {"sha256": None, "class": options.roi_class}  # unreadable: the slide fails when it loads it
 
 
 def reuse_mismatch(done: dict, predictor, job) -> str | None:
     """Why a finished prediction cannot be kept for this job (None when it can)."""
-    have = {"adapt": "none", "stain": None, "geojson_tiles": False, "outputs": [], "layout": "folders",
+    have = {"adapt": "none", "stain": None, "geojson_tiles": False, "outputs": [], "layout": "folders", "roi": None,
             **(done.get("settings") or {})}  # made before these options: without them
     have.setdefault("qc", predictor.options.read.qc)  # made before artefact QC: kept as it is
     wanted = compared_settings(predictor, predictor.options, job)
@@ -56,7 +70,7 @@ def reuse_mismatch(done: dict, predictor, job) -> str | None:
         wanted.pop("mpp_override")
     return setting_diffs(have, wanted, done.get("source"),
                          job.path, {"checkpoint_sha256": "the checkpoint file's contents differ",
-                                    "stain": "the stain normalisation differs"})
+                                    "stain": "the stain normalisation differs", "roi": "the region (--roi) differs"})
 
 
 def read_done(out: Path) -> dict | None:
@@ -90,6 +104,7 @@ class DoneRecord:
     tumor_area_mm2: float
     timings: dict
     files: list[str]
+    roi: dict | None = None
 
     def to_dict(self) -> dict:
         parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "input"}

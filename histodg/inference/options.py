@@ -49,6 +49,8 @@ class PredictOptions:
     tissue_method: str = "otsu"
     mpp_tolerance: float = 0.02
     window_fraction: float = 1.0  # benchmarks: run only the first part of the windows (strip order)
+    roi: str | None = None  # --roi FILE|DIR: each slide predicted inside its region (`SlideJob.region`, slides.roi)
+    roi_class: str | None = None  # --roi-class: only the region file's annotations of this class
     read: ReadOptions = ReadOptions()  # how slides are read: backend, threads, bad windows, QC (shared with tile)
     write: WriteOptions = WriteOptions()  # what is written and how
 

@@ -27,6 +27,7 @@ from ..slides.inputs import SlideJob
 from ..slides.opening import open_slide
 from ..slides.plan import STRIP_WINDOWS, WindowPlan, plan_windows, resolve, resolve_target
 from ..slides.qc import WindowQC
+from ..slides.roi import Region
 from .adapt import slide_batchnorm
 from .done import DoneRecord, compared_settings, input_record, read_done, reuse_mismatch, write_done
 from .outputs import MapGeometry, OutputSpec, place_flat, remove_placed, verify_outputs, write_outputs
@@ -53,6 +54,7 @@ class PredictResult(BatchResult):
     adaptation: str | None = None  # --adapt: what was done for this slide
     qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts", "area_mm2"} (excluded tissue)
     shift: dict | None = None  # the domain-shift score (model.shift.slide_shift), when the checkpoint has a reference
+    roi_area_mm2: float | None = None  # --roi: the region's area (the tumour area is then the tumour inside it)
 
 
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
@@ -223,6 +225,29 @@ def _write(run: _SlideRun, prob: ProbabilityMap, with_qc: bool) -> dict:
     return written
 
 
+NO_REGION = "no region file for this slide in the --roi folder: predicted whole"
+
+
+def _region(o, job: SlideJob, slide, result: PredictResult) -> Region | None:
+    """The slide's region under --roi (None: no --roi, or no file for this slide, noted)."""
+    if o.roi is None:
+        return None
+    if job.region is None:
+        result.note = NO_REGION
+        return None
+    region = Region.load(job.region, slide.dimensions, o.roi_class)
+    result.roi_area_mm2 = region.area_mm2(slide.mpp)
+    return region
+
+
+def _roi_record(o, region: Region | None, result: PredictResult, tumor_mm2: float) -> dict | None:
+    if o.roi is None:
+        return None
+    if region is None:
+        return {"file": None, "note": NO_REGION}
+    return {**region.record(), "area_mm2": result.roi_area_mm2, "tumor_area_mm2": tumor_mm2}
+
+
 def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, progress) -> None:
     o = pred.options
     t_start = time.perf_counter()
@@ -230,6 +255,9 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
     stain_before = (stain.fallbacks, stain.seen) if stain is not None else None
     with open_slide(job.path, o.read.backend, mpp=job.mpp) as slide:
         plan = plan_prediction(slide, pred)
+        region = _region(o, job, slide, result)
+        if region is not None:
+            plan = region.restrict(plan)
         res = plan.resolution
         count = math.ceil(o.window_fraction * len(plan) - 1e-9) if o.window_fraction < 1 else len(plan)
         run = _SlideRun(pred, job, slide, plan, count, out, progress, result)
@@ -239,6 +267,8 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
+        if region is not None:  # nothing outside the region: its pixels are 0 in prob.zarr and every output
+            prob.inside = lambda y0, x0, h, w, s=res.level0_per_px: region.raster(x0 * s, y0 * s, s, max(h, w))[:h, :w]
         bad, stitching, qc, excluded = _run_windows(run, prob)
         if qc is not None:
             qc["area_mm2"] = excluded_area_mm2(plan, excluded, count, slide.mpp)
@@ -265,4 +295,5 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             qc=qc, stitching=stitching, adaptation=result.adaptation, shift=result.shift,
             stain_unnormalised=None if stain is None or stain_before is None else {
                 "patches": stain.fallbacks - stain_before[0], "of": stain.seen - stain_before[1]},
-            tumor_pixels=prob.tumor_px, tumor_area_mm2=area, timings=result.timings, files=written["files"]))
+            tumor_pixels=prob.tumor_px, tumor_area_mm2=area, timings=result.timings, files=written["files"],
+            roi=_roi_record(o, region, result, area)))

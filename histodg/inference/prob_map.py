@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ProbabilityMap:
         self.tumor_px = 0
         self.write_seconds = 0.0
         self.nonempty: set[tuple[int, int]] = set()
+        self.inside: Callable[..., np.ndarray] | None = None  # --roi: (y0, x0, h, w) -> bool mask of the region on the map; outside is 0
         self._writes: deque = deque()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histodg-prob")
 
@@ -55,6 +57,8 @@ class ProbabilityMap:
 
     def on_final(self, cy: int, cx: int, p: np.ndarray) -> None:
         u8 = (p * 255 + 0.5).astype(np.uint8)
+        if self.inside is not None:
+            u8[~self.inside(cy * self.chunk, cx * self.chunk, *u8.shape)] = 0
         self.tumor_px += int(np.count_nonzero(u8 >= self.cut))
         if u8.any():
             self.nonempty.add((cy, cx))

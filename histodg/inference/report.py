@@ -38,7 +38,8 @@ r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
 addEventListener('load',()=>{const m=location.hash.match(/^#sort=(.+)$/);if(!m)return;const q=decodeURIComponent(m[1]).toLowerCase();
 for(const th of document.querySelectorAll('th'))if(th.textContent.toLowerCase().startsWith(q)){sortBy(th);break}})"""
 
-HEADERS = ("overlay", "slide", "status", "tumour mm²", "windows", "QC excluded mm²", "domain shift", "seconds", "error / note")
+HEADERS = ("overlay", "slide", "status", "tumour mm²", "region mm²", "windows", "QC excluded mm²", "domain shift", "seconds",
+           "error / note")
 
 
 def thumbnail_uri(path: Path, size: int = THUMB_PX) -> str | None:
@@ -73,7 +74,8 @@ def _row(row: dict, out_dir: Path) -> str:
     message = row.get("error") or row.get("note") or ""
     return (f'<tr class="{"failed-row" if status == "failed" else ""}"><td data-v="">{img}</td>'
             f"{_cell(row.get('name'))}<td class=\"{html.escape(status)}\">{html.escape(status)}</td>"
-            f"{_cell(row.get('tumor_area_mm2'), True, 2)}{_cell(None if status == 'failed' else row.get('windows'), True, 0)}"
+            f"{_cell(row.get('tumor_area_mm2'), True, 2)}{_cell(row.get('roi_area_mm2'), True, 2)}"
+            f"{_cell(None if status == 'failed' else row.get('windows'), True, 0)}"
             f"{_cell(row.get('qc_area_mm2'), True, 2)}{_shift_cell(row)}{_cell(row.get('seconds'), True, 1)}"
             f"<td class=\"msg\">{html.escape(str(message))}</td></tr>")
 

@@ -40,6 +40,7 @@ class SlideJob:
     mpp: float | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
     problem: str | None = None  # why this input cannot be used: it fails alone, with this line
+    region: Path | None = None  # predict --roi: the region file of this slide (slides.roi)
 
 
 def unusable(path: Path) -> str | None:
@@ -267,3 +268,15 @@ def slurm_shard() -> tuple[int, int]:
 def take_shard(jobs: list, shard: tuple[int, int]) -> list:
     i, n = shard
     return jobs[i::n]
+
+
+def attach_regions(jobs: list[SlideJob], roi: Path) -> list[SlideJob]:
+    """predict --roi: one region file for one slide, or a folder matched by slide name (a slide
+    without one keeps `region` None and is predicted whole)."""
+    if roi.is_file():
+        if len(jobs) != 1:
+            raise InputError(roi, f"one region file for {len(jobs)} slides: pass a folder of region files named after the slides")
+        return [replace(jobs[0], region=roi)]
+    if not roi.is_dir():
+        raise InputError(roi, "region file or folder not found")
+    return [replace(j, region=find_annotation(roi, j.path.stem)) for j in jobs]
