@@ -83,6 +83,11 @@ def open_slide(path, backend: str = "auto", mpp: float | None = None) -> Slide:
 
 
 def _open(path: Path, backend: str) -> Slide:
+    if path.is_dir():  # a DICOM WSI folder: OpenSlide opens the series from any file of it
+        files = sorted(p for p in path.glob("*.dcm") if p.is_file())
+        if not files:
+            raise SlideError(path, "a folder without .dcm files, not a DICOM slide")
+        return OpenSlideSlide(files[0]) if backend in ("auto", "openslide") else _open(files[0], backend)
     if backend == "openslide":
         return OpenSlideSlide(path)
     if backend == "tiffslide":
