@@ -37,6 +37,9 @@ def result_row(command: str, result) -> dict:
     if isinstance(qc, dict):  # --qc counts as columns of their own: qc_excluded, qc_pen, ...
         row.update({f"qc_{k}": qc.get(k) for k in ("windows", "flagged", "excluded", "area_mm2") if k in qc})
         row.update({f"qc_{k}": int(v) for k, v in (qc.get("counts") or {}).items()})
+    areas = row.pop("class_areas_mm2", None)
+    if isinstance(areas, dict):  # a multi-class model's classes: area_mm2_<name> columns
+        row.update({f"area_mm2_{name}": value for name, value in areas.items()})
     shift = row.pop("shift", None)
     if isinstance(shift, dict):  # the domain-shift score (predict): shift_score, shift_warn, ...
         row.update({f"shift_{k}": shift.get(k) for k in ("score", "warn", "nearest", "percentile")})

@@ -373,6 +373,8 @@ def print_evaluation(table: dict, title: str = "histodg evaluate") -> None:
     o = table["overall"]
     doms.add_row("[bold]overall[/]", str(o["images"]), f(o["dice"]), f(o["iou"]), f(o["dice_pixels"]), f(o["iou_pixels"]),
                  style="bold")
-    doms.caption = f"mean over domains: Dice {f(table['mean_domain_dice'])}"
+    classes = table.get("classes") or {}  # a multi-class model's predictions: each class's mean Dice over images
+    per_class = "; per class: " + ", ".join(f"{escape(k)} {f(v)}" for k, v in classes.items()) if classes else ""
+    doms.caption = f"mean over domains: Dice {f(table['mean_domain_dice'])}{per_class}"
     doms.caption_justify = "left"
     out.print(doms)

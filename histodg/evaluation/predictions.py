@@ -16,7 +16,7 @@ from ..batch import collected
 from ..constants import IGNORE, UNKNOWN
 from ..inference.done import DONE, read_done
 from ..inference.prob_map import NAME as PROB
-from ..inference.prob_map import open_probability
+from ..inference.prob_map import open_classes, open_probability
 from ..inference.rasters import threshold_u8
 from ..slides.annotation_files import load_annotations
 from ..slides.inputs import find_annotation, manifest_jobs
@@ -124,6 +124,33 @@ def score_prediction(pred_dir: Path, annotation: Path, labels=None, threshold: f
     return int(total[0]), int(total[1]), int(total[2])
 
 
+def score_classes(pred_dir: Path, annotation: Path, labels=None, chunk: int = 1024) -> dict:
+    """A multi-class prediction (`classes.zarr`) scored class by class: {class name: (|P & T|, |P|,
+    |T|)}, the truth's classes mapped to labels by `labels` (`--label`), else by the model's own
+    label names (`done.json`'s model labels: a truth class named as a training label has its value)."""
+    from ..slides.annotations import LabelMap
+
+    done = read_done(pred_dir) or {}
+    names = {int(k): v for k, v in ((done.get("model") or {}).get("labels") or {}).items() if int(k) > 0}
+    if labels is None or not labels.mapping:
+        labels = LabelMap.parse([f"{v}={k}" for k, v in names.items()])
+    pred = open_classes(pred_dir)
+    scale = float(done["output"]["level0_per_px"])
+    ann = load_annotations(annotation, tuple(done["slide"]["dimensions"]), labels)
+    region = _region_of(pred_dir, done, tuple(done["slide"]["dimensions"]))
+    h, w = pred.shape
+    total = {k: np.zeros(3, np.int64) for k in names}
+    for y in range(0, h, chunk):
+        for x in range(0, w, chunk):
+            p = np.asarray(pred[y : y + chunk, x : x + chunk])
+            t = ann.rasterize(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]].copy()
+            if region is not None:
+                t[~region.raster(x * scale, y * scale, scale, chunk)[: p.shape[0], : p.shape[1]]] = IGNORE
+            for k in names:
+                total[k] += counts(p, t, positive=k)
+    return {names[k]: tuple(int(v) for v in c) for k, c in total.items()}
+
+
 def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, threshold: float | None = None,
                          labels=None, progress=None) -> Evaluation:
     """Score finished predictions (folders with done.json, or folders of them) against `truth`."""
@@ -142,7 +169,9 @@ def evaluate_predictions(paths, truth: Path, domain_axis: str | None = None, thr
             organ = organ if organ != UNKNOWN else done.get("organ")
             scanner = scanner if scanner != UNKNOWN else done.get("scanner")
             counts = score_prediction(d, annotation, labels, threshold)
-            ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d), shift=done.get("shift"))
+            classes = score_classes(d, annotation, labels) if open_classes(d) is not None else None
+            ev.add(name, domain_of(organ, scanner, domain_axis), *counts, source=str(d), shift=done.get("shift"),
+                   classes=classes)
         if progress:
             progress(advance=1)
     return ev

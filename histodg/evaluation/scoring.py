@@ -33,6 +33,7 @@ class ImageScore:
     true_px: int
     source: str = ""
     shift: dict | None = None  # the image's domain-shift score (`model.shift.slide_shift`): a store's, or a prediction's done.json
+    classes: dict | None = None  # a multi-class prediction: {class name: {"dice", "iou", "predicted_px", "true_px"}}
 
 
 @dataclass
@@ -41,9 +42,13 @@ class Evaluation:
     errors: list[str] = field(default_factory=list)
 
     def add(self, name: str, domain: str, inter: int, n_pred: int, n_true: int, source: str = "",
-            shift: dict | None = None) -> ImageScore:
+            shift: dict | None = None, classes: dict | None = None) -> ImageScore:
+        """`classes`: {class name: (|P & T|, |P|, |T|)} of a multi-class prediction, each class alone."""
+        per_class = None if classes is None else {
+            k: {"dice": dice_from(*c), "iou": iou_from(*c), "predicted_px": int(c[1]), "true_px": int(c[2])}
+            for k, c in classes.items()}
         s = ImageScore(name, domain, dice_from(inter, n_pred, n_true), iou_from(inter, n_pred, n_true),
-                       int(inter), int(n_pred), int(n_true), source, shift)
+                       int(inter), int(n_pred), int(n_true), source, shift, per_class)
         self.images.append(s)
         return s
 
@@ -54,7 +59,11 @@ class Evaluation:
         for s in self.images:
             board.add(s.domain, s.intersection, s.predicted_px, s.true_px)
         t = board.table()
-        return {"images": [asdict(s) for s in self.images], **t, "errors": list(self.errors)}
+        names = sorted({k for s in self.images for k in (s.classes or {})})
+        classes = {k: float(np.mean([s.classes[k]["dice"] for s in self.images if s.classes and k in s.classes]))
+                   for k in names}  # per class: the mean Dice over the images that have the class
+        return {"images": [asdict(s) for s in self.images], **t, **({"classes": classes} if classes else {}),
+                "errors": list(self.errors)}
 
 
 def domain_of(organ: str | None, scanner: str | None, axis: str | None = None) -> str:

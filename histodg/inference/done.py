@@ -15,7 +15,8 @@ a changed slide (`source`), which are refused with one line. Keys:
 | `qc` | the artefact QC: mode, windows, flagged, excluded, counts (per flag), excluded_list (first 100), thresholds, area_mm2 (tissue left out); null with `--qc off` |
 | `adaptation` | what was done to the BatchNorm for this slide: `--adapt`'s note, or a DSBN model's slot ("dsbn: the BatchNorm of s1", or the shared slot and why); null when nothing was |
 | `stitching` | chunk, cache_chunks, max_alive, spilled, reloaded |
-| `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result |
+| `tumor_pixels`, `tumor_area_mm2`, `timings`, `files` | the result (the tumour: every annotated class together) |
+| `classes` | per label ("1", "2", ...): name, pixels and area_mm2 of the pixels predicted that class (a binary model: its one class, the tumour) |
 | `stain_unnormalised` | windows stain normalisation left as they were (too little tissue), when it is on |
 | `roi` | `--roi`: file (absolute path), sha256 and class of the slide's region, area_mm2 (the region), tumor_area_mm2 (the tumour inside it: the slide's, as nothing outside is predicted); {"file": null, "note": ...} for a slide with no region file in the `--roi` folder (predicted whole); null without `--roi` |
 | `shift` | the domain-shift score (`model.shift`): score (x the farthest training slide), raw, nearest (training domain), percentile (of training slides closer), warn, windows, calibration_slides; null when the checkpoint has no reference (trained before it) |
@@ -105,6 +106,7 @@ class DoneRecord:
     timings: dict
     files: list[str]
     roi: dict | None = None
+    classes: dict | None = None
 
     def to_dict(self) -> dict:
         parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "input"}

@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import exc_line
+from ..constants import TUMOR_CLASS
 from .mask_tiff import OmeTiffMask
 from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, region_measurements, write_geojson
+from .prob_map import CLASSES
 from .prob_map import NAME as PROB
 from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
 from .tiles_geojson import tile_features
@@ -38,6 +42,7 @@ class OutputSpec:
     mask_png: bool = False
     tiles: tuple | None = None
     prob_tiff: bool = False  # --outputs prob-tiff: prob.ome.tiff beside mask.ome.tiff
+    labels: dict | None = None  # a multi-class model's {label: name}: a region set per class
 
 
 # --layout flat: the files a viewer opens, moved beside the slide folders as OUT/<slide><suffix>
@@ -46,21 +51,28 @@ FLAT_NAMES = {"mask.ome.tiff": ".ome.tiff", "tumor.geojson": ".geojson", "qc.geo
 
 
 def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec, thumbnail,
-                  thumbnail_downsample: float) -> dict:
-    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}."""
+                  thumbnail_downsample: float, classes=None) -> dict:
+    """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}.
+    `classes`: a multi-class model's label map (`classes.zarr`), named by `spec.labels`."""
     threshold, tiles = spec.threshold, spec.tiles
     h, w = prob.shape
-    cut = threshold_u8(threshold)
     f = contour_factor((h, w))
-    tiffs = {"mask.ome.tiff": OmeTiffMask(out / "mask.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, threshold)}
+    # a binary model's mask is 0/255; a multi-class model's holds each pixel's label
+    tiffs = {"mask.ome.tiff": OmeTiffMask(out / "mask.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp,
+                                          threshold if classes is None else None)}
     if spec.prob_tiff:
         tiffs["prob.ome.tiff"] = OmeTiffMask(out / "prob.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, None)
     reducer = BlockReducer((h, w), f)
+    per_class = {int(k): BlockReducer((h, w), f) for k in (spec.labels or {}) if int(k) > 0} if classes is not None else {}
+    label_bands = iter_bands(classes, nonempty) if classes is not None else None
     try:
         for r0, band in iter_bands(prob, nonempty):
-            for tiff in tiffs.values():
-                tiff.feed(r0, band)
+            labels = next(label_bands)[1] if label_bands is not None else None
+            for name, tiff in tiffs.items():
+                tiff.feed(r0, labels if name == "mask.ome.tiff" and labels is not None else band)
             reducer.feed(band)
+            for k, red in per_class.items():
+                red.feed(np.asarray(labels == k).view(np.uint8) * np.uint8(255))
     except BaseException:
         for tiff in tiffs.values():
             tiff.close()
@@ -68,21 +80,44 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec,
     for name, tiff in tiffs.items():
         tiff.finish(name=spec.name if name == "mask.ome.tiff" else f"{spec.name} tumour probability x 255")
     low = reducer.finish()
-    files = [PROB, *tiffs]
+    files = [PROB, *tiffs] if classes is None else [PROB, CLASSES, *tiffs]
     if spec.mask_png:
         write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
         files.append("mask.png")
     scale = f * geo.level0_per_px
-    polygons = mask_polygons(inside_only(low >= cut, scale, geo.level0_size), epsilon_px=GEOJSON_EPSILON)
-    measured = [region_measurements(rings, low, scale, geo.mpp) for rings in polygons]
-    write_geojson(out / "tumor.geojson", polygons_to_geojson(polygons, scale, geo.level0_size, measurements=measured))
+    regions = _regions(low, {k: red.finish() for k, red in per_class.items()}, spec, scale, geo)
+    write_geojson(out / "tumor.geojson", regions)
     files.append("tumor.geojson")
     if tiles is not None:
         write_geojson(out / "tiles.geojson", tile_features(low, scale, tiles[0], tiles[1], geo.level0_size))
         files.append("tiles.geojson")
     write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
     files.append("overlay.png")
-    return {"files": files, "geojson_factor": f, "polygons": len(polygons)}
+    return {"files": files, "geojson_factor": f, "polygons": len(regions["features"])}
+
+
+PALETTE = ([0, 150, 0], [0, 90, 220], [220, 150, 0], [150, 0, 150], [0, 160, 160], [120, 80, 40], [90, 90, 90])
+
+
+def class_of(label: int, name: str) -> dict:
+    """QuPath's classification of a multi-class model's label: its training name and a colour
+    (label 1 the tumour's red, the others from `PALETTE`)."""
+    colour = list(TUMOR_CLASS["color"]) if label == 1 else PALETTE[(label - 2) % len(PALETTE)]
+    return {"name": name, "color": colour}
+
+
+def _regions(low, class_lows: dict, spec: OutputSpec, scale: float, geo: MapGeometry) -> dict:
+    """tumor.geojson: the tumour's regions (a binary model), or one set of regions per class, each
+    classified with its label's name and colour (a multi-class model); measurements from `low`."""
+    sets = [(None, low >= threshold_u8(spec.threshold))] if not class_lows else \
+        [(class_of(k, (spec.labels or {}).get(str(k), f"class {k}")), lk >= 128) for k, lk in sorted(class_lows.items())]
+    features: list = []
+    for classification, mask in sets:
+        polygons = mask_polygons(inside_only(mask, scale, geo.level0_size), epsilon_px=GEOJSON_EPSILON)
+        measured = [region_measurements(rings, low, scale, geo.mpp) for rings in polygons]
+        props = {"classification": classification} if classification else None
+        features += polygons_to_geojson(polygons, scale, geo.level0_size, props, measurements=measured)["features"]
+    return {"type": "FeatureCollection", "features": features}
 
 
 def verify_outputs(out: Path, files: list[str]) -> None:
@@ -94,13 +129,13 @@ def verify_outputs(out: Path, files: list[str]) -> None:
     from PIL import Image
 
     from .predictor import PredictError
-    from .prob_map import open_probability
+    from .prob_map import open_classes, open_probability
 
     for name in files:
         path = out / name
         try:
-            if name == PROB:
-                arr = open_probability(out)
+            if name in (PROB, CLASSES):
+                arr = open_probability(out) if name == PROB else open_classes(out)
                 arr[: min(arr.shape[0], arr.chunks[0])]
             elif name.endswith(".ome.tiff"):
                 with tifffile.TiffFile(path) as tf:

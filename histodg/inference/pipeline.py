@@ -55,6 +55,7 @@ class PredictResult(BatchResult):
     qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts", "area_mm2"} (excluded tissue)
     shift: dict | None = None  # the domain-shift score (model.shift.slide_shift), when the checkpoint has a reference
     roi_area_mm2: float | None = None  # --roi: the region's area (the tumour area is then the tumour inside it)
+    class_areas_mm2: dict | None = None  # a multi-class model: each annotated class's area, by its name
 
 
 def plan_prediction(slide, predictor: Predictor) -> WindowPlan:
@@ -144,7 +145,8 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
     o = pred.options
     h, w = plan.out_shape
     cache = o.write.cache_chunks or default_cache_chunks(pred.tile, pred.stride, o.write.chunk_px)
-    acc = ChunkAccumulator((h, w), o.write.chunk_px, prob.on_final, cache_chunks=cache, scratch=out / SCRATCH)
+    acc = ChunkAccumulator((h, w), o.write.chunk_px, prob.on_final, cache_chunks=cache, scratch=out / SCRATCH,
+                           channels=pred.channels)
     acc.expect(plan.windows[:count], (pred.tile, pred.tile))
     if progress:
         progress(total=count, done=0)
@@ -211,8 +213,9 @@ def _write(run: _SlideRun, prob: ProbabilityMap, with_qc: bool) -> dict:
     t = time.perf_counter()
     geo = MapGeometry(plan.resolution.level0_per_px, slide.dimensions, slide.mpp)
     spec = OutputSpec(run.job.name, o.threshold, isinstance(slide, ImageSlide), _tile_grid(run),
-                      prob_tiff="prob-tiff" in o.write.outputs)
-    written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample)
+                      prob_tiff="prob-tiff" in o.write.outputs, labels=run.pred.config.labels if prob.labels is not None else None)
+    written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample,
+                            classes=prob.labels)
     if with_qc:
         write_geojson(out / QC_GEOJSON, qc_features(run.flags, plan.level0_xy, plan.resolution.level0_size,
                                                     plan.tissue_mask.shape, plan.thumbnail.downsample, slide.dimensions,
@@ -226,6 +229,12 @@ def _write(run: _SlideRun, prob: ProbabilityMap, with_qc: bool) -> dict:
 
 
 NO_REGION = "no region file for this slide in the --roi folder: predicted whole"
+
+
+def class_record(labels: dict, class_px, mpp: float) -> dict:
+    """done.json's `classes`: for each annotated label (1, 2, ...) its name, pixels and area in mm²."""
+    return {str(k): {"name": labels.get(str(k), f"class {k}"), "pixels": int(class_px[k]),
+                     "area_mm2": int(class_px[k]) * mpp**2 / 1e6} for k in range(1, len(class_px))}
 
 
 def _region(o, job: SlideJob, slide, result: PredictResult) -> Region | None:
@@ -266,7 +275,8 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         out_mpp = slide.mpp * res.level0_per_px
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
-                               "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold)
+                               "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold,
+                              classes=pred.classes)
         if region is not None:  # nothing outside the region: its pixels are 0 in prob.zarr and every output
             prob.inside = lambda y0, x0, h, w, s=res.level0_per_px: region.raster(x0 * s, y0 * s, s, max(h, w))[:h, :w]
         bad, stitching, qc, excluded = _run_windows(run, prob)
@@ -275,6 +285,9 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             result.qc = qc_summary(qc)
         written = _write(run, prob, qc is not None)
         area = prob.tumor_px * out_mpp**2 / 1e6
+        classes = class_record(pred.config.labels, prob.class_px, out_mpp)
+        if pred.classes > 1:
+            result.class_areas_mm2 = {c["name"]: c["area_mm2"] for c in classes.values()}
         ran = count - len(bad) - len(excluded)
         result.windows, result.bad_windows, result.tumor_area_mm2 = ran, len(bad), area
         timings["total"] = time.perf_counter() - t_start
@@ -296,4 +309,4 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             stain_unnormalised=None if stain is None or stain_before is None else {
                 "patches": stain.fallbacks - stain_before[0], "of": stain.seen - stain_before[1]},
             tumor_pixels=prob.tumor_px, tumor_area_mm2=area, timings=result.timings, files=written["files"],
-            roi=_roi_record(o, region, result, area)))
+            roi=_roi_record(o, region, result, area), classes=classes))

@@ -5,7 +5,8 @@
 
 Probability. Binary models (1 output channel): sigmoid. Multi-class models: the foreground
 probability 1 - softmax[background], so ``prob.zarr`` and the mask always mean "tumour / any
-annotated class". `--tta flip`: the mean over the four flips (none, horizontal, vertical, both),
+annotated class"; `weighted` (what is stitched) is then the whole softmax, so that each class's
+label can be kept (`prob_map.ProbabilityMap`'s classes.zarr). `--tta flip`: the mean over the four flips (none, horizontal, vertical, both),
 each flipped back. On CUDA: bf16 autocast, channels_last, pinned host buffers.
 """
 from __future__ import annotations
@@ -71,7 +72,9 @@ class Predictor:
             raise PredictError(options.stain_ref or where, str(exc)) from None
         self.normalizer = Normalizer(norm.mean, norm.std, self.device, self.placement.channels_last, self.stain)
         self.model = place_model(model.eval(), self.placement)
-        self.transfers = HostTransfers(self.device, (options.batch_size, self.tile, self.tile))  # results to the host
+        shape = (options.batch_size, self.tile, self.tile) if config.classes == 1 else (
+            options.batch_size, config.classes, self.tile, self.tile)
+        self.transfers = HostTransfers(self.device, shape)  # results to the host
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self._check_shapes()
@@ -129,30 +132,53 @@ class Predictor:
             return torch.sigmoid(logits[:, 0])
         return 1.0 - torch.softmax(logits, dim=1)[:, 0]
 
-    def probabilities(self, batch):
-        """(N, T, T, 3) uint8 (any device) -> (N, T, T) float32 foreground probability on the device."""
+    def _class_prob(self, logits):
+        import torch
+
+        return torch.softmax(logits.float(), dim=1)
+
+    def _averaged(self, batch, per_pass):
+        """`per_pass(logits)` -> (N, [C,] H, W) on `batch`, averaged over `--tta`'s flips (each flipped back)."""
         import torch
 
         x = batch.to(self.device, non_blocking=True)
         with torch.inference_mode():
             if self.options.tta == "none":
-                return self._prob(self._logits(x))
+                return per_pass(self._logits(x))
             total = None
             for dims in ((), (2,), (1,), (1, 2)):  # NHWC: 2 = width, 1 = height
                 # the shift score counts each window once, and measures every flip
                 with self.meter.flip(first=not dims) if self.meter is not None else nullcontext():
                     xi = x.flip(dims) if dims else x
-                    p = self._prob(self._logits(xi))
-                p = p.flip(dims) if dims else p  # (N, H, W): the same dims
+                    p = per_pass(self._logits(xi))
+                if dims:  # (N, H, W): the same dims; (N, C, H, W): one further on
+                    p = p.flip(tuple(d + p.dim() - 3 for d in dims))
                 total = p if total is None else total + p
             return total / 4
 
+    def probabilities(self, batch):
+        """(N, T, T, 3) uint8 (any device) -> (N, T, T) float32 foreground probability on the device."""
+        return self._averaged(batch, self._prob)
+
+    def class_probabilities(self, batch):
+        """(N, T, T, 3) uint8 -> (N, C, T, T) float32 softmax of a multi-class model (label k in channel k)."""
+        return self._averaged(batch, self._class_prob)
+
+    @property
+    def channels(self) -> int:
+        """What a window's stitched output holds: 1 (the foreground probability) for a binary model,
+        the classes' probabilities for a multi-class one."""
+        return 1 if self.classes == 1 else self.classes
+
     def weighted(self, batch):
-        """Probabilities times the Gaussian importance map (on the device)."""
+        """Probabilities times the Gaussian importance map (on the device): (N, T, T), or (N, C, T, T)
+        of the class probabilities for a multi-class model."""
         import torch
 
         with torch.inference_mode():
-            return self.probabilities(batch) * self._gaussian_dev
+            if self.classes == 1:
+                return self.probabilities(batch) * self._gaussian_dev
+            return self.class_probabilities(batch) * self._gaussian_dev
 
     def new_batch(self):
         import torch

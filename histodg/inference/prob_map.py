@@ -19,6 +19,7 @@ from .rasters import threshold_u8
 
 MAX_QUEUED_WRITES = 32
 NAME = "prob.zarr"
+CLASSES = "classes.zarr"
 
 
 def open_probability(prediction_dir: Path):
@@ -28,16 +29,35 @@ def open_probability(prediction_dir: Path):
     return zarr.open_array(str(Path(prediction_dir) / NAME), mode="r")
 
 
+def open_classes(prediction_dir: Path):
+    """A multi-class prediction's label map (`classes.zarr`, uint8 labels), or None for a binary model's."""
+    import zarr
+
+    path = Path(prediction_dir) / CLASSES
+    return zarr.open_array(str(path), mode="r") if path.exists() else None
+
+
 class ProbabilityMap:
-    def __init__(self, path: Path, shape: tuple[int, int], chunk: int, attrs: dict, threshold: float):
+    """prob.zarr (and for a multi-class model classes.zarr: at each pixel the label of the most
+    probable class among the annotated ones where the foreground probability reaches the threshold,
+    else 0), written chunk by chunk as stitching finishes them."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], chunk: int, attrs: dict, threshold: float, classes: int = 1):
         import zarr
 
         h, w = shape
         self.chunk = chunk
-        self.array = zarr.create_array(str(path), shape=(h, w), chunks=(min(chunk, h), min(chunk, w)), dtype="uint8",
-                                       fill_value=0)
+        chunks = (min(chunk, h), min(chunk, w))
+        self.array = zarr.create_array(str(path), shape=(h, w), chunks=chunks, dtype="uint8", fill_value=0)
         self.array.update_attributes({**attrs, "threshold": threshold, "threshold_u8": threshold_u8(threshold),
                                       "meaning": "tumour (foreground) probability x 255; 0 where no window ran"})
+        self.labels = None
+        if classes > 1:
+            self.labels = zarr.create_array(str(Path(path).parent / CLASSES), shape=(h, w), chunks=chunks, dtype="uint8",
+                                            fill_value=0)
+            self.labels.update_attributes({**attrs, "meaning": "the most probable annotated class's label where the "
+                                                               "foreground probability reaches the threshold, else 0"})
+        self.class_px = np.zeros(max(classes, 2), np.int64)  # pixels of each label (0: background and uncovered)
         self.cut = threshold_u8(threshold)
         self.tumor_px = 0
         self.write_seconds = 0.0
@@ -46,9 +66,11 @@ class ProbabilityMap:
         self._writes: deque = deque()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histodg-prob")
 
-    def _write(self, y0: int, x0: int, u8: np.ndarray) -> float:
+    def _write(self, y0: int, x0: int, u8: np.ndarray, labels: np.ndarray | None) -> float:
         t = time.perf_counter()
         self.array[y0 : y0 + u8.shape[0], x0 : x0 + u8.shape[1]] = u8
+        if labels is not None and self.labels is not None:
+            self.labels[y0 : y0 + u8.shape[0], x0 : x0 + u8.shape[1]] = labels
         return time.perf_counter() - t
 
     def _collect(self, block: bool) -> None:
@@ -56,13 +78,27 @@ class ProbabilityMap:
             self.write_seconds += self._writes.popleft().result()
 
     def on_final(self, cy: int, cx: int, p: np.ndarray) -> None:
+        """A finished chunk: (h, w) foreground probability, or a multi-class model's (C, h, w) class
+        probabilities (all 0 where no window ran)."""
+        labels = None
+        if p.ndim == 3:
+            covered = p.sum(0) > 0.5  # the softmax sums to 1 where a window ran
+            fg = np.where(covered, 1.0 - p[0], 0.0)
+            labels = (np.argmax(p[1:], 0) + 1).astype(np.uint8)
+            p = fg
         u8 = (p * 255 + 0.5).astype(np.uint8)
         if self.inside is not None:
             u8[~self.inside(cy * self.chunk, cx * self.chunk, *u8.shape)] = 0
-        self.tumor_px += int(np.count_nonzero(u8 >= self.cut))
+        hit = u8 >= self.cut
+        self.tumor_px += int(np.count_nonzero(hit))
+        if labels is not None:
+            labels[~hit] = 0
+            self.class_px += np.bincount(labels.ravel(), minlength=len(self.class_px))[: len(self.class_px)]
+        else:
+            self.class_px[1] += int(np.count_nonzero(hit))
         if u8.any():
             self.nonempty.add((cy, cx))
-            self._writes.append(self._pool.submit(self._write, cy * self.chunk, cx * self.chunk, u8))
+            self._writes.append(self._pool.submit(self._write, cy * self.chunk, cx * self.chunk, u8, labels))
             self._collect(block=len(self._writes) > MAX_QUEUED_WRITES)
 
     def flush(self) -> None:

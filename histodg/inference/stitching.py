@@ -53,14 +53,16 @@ class ChunkAccumulator:
     """Gaussian-weighted sums over an (H, W) grid in (chunk, chunk) float32 tiles.
 
     `on_final(cy, cx, prob)` receives each finished chunk's probability (float32, 0 where no
-    window contributed) exactly once; chunks no window touches are never materialised.
+    window contributed) exactly once: (h, w), or (channels, h, w) for `channels` > 1 (a multi-class
+    model's class probabilities, each weighted alike); chunks no window touches are never materialised.
     `cache_chunks` bounds how many chunks are held in memory; more spill to `scratch`.
     """
 
     def __init__(self, shape: tuple[int, int], chunk: int, on_final: Callable[[int, int, np.ndarray], None],
-                 cache_chunks: int = 64, scratch: Path | None = None):
+                 cache_chunks: int = 64, scratch: Path | None = None, channels: int = 1):
         if chunk < 1:
             raise ValueError("chunk must be positive")
+        self.channels = int(channels)  # planes per chunk: the channels' weighted sums, then the weights
         self.height, self.width = int(shape[0]), int(shape[1])
         self.chunk = int(chunk)
         self.ny = -(-self.height // self.chunk)
@@ -102,7 +104,7 @@ class ChunkAccumulator:
             buf = self._load(key)
             self.reloads += 1
         else:
-            buf = np.zeros((2, *self._extent(*key)), np.float32)
+            buf = np.zeros((self.channels + 1, *self._extent(*key)), np.float32)
         self._cache[key] = buf
         while len(self._cache) > self.cache_chunks:
             old, data = self._cache.popitem(last=False)
@@ -136,13 +138,14 @@ class ChunkAccumulator:
         raw = self._blosc().decode(path.read_bytes())
         os.unlink(path)
         self._spilled.discard(key)
-        return np.frombuffer(raw, np.float32).reshape(2, *self._extent(*key)).copy()
+        return np.frombuffer(raw, np.float32).reshape(self.channels + 1, *self._extent(*key)).copy()
 
     # -- the work --------------------------------------------------------------------------------
     def add(self, x: int, y: int, weighted: np.ndarray, weight: np.ndarray) -> None:
-        """Add one window with top-left (x, y): `weighted` = prob * weight, both (h, w) float32.
-        Parts outside the grid are dropped (a padded window at the edge)."""
-        h, w = weighted.shape
+        """Add one window with top-left (x, y): `weighted` = prob * weight, both (h, w) float32 (or
+        `weighted` (channels, h, w)). Parts outside the grid are dropped (a padded window at the edge)."""
+        h, w = weighted.shape[-2:]
+        planes = weighted.reshape(-1, h, w)
         c = self.chunk
         for key in list(self._chunks_of(x, y, w, h)):
             cy, cx = key
@@ -153,8 +156,8 @@ class ChunkAccumulator:
             b0, b1 = max(x, x0), min(x + w, x0 + cw)
             src = (slice(a0 - y, a1 - y), slice(b0 - x, b1 - x))
             dst = (slice(a0 - y0, a1 - y0), slice(b0 - x0, b1 - x0))
-            buf[0][dst] += weighted[src]
-            buf[1][dst] += weight[src]
+            buf[:-1][(slice(None), *dst)] += planes[(slice(None), *src)]
+            buf[-1][dst] += weight[src]
             self._done_with(key)
 
     def skip(self, x: int, y: int, size: tuple[int, int]) -> None:
@@ -178,9 +181,9 @@ class ChunkAccumulator:
             if key not in self._spilled:
                 return  # announced but nothing was ever added (every window skipped)
             buf = self._load(key)
-        sums, weights = buf
+        sums, weights = buf[:-1], buf[-1]
         prob = np.divide(sums, weights, out=np.zeros_like(sums), where=weights > 0)
-        self.on_final(key[0], key[1], prob)
+        self.on_final(key[0], key[1], prob[0] if self.channels == 1 else prob)
 
     def close(self) -> None:
         """Finalise whatever is still open (chunks whose windows were not all announced)."""
