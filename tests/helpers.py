@@ -141,7 +141,7 @@ def tissue_field(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-BATCH_REPORT = {"summary.csv", "summary.json", ".summary.lock", "report.html"}  # what every batch leaves in OUT_DIR
+BATCH_REPORT = {"summary.csv", "summary.json", ".summary.lock", "report.html", "config.yaml"}  # what every batch leaves in OUT_DIR
 
 
 def outputs(folder: Path) -> list[str]:
