@@ -135,3 +135,21 @@ def test_the_cli_writes_the_class_areas_to_the_summary(tmp_path, cli):
     assert row["area_mm2_tumor"] == pytest.approx(done["classes"]["1"]["area_mm2"])
     assert row["area_mm2_stroma"] == pytest.approx(done["classes"]["2"]["area_mm2"])
     assert "area_mm2_stroma" in (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
+
+
+def test_prob_tiff_writes_each_class_probability(predicted, tmp_path):
+    from histodg.inference.options import WriteOptions
+
+    root, labels, _ = predicted
+    config = ModelConfig(arch="fake", encoder="fake", mpp=1.0, tile_size=64, classes=3, labels=LABELS, normalization=RAW_RGB)
+    opts = PredictOptions(read=ReadOptions(qc="off"), write=WriteOptions(outputs=("prob-tiff",), layout="flat"))
+    r = predict_slide(Predictor(ColourClasses(), config, opts), SlideJob(root / "img.png", "img", mpp=0.5), tmp_path)
+    assert r.status == "done", r.error
+    done = json.loads((tmp_path / "img" / "done.json").read_text())
+    assert {"../img.prob-1-tumor.ome.tiff", "../img.prob-2-stroma.ome.tiff", "../img.prob.ome.tiff"} <= set(done["files"])
+    for k, name in ((1, "tumor"), (2, "stroma")):
+        with tifffile.TiffFile(tmp_path / f"img.prob-{k}-{name}.ome.tiff") as tf:
+            level0 = tf.series[0].levels[0].asarray()
+        assert level0.shape == labels.shape
+        # the class's own pixels near 255, the other class's near 0 (boundaries aside)
+        assert np.median(level0[labels == k]) >= 250 and np.median(level0[labels == 3 - k]) <= 5, name

@@ -16,7 +16,7 @@ from .. import exc_line
 from ..constants import TUMOR_CLASS
 from .mask_tiff import OmeTiffMask
 from .polygons import GEOJSON_EPSILON, inside_only, mask_polygons, polygons_to_geojson, region_measurements, write_geojson
-from .prob_map import CLASSES
+from .prob_map import CLASS_PROBS, CLASSES
 from .prob_map import NAME as PROB
 from .rasters import BlockReducer, contour_factor, iter_bands, threshold_u8, write_mask_png, write_overlay
 from .tiles_geojson import tile_features
@@ -50,10 +50,20 @@ FLAT_NAMES = {"mask.ome.tiff": ".ome.tiff", "tumor.geojson": ".geojson", "qc.geo
               "prob.ome.tiff": ".prob.ome.tiff", "tiles.geojson": ".tiles.geojson"}
 
 
+@dataclass(frozen=True)
+class ClassMaps:
+    """A multi-class model's maps beside prob.zarr: the label map (`classes.zarr`) and, with
+    `--outputs prob-tiff`, each annotated label's probability (`class_prob.zarr/<label>`)."""
+
+    labels: object
+    probs: dict
+
+
 def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec, thumbnail,
-                  thumbnail_downsample: float, classes=None) -> dict:
+                  thumbnail_downsample: float, maps: ClassMaps | None = None) -> dict:
     """Write the outputs into `out`; returns {"files": [...], "geojson_factor": f, "polygons": n}.
-    `classes`: a multi-class model's label map (`classes.zarr`), named by `spec.labels`."""
+    `maps`: a multi-class model's label map and class probabilities, named by `spec.labels`."""
+    classes = maps.labels if maps is not None else None
     threshold, tiles = spec.threshold, spec.tiles
     h, w = prob.shape
     f = contour_factor((h, w))
@@ -62,6 +72,8 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec,
                                           threshold if classes is None else None)}
     if spec.prob_tiff:
         tiffs["prob.ome.tiff"] = OmeTiffMask(out / "prob.ome.tiff", geo.level0_per_px, geo.level0_size, (h, w), geo.mpp, None)
+    class_tiffs = {k: OmeTiffMask(out / class_tiff_name(k, (spec.labels or {}).get(str(k), str(k))), geo.level0_per_px,
+                                  geo.level0_size, (h, w), geo.mpp, None) for k in (maps.probs if maps else {})}
     reducer = BlockReducer((h, w), f)
     per_class = {int(k): BlockReducer((h, w), f) for k in (spec.labels or {}) if int(k) > 0} if classes is not None else {}
     label_bands = iter_bands(classes, nonempty) if classes is not None else None
@@ -73,14 +85,19 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec,
             reducer.feed(band)
             for k, red in per_class.items():
                 red.feed(np.asarray(labels == k).view(np.uint8) * np.uint8(255))
+            for k, tiff in class_tiffs.items():
+                tiff.feed(r0, np.asarray(maps.probs[k][r0 : r0 + band.shape[0]]))  # type: ignore[union-attr]
     except BaseException:
-        for tiff in tiffs.values():
+        for tiff in (*tiffs.values(), *class_tiffs.values()):
             tiff.close()
         raise
     for name, tiff in tiffs.items():
         tiff.finish(name=spec.name if name == "mask.ome.tiff" else f"{spec.name} tumour probability x 255")
+    for k, tiff in class_tiffs.items():
+        tiff.finish(name=f"{spec.name} {(spec.labels or {}).get(str(k), k)} probability x 255")
+        tiffs[tiff.path.name] = tiff
     low = reducer.finish()
-    files = [PROB, *tiffs] if classes is None else [PROB, CLASSES, *tiffs]
+    files = [PROB, *tiffs] if classes is None else [PROB, CLASSES, *((CLASS_PROBS,) if class_tiffs else ()), *tiffs]
     if spec.mask_png:
         write_mask_png(out / "mask.png", prob, geo.level0_per_px, geo.level0_size, threshold, nonempty)
         files.append("mask.png")
@@ -94,6 +111,13 @@ def write_outputs(out: Path, prob, nonempty, geo: MapGeometry, spec: OutputSpec,
     write_overlay(out / "overlay.png", thumbnail, thumbnail_downsample, low, scale, threshold)
     files.append("overlay.png")
     return {"files": files, "geojson_factor": f, "polygons": len(regions["features"])}
+
+
+def class_tiff_name(label: int, name: str) -> str:
+    """A multi-class model's per-class probability OME-TIFF: prob-<label>-<name>.ome.tiff (name made safe)."""
+    from ..files import safe_name
+
+    return f"prob-{label}-{safe_name(name)}.ome.tiff"
 
 
 PALETTE = ([0, 150, 0], [0, 90, 220], [220, 150, 0], [150, 0, 150], [0, 160, 160], [120, 80, 40], [90, 90, 90])
@@ -134,7 +158,12 @@ def verify_outputs(out: Path, files: list[str]) -> None:
     for name in files:
         path = out / name
         try:
-            if name in (PROB, CLASSES):
+            if name == CLASS_PROBS:
+                import zarr
+
+                for _, arr in zarr.open_group(str(path), mode="r").arrays():
+                    arr[: min(arr.shape[0], arr.chunks[0])]
+            elif name in (PROB, CLASSES):
                 arr = open_probability(out) if name == PROB else open_classes(out)
                 arr[: min(arr.shape[0], arr.chunks[0])]
             elif name.endswith(".ome.tiff"):
@@ -157,8 +186,9 @@ def place_flat(out: Path, name: str, files: list[str]) -> list[str]:
 
     placed = []
     for f in files:
-        if f in FLAT_NAMES:
-            target = out.parent / f"{name}{FLAT_NAMES[f]}"
+        suffix = FLAT_NAMES.get(f) or (f".{f}" if f.startswith("prob-") and f.endswith(".ome.tiff") else None)
+        if suffix:  # a multi-class model's prob-<label>-<name>.ome.tiff: OUT/<slide>.prob-<label>-<name>.ome.tiff
+            target = out.parent / f"{name}{suffix}"
             os.replace(out / f, target)  # a link planted at the target is replaced, its target untouched
             placed.append(f"../{target.name}")
         else:

@@ -30,7 +30,7 @@ from ..slides.qc import WindowQC
 from ..slides.roi import Region
 from .adapt import slide_batchnorm
 from .done import DoneRecord, compared_settings, input_record, read_done, reuse_mismatch, write_done
-from .outputs import MapGeometry, OutputSpec, place_flat, remove_placed, verify_outputs, write_outputs
+from .outputs import ClassMaps, MapGeometry, OutputSpec, place_flat, remove_placed, verify_outputs, write_outputs
 from .polygons import write_geojson
 from .predictor import PredictError, Predictor
 from .prob_map import NAME as PROB
@@ -214,8 +214,8 @@ def _write(run: _SlideRun, prob: ProbabilityMap, with_qc: bool) -> dict:
     geo = MapGeometry(plan.resolution.level0_per_px, slide.dimensions, slide.mpp)
     spec = OutputSpec(run.job.name, o.threshold, isinstance(slide, ImageSlide), _tile_grid(run),
                       prob_tiff="prob-tiff" in o.write.outputs, labels=run.pred.config.labels if prob.labels is not None else None)
-    written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample,
-                            classes=prob.labels)
+    maps = ClassMaps(prob.labels, prob.class_probs) if prob.labels is not None else None
+    written = write_outputs(out, prob.array, prob.nonempty, geo, spec, plan.thumbnail.rgb, plan.thumbnail.downsample, maps)
     if with_qc:
         write_geojson(out / QC_GEOJSON, qc_features(run.flags, plan.level0_xy, plan.resolution.level0_size,
                                                     plan.tissue_mask.shape, plan.thumbnail.downsample, slide.dimensions,
@@ -276,7 +276,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
         prob = ProbabilityMap(out / PROB, plan.out_shape, o.write.chunk_px,
                               {"mpp": out_mpp, "level0_per_px": res.level0_per_px,
                                "level0_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp}, o.threshold,
-                              classes=pred.classes)
+                              classes=pred.classes, class_probs="prob-tiff" in o.write.outputs)
         if region is not None:  # nothing outside the region: its pixels are 0 in prob.zarr and every output
             prob.inside = lambda y0, x0, h, w, s=res.level0_per_px: region.raster(x0 * s, y0 * s, s, max(h, w))[:h, :w]
         bad, stitching, qc, excluded = _run_windows(run, prob)

@@ -20,6 +20,7 @@ from .rasters import threshold_u8
 MAX_QUEUED_WRITES = 32
 NAME = "prob.zarr"
 CLASSES = "classes.zarr"
+CLASS_PROBS = "class_prob.zarr"  # a group: one uint8 array per annotated label ("1", "2", ...)
 
 
 def open_probability(prediction_dir: Path):
@@ -42,7 +43,8 @@ class ProbabilityMap:
     probable class among the annotated ones where the foreground probability reaches the threshold,
     else 0), written chunk by chunk as stitching finishes them."""
 
-    def __init__(self, path: Path, shape: tuple[int, int], chunk: int, attrs: dict, threshold: float, classes: int = 1):
+    def __init__(self, path: Path, shape: tuple[int, int], chunk: int, attrs: dict, threshold: float, classes: int = 1,
+                 class_probs: bool = False):
         import zarr
 
         h, w = shape
@@ -57,6 +59,11 @@ class ProbabilityMap:
                                             fill_value=0)
             self.labels.update_attributes({**attrs, "meaning": "the most probable annotated class's label where the "
                                                                "foreground probability reaches the threshold, else 0"})
+        self.class_probs: dict[int, object] = {}  # --outputs prob-tiff on a multi-class model: each class's probability x 255
+        if classes > 1 and class_probs:
+            group = zarr.open_group(str(Path(path).parent / CLASS_PROBS), mode="w")
+            for k in range(1, classes):
+                self.class_probs[k] = group.create_array(str(k), shape=(h, w), chunks=chunks, dtype="uint8", fill_value=0)
         self.class_px = np.zeros(max(classes, 2), np.int64)  # pixels of each label (0: background and uncovered)
         self.cut = threshold_u8(threshold)
         self.tumor_px = 0
@@ -66,11 +73,14 @@ class ProbabilityMap:
         self._writes: deque = deque()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histodg-prob")
 
-    def _write(self, y0: int, x0: int, u8: np.ndarray, labels: np.ndarray | None) -> float:
+    def _write(self, y0: int, x0: int, u8: np.ndarray, labels: np.ndarray | None, per_class: dict) -> float:
         t = time.perf_counter()
-        self.array[y0 : y0 + u8.shape[0], x0 : x0 + u8.shape[1]] = u8
+        rows, cols = slice(y0, y0 + u8.shape[0]), slice(x0, x0 + u8.shape[1])
+        self.array[rows, cols] = u8
         if labels is not None and self.labels is not None:
-            self.labels[y0 : y0 + u8.shape[0], x0 : x0 + u8.shape[1]] = labels
+            self.labels[rows, cols] = labels
+        for k, plane in per_class.items():
+            self.class_probs[k][rows, cols] = plane  # type: ignore[index]
         return time.perf_counter() - t
 
     def _collect(self, block: bool) -> None:
@@ -80,15 +90,19 @@ class ProbabilityMap:
     def on_final(self, cy: int, cx: int, p: np.ndarray) -> None:
         """A finished chunk: (h, w) foreground probability, or a multi-class model's (C, h, w) class
         probabilities (all 0 where no window ran)."""
-        labels = None
+        labels, per_class = None, {}
         if p.ndim == 3:
             covered = p.sum(0) > 0.5  # the softmax sums to 1 where a window ran
             fg = np.where(covered, 1.0 - p[0], 0.0)
             labels = (np.argmax(p[1:], 0) + 1).astype(np.uint8)
+            per_class = {k: (p[k] * 255 + 0.5).astype(np.uint8) for k in self.class_probs}
             p = fg
         u8 = (p * 255 + 0.5).astype(np.uint8)
         if self.inside is not None:
-            u8[~self.inside(cy * self.chunk, cx * self.chunk, *u8.shape)] = 0
+            outside = ~self.inside(cy * self.chunk, cx * self.chunk, *u8.shape)
+            u8[outside] = 0
+            for plane in per_class.values():
+                plane[outside] = 0
         hit = u8 >= self.cut
         self.tumor_px += int(np.count_nonzero(hit))
         if labels is not None:
@@ -98,7 +112,7 @@ class ProbabilityMap:
             self.class_px[1] += int(np.count_nonzero(hit))
         if u8.any():
             self.nonempty.add((cy, cx))
-            self._writes.append(self._pool.submit(self._write, cy * self.chunk, cx * self.chunk, u8, labels))
+            self._writes.append(self._pool.submit(self._write, cy * self.chunk, cx * self.chunk, u8, labels, per_class))
             self._collect(block=len(self._writes) > MAX_QUEUED_WRITES)
 
     def flush(self) -> None:
