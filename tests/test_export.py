@@ -170,6 +170,7 @@ def test_info_shows_the_model_card(cli, run):
     domains = {(d["organ"], d["scanner"]): (d["stores"], d["patches"]) for d in card["trained_on"]["domains"]}
     assert domains == {("colon", "unknown"): (2, 16), ("stomach", "unknown"): (2, 16), ("unknown", "s1"): (2, 16),
                        ("unknown", "s2"): (2, 16), ("unknown", "s3"): (2, 16)}
+    assert card["trained_on"]["held_out"] == []
     assert [s["axis"] for s in card["trained_on"]["stages"]] == ["organ", "scanner"]
     assert card["training"]["command"].startswith("histodg train ") and "--pretrain organ" in card["training"]["command"]
     assert set(card["validation_dice"]["val"]) == {"s1", "s2", "s3"}

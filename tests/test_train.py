@@ -94,6 +94,13 @@ def test_the_shift_reference_covers_both_stages_training_domains_and_never_the_h
     assert (best["model_config"]["shift"] == last["model_config"]["shift"]) == same
 
 
+def test_the_model_card_keeps_the_held_out_organ_apart(two_stages):
+    card = load_checkpoint(two_stages[0] / "best.pt")["model_config"]["trained_on"]
+    assert {d["organ"] for d in card["held_out"]} == {"lung"} and all(d["held_out"] for d in card["held_out"])
+    assert "lung" not in {d["organ"] for d in card["domains"]} and len(card["domains"]) == 5
+    assert [s["axis"] for s in card["stages"]] == ["organ", "scanner"]
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(stores, tmp_path):
     c = dict(pretrain="organ", finetune="scanner", epochs=2)

@@ -50,6 +50,7 @@ def model_card(path) -> dict:
         "method": {"name": mc.method, "hparams": mc.hparams, "loss": mc.loss, "dsbn_slots": mc.domain_bn,
                    "augmentation": _augmentation(mc.augmentation)},
         "trained_on": {"stores": trained.get("stores", tc.get("stores")), "domains": trained.get("domains"),
+                       "held_out": trained.get("held_out"),
                        "stages": [{"axis": s.get("axis"), "train_patches": s.get("train_patches")}
                                   for s in trained.get("stages") or []] or None},
         "training": {"steps": ckpt.get("global_step"), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),

@@ -325,11 +325,14 @@ class Trainer:
 def trained_on(cfg: TrainConfig, stores, stages) -> dict:
     """The model card's data (`ModelConfig.trained_on`): the stores as given, how many stores and
     patches of each organ and scanner (a total per pair, not a list: a data set may be thousands
-    of small stores), the stages, the command line."""
+    of small stores), those of `--val-domain` apart (held out), the stages, the command line."""
     pairs: dict = {}
+    held = set(cfg.val_domains)  # --val-domain: scored, never trained on
     for s in stores:
-        row = pairs.setdefault((s.organ, s.scanner), {"organ": s.organ, "scanner": s.scanner, "stores": 0, "patches": 0})
+        row = pairs.setdefault((s.organ, s.scanner), {"organ": s.organ, "scanner": s.scanner, "stores": 0, "patches": 0,
+                                                      "held_out": s.organ in held or s.scanner in held})
         row["stores"] += 1
         row["patches"] += s.n
-    return {"stores": list(cfg.stores), "domains": [pairs[k] for k in sorted(pairs)],
-            "stages": [s.summary() for s in stages], "command": cfg.command}
+    rows = [pairs[k] for k in sorted(pairs)]
+    return {"stores": list(cfg.stores), "domains": [r for r in rows if not r["held_out"]],
+            "held_out": [r for r in rows if r["held_out"]], "stages": [s.summary() for s in stages], "command": cfg.command}
