@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--stores", type=int, default=2000, help="stores in the many-store set (16 patches each)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--source", type=Path, default=REPO / "bench_out" / "dg2" / "stores" / "train")
+    ap.add_argument("--kinds", default="open,train,evaluate", help="what to measure (comma-separated)")
+    ap.add_argument("--tag", default="", help="a name for this run in result.json (e.g. before, after)")
     ap.add_argument("--child"), ap.add_argument("--child-stores", type=Path), ap.add_argument("--checkpoint", type=Path)
     a = ap.parse_args()
     if a.child:
@@ -128,13 +130,19 @@ def main() -> None:
     ck = tiny_checkpoint(OUT / "ck.pt", mpp=1.0, tile=128)
     result = {"stores_many": a.stores, "patches": total, "steps": a.steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version()}
-    for kind in ("open", "train", "evaluate"):
+    kinds = a.kinds.split(",")
+    for kind in kinds:
         for name, path in (("few", few), ("many", many)):
             result[f"{kind}_{name}"] = r = measure(kind, path, a.steps, ck)
             print(kind, name, json.dumps(r), flush=True)
         result[f"{kind}_ratio"] = result[f"{kind}_many"]["seconds"] / result[f"{kind}_few"]["seconds"]
-    result["train_rate_ratio"] = result["train_few"]["images_per_s"] / result["train_many"]["images_per_s"]
-    (OUT / "result.json").write_text(json.dumps(result, indent=2))
+    if "train" in kinds:
+        result["train_rate_ratio"] = result["train_few"]["images_per_s"] / result["train_many"]["images_per_s"]
+    path = OUT / "result.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs = runs if "runs" in runs else {"runs": {}}
+    runs["runs"][a.tag or result["date"]] = result
+    path.write_text(json.dumps(runs, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k.endswith("ratio")}, indent=2))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import exc_line
 from .integrity import SHARDED, shard_problems
+from .metadata import read_metadata
 from .reader import StoreError, open_store
 
 
@@ -16,7 +17,7 @@ def check_store(path) -> tuple[int, list[str]]:
         store = open_store(path, require_complete=True, verify=False)
     except StoreError as exc:
         return 0, [exc.reason]
-    problems = list(shard_problems(path, store.group))
+    problems = list(shard_problems(path, read_metadata(path)))
     if not problems:
         problems = chunk_problems(store)
     return len(store), problems

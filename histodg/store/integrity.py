@@ -6,7 +6,7 @@ histodg's shards (written by `writer.ShardEncoder`) are the compressed chunks fo
 index of (offset, nbytes) little-endian uint64 pairs and the index's crc32c, so what makes a
 store whole can be checked cheaply, without decoding:
 
-- `shard_problem(path, group)`: every shard file of `images` and `masks` is present, its index
+- `shard_problem(path, meta)`: every shard file of `images` and `masks` is present, its index
   checksum holds, and every patch of the store has an entry that lies inside the file. Readers
   run it when they open a complete store (`reader.open_store`): a few hundred bytes per shard.
 - the deep check, every patch of every array decoded (`histodg info --check`), is `check.py`'s.
@@ -48,18 +48,18 @@ def read_index(path: Path, chunks: int) -> np.ndarray | None:
     return np.frombuffer(raw, "<u8").reshape(chunks, 2)
 
 
-def shard_problem(path: Path, group) -> str | None:
-    """The first thing missing or damaged in the shards of a complete store, or None."""
-    return next(shard_problems(path, group), None)
+def shard_problem(path: Path, meta) -> str | None:
+    """The first thing missing or damaged in the shards of a complete store, or None (`meta`:
+    its `metadata.StoreMetadata`)."""
+    return next(shard_problems(path, meta), None)
 
 
-def shard_problems(path: Path, group):
+def shard_problems(path: Path, meta):
     """Yield what is missing or damaged in the shards of a complete store (one line per shard)."""
     for name in SHARDED:
-        if name not in group:
+        if name not in meta.arrays:
             continue
-        arr = group[name]
-        n, rows = arr.shape[0], (arr.shards or arr.chunks)[0]
+        n, rows = meta.arrays[name].rows, meta.arrays[name].rows_per_shard
         for s in range(-(-n // rows)):
             first, last = s * rows, min(n, (s + 1) * rows) - 1
             f = shard_file(path / name, s)

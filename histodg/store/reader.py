@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import HistodgError, exc_line
+from .. import HistodgError
 from ..domains import Domain
 from ..files import read_csv_rows
 from .codecs import registered_zarr
 from .integrity import shard_problem
+from .metadata import MetadataError, read_metadata
 from .schema import ARRAYS, FORMAT_VERSION, PROGRESS_FILE, StoreAttrs
 
 
@@ -79,11 +80,24 @@ def store_name(path: Path) -> str:
 
 @dataclass
 class PatchStore:
-    """A store opened for reading."""
+    """A store opened for reading. Its zarr group is opened on first use of an array: what the
+    attributes and the row count answer (`len`, `ref()`) needs no zarr call (`metadata`)."""
 
     path: Path
     attrs: StoreAttrs
-    group: object
+    rows: int
+    arrays: tuple = ()  # the arrays it has (`schema.ARRAYS` names)
+    _group: object = None
+
+    @property
+    def has_masks(self) -> bool:
+        return "masks" in self.arrays
+
+    @property
+    def group(self):
+        if self._group is None:
+            self._group = registered_zarr().open_group(str(self.path), mode="r")
+        return self._group
 
     @property
     def images(self):
@@ -109,7 +123,7 @@ class PatchStore:
         return np.zeros(len(self), np.uint8)
 
     def __len__(self) -> int:
-        return int(self.group["images"].shape[0])
+        return self.rows
 
     @property
     def name(self) -> str:
@@ -126,10 +140,10 @@ def open_store(path, require_complete: bool = True, verify: bool = True) -> Patc
     if not path.exists():
         raise StoreError(path, "no such store")
     try:
-        g = registered_zarr().open_group(str(path), mode="r")
-        raw = dict(g.attrs)
-    except Exception as exc:
-        raise StoreError(path, f"not a zarr v3 patch store ({exc_line(exc, 10_000)})") from None
+        meta = read_metadata(path)
+    except MetadataError as exc:
+        raise StoreError(path, f"not a zarr v3 patch store ({exc})") from None
+    raw = meta.attrs
     version = raw.get("format_version")
     if version is None:
         raise StoreError(path, "not a histodg patch store (no format_version attribute)")
@@ -140,21 +154,21 @@ def open_store(path, require_complete: bool = True, verify: bool = True) -> Patc
     if require_complete and raw.get("complete") is not True:
         raise StoreError(path, "store is incomplete (tiling was interrupted): re-run `histodg tile` to finish it")
     for name in ("images", "coords", "tissue"):
-        if name not in g:
+        if name not in meta.arrays:
             raise StoreError(path, f"store has no '{name}' array")
-    n = g["images"].shape[0]
+    n = meta.arrays["images"].rows
     for name in ARRAYS[1:]:
-        if name in g and g[name].shape[0] != n:
-            raise StoreError(path, f"'{name}' has {g[name].shape[0]} rows but 'images' has {n}")
+        if name in meta.arrays and meta.arrays[name].rows != n:
+            raise StoreError(path, f"'{name}' has {meta.arrays[name].rows} rows but 'images' has {n}")
     try:
         attrs = StoreAttrs.from_attrs(raw)
     except ValueError as exc:
         raise StoreError(path, f"malformed store attributes: {exc}") from None
     if verify and raw.get("complete") is True:  # zarr would read what is missing as black patches
-        problem = shard_problem(path, g)
+        problem = shard_problem(path, meta)
         if problem:
             raise StoreError(path, f"damaged: {problem}; re-tile its slide with `histodg tile --overwrite`")
-    return PatchStore(path, attrs, g)
+    return PatchStore(path, attrs, n, tuple(meta.arrays))
 
 
 def describe_store(path, verify: bool = True) -> dict:

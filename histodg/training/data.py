@@ -34,7 +34,7 @@ def load_stores(paths, require_masks: bool = True) -> list[StoreRef]:
     refs: list[StoreRef] = []
     for p in found:
         store = open_store(p)  # raises for incomplete / other version / broken
-        if require_masks and store.masks is None:
+        if require_masks and not store.has_masks:
             raise DataError(p, "store has no masks (tile it with --annotations, or a COSAS layout with mask folders)")
         if len(store):
             refs.append(store.ref())

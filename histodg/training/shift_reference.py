@@ -2,7 +2,9 @@
 (`model.shift`), made at the end of training for the weights of each checkpoint it goes into.
 
 Every training store (slide) of every stage gives `PER_STORE` patches, evenly spaced over its
-training part, through the model in eval mode; their encoder-stage moments are pooled per
+training part, through the model in eval mode (a domain of more than `MAX_STORES` stores, such
+as thousands of COSAS images, by `MAX_STORES` of them evenly spaced: the description's cost stays
+bounded by the domains, not the images); their encoder-stage moments are pooled per
 domain and the stores are scored leave-one-out for the calibration. Deterministic: the same
 weights and stores give the same description. The patches go through the model under the
 autocast of the run's placement (bf16 on a GPU), as `predict` sends a slide's windows on that
@@ -17,6 +19,7 @@ import torch
 from ..model.shift import FeatureMeter, Moments, fit_reference
 
 PER_STORE = 32  # patches per training store
+MAX_STORES = 64  # stores described per domain: a domain of thousands of small stores (COSAS images) by an even sample
 BATCH = 16
 
 
@@ -59,7 +62,7 @@ def shift_reference(model, normalizer, stages, device, per_store: int = PER_STOR
     net.eval()
     world, rank = (rt.world, rt.rank) if rt is not None else (1, 0)
     try:
-        work = [(domain, part) for stage in stages for domain, parts in stage.train.items() for part in parts]
+        work = sampled([(domain, part) for stage in stages for domain, parts in stage.train.items() for part in parts])
         mine = []
         for i in range(rank, len(work), world):
             domain, part = work[i]
@@ -79,6 +82,21 @@ def shift_reference(model, normalizer, stages, device, per_store: int = PER_STOR
         return ref
     finally:
         net.train(was_training)
+
+def sampled(work: list, most: int | None = None) -> list:
+    """The (domain, part) items of at most `most` (`MAX_STORES`) stores per domain, evenly spaced in
+    their order (every part of a chosen store: a store in two stages stays one slide); all of them
+    when fewer."""
+    most = MAX_STORES if most is None else most
+    stores: dict[str, list[str]] = {}
+    for domain, part in work:
+        keys = stores.setdefault(domain, [])
+        if str(part.store.path) not in keys:
+            keys.append(str(part.store.path))
+    chosen = {d: set(k) if len(k) <= most else {k[int(i)] for i in np.unique(np.linspace(0, len(k) - 1, most).round())}
+              for d, k in stores.items()}
+    return [(d, part) for d, part in work if str(part.store.path) in chosen[d]]
+
 
 def _gathered(mine: list, world: int) -> list:
     """Every rank's (index, moments), from every rank (a collective)."""
