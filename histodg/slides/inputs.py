@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .. import HistodgError
 from ..constants import UNKNOWN
@@ -209,15 +210,23 @@ def find_annotation(folder: Path, stem: str) -> Path | None:
 
 def attach_annotations(jobs: list[SlideJob], ann: Path) -> list[SlideJob]:
     """--annotations: one file for one slide, or a folder matched by slide name."""
-    if ann.is_file():
+    return _attach_files(jobs, ann, "annotation", "annotation", "annotations")
+
+
+def _attach_files(jobs: list[SlideJob], path: Path, field: str, what: str, plural: str) -> list[SlideJob]:
+    """Set each job's `field` to its file: `path` itself for one slide, or the file named after the
+    slide in the folder `path` (a slide without one keeps what it had)."""
+    if path.is_file():
         if len(jobs) != 1:
-            raise InputError(ann, f"one annotation file for {len(jobs)} slides: pass a folder of annotations named after the slides")
-        return [replace(jobs[0], annotation=ann)]
-    if not ann.is_dir():
-        raise InputError(ann, "annotation file or folder not found")
+            raise InputError(path, f"one {what} file for {len(jobs)} slides: pass a folder of {plural} named after the slides")
+        one: dict[str, Any] = {field: path}
+        return [replace(jobs[0], **one)]
+    if not path.is_dir():
+        raise InputError(path, f"{what} file or folder not found")
     out = []
     for j in jobs:
-        out.append(replace(j, annotation=find_annotation(ann, j.path.stem) or j.annotation))
+        found: dict[str, Any] = {field: find_annotation(path, j.path.stem) or getattr(j, field)}
+        out.append(replace(j, **found))
     return out
 
 
@@ -273,10 +282,4 @@ def take_shard(jobs: list, shard: tuple[int, int]) -> list:
 def attach_regions(jobs: list[SlideJob], roi: Path) -> list[SlideJob]:
     """predict --roi: one region file for one slide, or a folder matched by slide name (a slide
     without one keeps `region` None and is predicted whole)."""
-    if roi.is_file():
-        if len(jobs) != 1:
-            raise InputError(roi, f"one region file for {len(jobs)} slides: pass a folder of region files named after the slides")
-        return [replace(jobs[0], region=roi)]
-    if not roi.is_dir():
-        raise InputError(roi, "region file or folder not found")
-    return [replace(j, region=find_annotation(roi, j.path.stem)) for j in jobs]
+    return _attach_files(jobs, roi, "region", "region", "region files")

@@ -30,6 +30,7 @@ class Region:
     roi_class: str | None
     annotations: object  # PolygonAnnotations | MaskAnnotations
     dimensions: tuple[int, int]
+    level0_px: float = 0.0  # its area in level-0 pixels, counted once on the `AREA_GRID_PX` grid
 
     @classmethod
     def load(cls, path, dimensions: tuple[int, int], roi_class: str | None = None) -> Region:
@@ -37,7 +38,9 @@ class Region:
         labels = LabelMap.parse([f"{roi_class}=1"]) if roi_class else None
         ann = load_annotations(Path(path), dimensions, labels)
         region = cls(Path(path), roi_class, ann, (int(dimensions[0]), int(dimensions[1])))
-        if not region.grid(AREA_GRID_PX)[0].any():
+        inside, ds = region.grid(AREA_GRID_PX)
+        region.level0_px = float(inside.sum()) * ds**2
+        if not inside.any():
             what = f"no annotation of class {roi_class!r}" if roi_class else "no region (no annotation, or an empty mask)"
             raise AnnotationError(path, f"{what} to predict inside")
         return region
@@ -62,8 +65,7 @@ class Region:
     def area_mm2(self, mpp: float | None) -> float | None:
         if mpp is None:
             return None
-        inside, ds = self.grid(AREA_GRID_PX)
-        return float(inside.sum()) * (ds * mpp) ** 2 / 1e6
+        return self.level0_px * mpp**2 / 1e6
 
     def restrict(self, plan):
         """The plan's windows that touch the region (a `WindowPlan`, the tissue mask limited to the region)."""
