@@ -49,7 +49,7 @@ def test_the_statistics_are_the_batches_and_the_checkpoints_come_back(tmp_path):
 
 def _predict_in_order(ck, jobs, out, adapt: str) -> dict:
     """Predict `jobs` in this order with one Predictor; each slide's prob.zarr."""
-    pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt=adapt, batch_size=4))
+    pred = Predictor.from_checkpoint(ck, PredictOptions(device="cpu", adapt=adapt, batch_size=4, tta="none"))
     for job in jobs:
         r = predict_slide(pred, job, out)
         assert r.status == "done", r.error

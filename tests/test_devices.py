@@ -23,12 +23,12 @@ def test_two_cpu_workers_give_the_outputs_of_one_process(cli, cmu, tmp_path):
     for name in ("a", "b", "c"):
         shutil.copy(cmu, d / f"{name}.svs")
     (d / "broken.svs").write_bytes(b"not a slide")
-    r = cli("predict", ck, d, "-o", tmp_path / "two", "--devices", "cpu,cpu", "--json")
+    r = cli("predict", ck, d, "-o", tmp_path / "two", "--devices", "cpu,cpu", "--json", "--tta", "none")
     assert r.exit_code == 1  # the broken input fails alone
     rows = {x["name"]: x for x in json.loads(r.stdout)}
     assert {n: rows[n]["status"] for n in rows} == {"a": "done", "b": "done", "c": "done", "broken": "failed"}
     assert rows["broken"]["error"].startswith(str(d / "broken.svs"))
-    assert cli("predict", ck, d / "a.svs", "-o", tmp_path / "one", "--device", "cpu").exit_code == 0
+    assert cli("predict", ck, d / "a.svs", "-o", tmp_path / "one", "--device", "cpu", "--tta", "none").exit_code == 0
     ref = zarr.open_array(str(tmp_path / "one" / "a" / "prob.zarr"), mode="r")[:].astype(int)
     for name in ("a", "b", "c"):
         got = zarr.open_array(str(tmp_path / "two" / name / "prob.zarr"), mode="r")[:].astype(int)

@@ -104,7 +104,7 @@ def test_two_tile_processes_on_one_batch_make_every_store_once(cli, copies, tmp_
 
 def test_two_predict_processes_on_one_batch_make_every_output_once(copies, tmp_path):
     ck = tiny_checkpoint(tmp_path / "ck.pt")
-    args = ["predict", ck, copies, "-o", tmp_path / "p"]
+    args = ["predict", ck, copies, "-o", tmp_path / "p", "--tta", "none"]
     rows = [r for out in _both(args) for r in out]
     assert sorted(r["name"] for r in rows if r["status"] == "done") == list("abcd")
     for name in "abcd":
