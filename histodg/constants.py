@@ -17,6 +17,7 @@ TISSUE_METHODS = ("otsu", "saturation", "none")  # slides.tissue
 COMPRESSIONS = ("lz4", "none", "jpeg")  # store.codecs
 TTA_MODES = ("none", "flip")  # inference.predictor
 ADAPT_MODES = ("none", "bn", "tent")  # inference.adapt, inference.tent
+RUNTIMES = ("auto", "torch", "onnx")  # what runs the network in predict (inference.predictor, inference.onnx_net)
 STAIN_METHODS = ("none", "macenko", "reinhard")  # model.stain
 LOSSES = ("bce", "bce+dice")  # training.methods.base
 AUGMENT_PRESETS = ("none", "light", "strong")  # training.augment

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES, EXTRA_OUTPUTS, LAYOUTS
+from ..constants import AXES, EXTRA_OUTPUTS, LAYOUTS, RUNTIMES
 from .config_file import config_option, note_outputs, records_config
 from .options import CONTEXT, fail_line, label_option, model_run_options, resolve_jobs, slide_batch_options
 
@@ -23,6 +23,10 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
               help="Several devices at once: cuda:0,cuda:1 (or all: every GPU), one worker process each, slides "
                    "handed out as they finish; cpu,cpu works too.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+              help="What runs the network: torch; onnx = onnxruntime on the CPU (about 2.5x faster there, the same "
+                   "probabilities within 1e-5, exported once per run); auto = onnx for slides of 500 windows or "
+                   "more on a CPU, torch otherwise and on a GPU.")
 @click.option("--geojson-tiles", is_flag=True,
               help="Also write tiles.geojson: the probability map as locked QuPath tiles with a measurement per class.")
 @click.option("--outputs", "outputs", multiple=True, type=click.Choice(EXTRA_OUTPUTS),
@@ -43,7 +47,7 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
 @config_option
 @records_config()
 def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, device, adapt, stain_norm, stain_ref, devices, threshold,
-            geojson_tiles, outputs, roi, roi_class, layout, inputs, tissue_method,
+            runtime, geojson_tiles, outputs, roi, roi_class, layout, inputs, tissue_method,
             backend, workers, organ, scanner, mpp_override, domain_axis, max_bad_fraction, qc, shard, overwrite, as_json):
     """Segment tumour on whole slides and images with a trained model.
 
@@ -72,7 +76,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     try:
         opts = PredictOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, adapt=adapt,
                               stain_norm=stain_norm, stain_ref=stain_ref, threshold=threshold, device=device,
-                              tissue_method=tissue_method, roi=None if roi is None else str(roi), roi_class=roi_class,
+                              runtime=runtime, tissue_method=tissue_method, roi=None if roi is None else str(roi), roi_class=roi_class,
                               read=ReadOptions(backend, workers or reader_threads(), max_bad_fraction, qc),
                               write=WriteOptions(geojson_tiles=geojson_tiles, outputs=tuple(outputs), layout=layout,
                                                  overwrite=overwrite))
@@ -82,7 +86,7 @@ def predict(checkpoint, out_dir, mpp, tile_size, overlap, batch_size, tta, devic
     device_list = parse_devices(devices) if devices else [device]
     if len(device_list) == 1:
         opts = replace(opts, device=device_list[0])
-    predictor = Predictor.from_checkpoint(checkpoint, opts if len(device_list) == 1 else replace(opts, device="cpu"))
+    predictor = Predictor.from_checkpoint(checkpoint, opts if len(device_list) == 1 else replace(opts, device="cpu", runtime="torch"))
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..inference.report import write_report
     from ..summary import BatchSummary

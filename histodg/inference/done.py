@@ -8,7 +8,7 @@ a changed slide (`source`), which are refused with one line. Keys:
 | --- | --- |
 | `histodg_version`, `name`, `source` (path, size, mtime), `organ`, `scanner`, `meta` | the input |
 | `model` | the checkpoint, its sha256, arch, encoder, classes, labels, method, trained mpp and tile |
-| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles, outputs, layout, roi (the region file's sha256 and class), qc, mpp_override (`--mpp-override` or the manifest's mpp; null: none), dsbn_route (a DSBN model's BatchNorm slot the slide went through: its domain's name or "shared"; null: a model without slots) (compared on rerun); batch_size, device, amp, workers, threshold_u8, mpp_tolerance |
+| `settings` | checkpoint, checkpoint_sha256, mpp, tile_size, overlap_px, tta, threshold, tissue_method, window_fraction, adapt, stain (the applied stain reference), geojson_tiles, outputs, layout, roi (the region file's sha256 and class), qc, mpp_override (`--mpp-override` or the manifest's mpp; null: none), dsbn_route (a DSBN model's BatchNorm slot the slide went through: its domain's name or "shared"; null: a model without slots) (compared on rerun); batch_size, device, amp, workers, runtime (what ran the network: "torch" or "onnx", `--runtime`), threshold_u8, mpp_tolerance |
 | `slide` | dimensions, mpp, backend, read_level, read_size |
 | `output` | shape (H, W) and mpp of prob.zarr, level0_per_px, chunk, geojson_factor, polygons |
 | `windows` | grid, tissue, run, bad, excluded (left out by `--qc exclude`), bad_list (first 100: level-0 x, y, reason) |

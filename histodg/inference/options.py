@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..constants import ADAPT_MODES, EXTRA_OUTPUTS, LAYOUTS, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
+from ..constants import ADAPT_MODES, EXTRA_OUTPUTS, LAYOUTS, RUNTIMES, STAIN_METHODS, TISSUE_METHODS, TTA_MODES
 from ..device import MODES
 from ..slides.reading import ReadOptions
 
@@ -46,6 +46,7 @@ class PredictOptions:
     threshold: float = 0.5
     device: str = "auto"
     amp: str = "auto"
+    runtime: str = "auto"  # what runs the network: torch, onnx (onnxruntime, CPU), auto (onnx for large slides on a CPU)
     tissue_method: str = "otsu"
     mpp_tolerance: float = 0.02
     window_fraction: float = 1.0  # benchmarks: run only the first part of the windows (strip order)
@@ -76,6 +77,8 @@ class PredictOptions:
             bad(f"--threshold {self.threshold} must be between 0 and 1 (exclusive)")
         if self.amp not in MODES:
             bad(f"amp {self.amp!r}: choose from {', '.join(MODES)}")
+        if self.runtime not in RUNTIMES:
+            bad(f"--runtime {self.runtime!r}: choose from {', '.join(RUNTIMES)}")
         if self.tissue_method not in TISSUE_METHODS:
             bad(f"--tissue-method {self.tissue_method!r} is not one of {', '.join(TISSUE_METHODS)}")
         if not 0 < self.window_fraction <= 1:

@@ -52,6 +52,7 @@ class PredictResult(BatchResult):
     tumor_area_mm2: float | None = None
     timings: dict = field(default_factory=dict)
     adaptation: str | None = None  # --adapt: what was done for this slide
+    runtime: str | None = None  # what ran the network on the slide's windows: "torch" or "onnx" (--runtime)
     qc: dict | None = None  # --qc: {"windows", "flagged", "excluded", "counts", "area_mm2"} (excluded tissue)
     shift: dict | None = None  # the domain-shift score (model.shift.slide_shift), when the checkpoint has a reference
     roi_area_mm2: float | None = None  # --roi: the region's area (the tumour area is then the tumour inside it)
@@ -159,7 +160,8 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
-            bad = runner.run()
+            with pred.runtime_for(count) as result.runtime:
+                bad = runner.run()
             run.flags = runner.flags
         result.shift = shift.score
         timings.update(runner.clock)
@@ -297,7 +299,7 @@ def _predict(pred: Predictor, job: SlideJob, out: Path, result: PredictResult, p
             model=pred.describe(),
             settings={**compared_settings(pred, o, job), "batch_size": o.batch_size, "device": str(pred.device),
                       "amp": str(pred.placement.amp_dtype) if pred.placement.amp_dtype else None,
-                      "workers": o.read.workers, "threshold_u8": threshold_u8(o.threshold),
+                      "workers": o.read.workers, "runtime": result.runtime, "threshold_u8": threshold_u8(o.threshold),
                       "mpp_tolerance": o.mpp_tolerance},
             slide={"dimensions": list(slide.dimensions), "mpp": slide.mpp, "backend": slide.backend,
                    "read_level": res.level, "read_size": res.read_size},

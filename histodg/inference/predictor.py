@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import HistodgError, exc_line
 from ..device import HostTransfers, autocast, bind_device, place_model, resolve_device, resolve_placement
@@ -22,6 +23,13 @@ from ..model.config import ModelConfig
 from ..model.stain import resolve_stain
 from .options import PredictOptions
 from .stitching import gaussian_map
+
+if TYPE_CHECKING:
+    from .onnx_net import OnnxNetwork
+
+# --runtime auto: onnxruntime for a slide of at least this many windows on a CPU. Exporting costs about
+# as much as 150 windows of the default network in eager torch and saves 60% of each (BENCHMARKS.md)
+AUTO_ONNX_WINDOWS = 500
 
 
 class PredictError(HistodgError):
@@ -77,18 +85,65 @@ class Predictor:
         self.transfers = HostTransfers(self.device, shape)  # results to the host
         self.gaussian = gaussian_map(self.tile)
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
+        self.onnx: OnnxNetwork | None = None  # --runtime: the network on onnxruntime, once exported
+        self.onnx_unavailable: str | None = None  # why onnx cannot run here (auto then runs torch)
+        self._use_onnx = False
         self._check_shapes()
         self.meter = None  # the domain-shift score's feature statistics (model.shift), when the checkpoint has a reference
         if config.shift:
             from ..model.shift import FeatureMeter
 
             self.meter = FeatureMeter(self.model)
+        self._prepare_runtime(where)
         if options.adapt in ("bn", "tent"):
             from ..model.batchnorm import batchnorm_layers
 
             if not batchnorm_layers(self.model):
                 raise PredictError(where, f"--adapt {options.adapt}: this model ({config.arch}-{config.encoder}) has no BatchNorm layers "
                                           f"(transformer encoders such as MiT normalise with LayerNorm); predict without --adapt")
+
+    def _prepare_runtime(self, where: str) -> None:
+        """`--runtime`: onnx is exported now (its errors are the checkpoint's, in one line); auto
+        exports on the first slide that is large enough (`runtime_for`)."""
+        runtime = self.options.runtime
+        if runtime == "torch":
+            return
+        from . import onnx_net
+
+        why = onnx_net.available()
+        if self.device.type != "cpu" or self.placement.amp_dtype is not None:
+            why = f"onnxruntime runs here on the CPU in float32, not on {self.device}" + (
+                " with autocast" if self.placement.amp_dtype is not None else "")
+        self.onnx_unavailable = why
+        if runtime == "onnx":
+            if why:
+                raise PredictError(where, f"--runtime onnx: {why}; use --runtime torch")
+            self._build_onnx(where)
+
+    def _build_onnx(self, where: str) -> None:
+        from .onnx_net import OnnxNetwork
+
+        try:
+            self.onnx = OnnxNetwork(self.model, self.tile, self.meter)
+        except Exception as exc:  # an exporter or runtime that cannot take this network
+            self.onnx_unavailable = f"the model could not be exported to onnxruntime ({exc_line(exc)})"
+            if self.options.runtime == "onnx":
+                raise PredictError(where, f"--runtime onnx: {self.onnx_unavailable}; use --runtime torch") from None
+
+    @contextmanager
+    def runtime_for(self, windows: int):
+        """Inside: one slide's prediction pass of `windows` windows, run by the runtime `--runtime`
+        chose for it; yields its name for done.json ("torch" or "onnx"). auto: onnx on a CPU for
+        slides of at least `AUTO_ONNX_WINDOWS` windows (the export, once per run, then pays for itself)."""
+        use = self.options.runtime == "onnx" or (
+            self.options.runtime == "auto" and self.onnx_unavailable is None and windows >= AUTO_ONNX_WINDOWS)
+        if use and self.onnx is None:
+            self._build_onnx(self.checkpoint or "model")
+        self._use_onnx = use and self.onnx is not None
+        try:
+            yield "onnx" if self._use_onnx else "torch"
+        finally:
+            self._use_onnx = False
 
     @classmethod
     def from_checkpoint(cls, path, options: PredictOptions = PredictOptions()) -> Predictor:
@@ -121,6 +176,8 @@ class Predictor:
         import torch
 
         x = self.model_input(x_nhwc)
+        if self._use_onnx and not self.model.training:
+            return self.onnx(x)
         with torch.inference_mode(), autocast(self.placement):
             return self.model(x)
 

@@ -63,6 +63,17 @@ class Moments:
         return means, var
 
 
+def stage_features(features) -> list:
+    """The encoder's stage outputs the score describes: every stage but the input (strides 2 to 32)."""
+    return [f for f in list(features)[1:] if f.ndim == 4 and f.shape[1] > 0]
+
+
+def stage_sums(f):
+    """A stage output's per-channel sum and sum of squares over batch and positions (float32)."""
+    f = f.float()
+    return f.sum((0, 2, 3)), (f * f).sum((0, 2, 3))
+
+
 class FeatureMeter:
     """Accumulates `Moments` of the encoder's stage outputs on every forward while `active`; the
     sums stay on the model's device until `take()`, so measuring adds no synchronisation.
@@ -90,19 +101,27 @@ class FeatureMeter:
         import torch
 
         with torch.no_grad():
-            stages = [f for f in list(features)[1:] if f.ndim == 4 and f.shape[1] > 0]
-            self.images += int(stages[0].shape[0]) if stages and self.counting else 0
-            for i, f in enumerate(stages):
-                f = f.float()
-                acc = torch.float32 if f.device.type == "mps" else torch.float64  # MPS has no float64
-                s, ss = f.sum((0, 2, 3)).to(acc), (f * f).sum((0, 2, 3)).to(acc)
-                n = float(f.shape[0] * f.shape[2] * f.shape[3])
-                if i == len(self._sums):
-                    self._sums.append([n, s, ss])
-                else:
-                    self._sums[i][0] += n
-                    self._sums[i][1] += s
-                    self._sums[i][2] += ss
+            stages = stage_features(features)
+            self.add([(float(f.shape[0] * f.shape[2] * f.shape[3]), *stage_sums(f)) for f in stages],
+                     int(stages[0].shape[0]) if stages else 0)
+
+    def add(self, stages: list, images: int) -> None:
+        """Count one forward of `images` windows: per stage (positions, per-channel sums, sums of
+        squares), as the hook measures them or another runtime computed them (`inference.onnx_net`)."""
+        if not self.active:
+            return
+        import torch
+
+        self.images += images if self.counting else 0
+        for i, (n, s, ss) in enumerate(stages):
+            acc = torch.float32 if s.device.type == "mps" else torch.float64  # MPS has no float64
+            s, ss = s.to(acc), ss.to(acc)
+            if i == len(self._sums):
+                self._sums.append([n, s, ss])
+            else:
+                self._sums[i][0] += n
+                self._sums[i][1] += s
+                self._sums[i][2] += ss
 
     @contextmanager
     def _flags(self, active: bool | None = None, counting: bool | None = None):
@@ -126,6 +145,10 @@ class FeatureMeter:
     def measuring(self):
         """Inside: measured, whatever `measured_apart` said (the adapter's unadapted pass)."""
         return self._flags(active=True)
+
+    def paused(self):
+        """Inside: nothing measured (a forward that is not a slide's: an export's trace)."""
+        return self._flags(active=False)
 
     def measured_apart(self) -> None:
         """From now until the slide's end, forwards are not measured (the adapter measured the
