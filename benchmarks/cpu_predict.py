@@ -29,6 +29,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def checkpoint(out: Path) -> Path:
             model(norm(torch.from_numpy(rng.integers(100, 230, (4, 3, TILE, TILE), dtype=np.uint8))))
         meter.remove()
         per[name] = {f"{name}-a": meter.take()}
-    config.shift = fit_reference(per)
+    config = replace(config, shift=fit_reference(per))
     save_checkpoint(path, {"model_state": model.state_dict(), "model_config": config})
     return path
 

@@ -22,7 +22,7 @@ def adapted_batchnorm(predictor, batches):
         with meter.measuring():
             for dims in flips:
                 with meter.flip(first=not dims):  # a window counts once, however many flips are measured
-                    _unadapted_forward(predictor.model, layers, saved, x.flip(dims) if dims else x)
+                    _unadapted_forward(predictor, layers, saved, x.flip(dims) if dims else x)
         meter.measured_apart()  # not the estimating pass, nor the adapted prediction after it
 
     inputs = (predictor.model_input(batch) for batch in batches)
@@ -30,9 +30,9 @@ def adapted_batchnorm(predictor, batches):
         yield len(layers)
 
 
-def _unadapted_forward(model, layers, saved, x) -> None:
+def _unadapted_forward(predictor, layers, saved, x) -> None:
     """One forward of `x` with the checkpoint's statistics (eval mode), leaving the statistics being
-    estimated as they were."""
+    estimated as they were; through the slide's runtime (`Predictor.network`: onnxruntime, when chosen)."""
     import torch
 
     current = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
@@ -40,7 +40,7 @@ def _unadapted_forward(model, layers, saved, x) -> None:
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
         m.eval()
-    model(x)
+    predictor.network(x)
     with torch.no_grad():
         for m, (mean, var, tracked) in zip(layers, current):
             m.running_mean.copy_(mean)

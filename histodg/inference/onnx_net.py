@@ -10,18 +10,20 @@ stitching stay histodg's, so the outputs are the torch runtime's within float32 
 
 What stays the torch model's. The graph keeps every BatchNorm layer's four tensors as named
 initializers (the export is not optimised, so they are not folded into the convolutions), and
-before each call the statistics the torch model would use now are read: the layer's own, or its
-DSBN slot when a `domain(...)` route is set; statistics re-estimated on a slide (`--adapt bn`) or
-tent's BatchNorm weights. Each new set of values builds one onnxruntime session (its optimiser then
-folds them into the convolutions: about 0.1 s), so a slide costs one session at most and the
+before each call the values the torch model would use now are read: the layer's own, or its DSBN
+slot when a `domain(...)` route is set; statistics re-estimated on a slide (`--adapt bn`) or
+tent's BatchNorm weights. Each new set of values (by content) builds one onnxruntime session (its
+optimiser then folds them into the convolutions: about 0.1 s), so a slide costs one or two
+sessions (its adapted statistics; the checkpoint's, for the shift meter's unadapted pass) and the
 slots of a DSBN model's known domains are kept (`CACHED_SESSIONS`). Training-mode passes (the
-adaptation's estimation, tent's steps) stay torch's.
+adaptation's estimation, tent's steps) stay torch's (`runs_now`).
 
 The domain-shift meter. The graph also returns each encoder stage's per-channel sum and sum of
 squares (`model.shift.stage_sums`), handed to the `FeatureMeter` as its hook would have measured them.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -136,20 +138,17 @@ class OnnxNetwork:
         return program.model_proto
 
     # -- the BatchNorm the torch model would use now -------------------------------------------------
-    def _state(self) -> tuple:
-        key = []
-        for _, m in self.layers:
-            route = getattr(m, "route", None)
-            if route is not None and not isinstance(route, int):
-                raise RuntimeError("a batch of several domains is a training pass: it runs in torch")
-            tensors = [getattr(m, k) for k in (BN_TENSORS if route is None else SLOT_TENSORS)]
-            key.append((route, *((id(t), t._version) for t in tensors if t is not None)))
-        return tuple(key)
+    def runs_now(self) -> bool:
+        """Whether the torch model is as this graph computes it: in eval mode, every BatchNorm too
+        (an adaptation's estimating pass puts only its BatchNorm layers in training mode)."""
+        return not self.model.training and not any(m.training for _, m in self.layers)
 
     def _values(self) -> dict[str, np.ndarray]:
         values = {}
         for name, m in self.layers:
             route = getattr(m, "route", None)
+            if route is not None and not isinstance(route, int):
+                raise RuntimeError("a batch of several domains is a training pass: it runs in torch")
             for k, slot_key in zip(BN_TENSORS, SLOT_TENSORS):
                 t = getattr(m, k) if route is None else getattr(m, slot_key)[route]
                 if t is not None:
@@ -160,11 +159,15 @@ class OnnxNetwork:
         import onnxruntime
         from onnx import numpy_helper
 
-        key = self._state()
+        values = self._values()
+        digest = hashlib.blake2b(digest_size=16)  # the values themselves: a slot, a slide's statistics, the checkpoint's
+        for array in values.values():
+            digest.update(array.tobytes())
+        key = digest.digest()
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key]
-        for name, array in self._values().items():
+        for name, array in values.items():
             self.proto.graph.initializer[self._index[name]].CopyFrom(numpy_helper.from_array(array, name))
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1

@@ -154,14 +154,15 @@ def _run_windows(run: _SlideRun, prob: ProbabilityMap) -> tuple[list[dict], dict
     try:
         t = time.perf_counter()
         read = lambda i: plan.resolution.read(slide, plan.level0_xy[i])  # noqa: E731
-        with pred.shift_of_slide() as shift, slide_batchnorm(pred, job, plan.tissue, read) as note:
+        # the runtime first: with onnx, the adaptation's unadapted pass (the shift meter's) runs on it too
+        with pred.runtime_for(count) as result.runtime, pred.shift_of_slide() as shift, \
+                slide_batchnorm(pred, job, plan.tissue, read) as note:
             result.adaptation = None if note is None else str(note)
             if note is not None and note.adapted:
                 timings["adaptation"] = time.perf_counter() - t
             qc = WindowQC.from_plan(slide, plan) if o.read.qc != "off" else None
             runner = WindowRunner(pred, slide, plan, count, acc, progress, qc)
-            with pred.runtime_for(count) as result.runtime:
-                bad = runner.run()
+            bad = runner.run()
             run.flags = runner.flags
         result.shift = shift.score
         timings.update(runner.clock)

@@ -176,10 +176,15 @@ class Predictor:
         import torch
 
         x = self.model_input(x_nhwc)
-        if self._use_onnx and not self.model.training:
-            return self.onnx(x)
         with torch.inference_mode(), autocast(self.placement):
-            return self.model(x)
+            return self.network(x)
+
+    def network(self, x):
+        """The network on model-ready input, by the slide's runtime: onnxruntime inside `runtime_for`
+        when it chose onnx and the model is in eval mode, else the torch model."""
+        if self._use_onnx and self.onnx is not None and self.onnx.runs_now():
+            return self.onnx(x)
+        return self.model(x)
 
     def _prob(self, logits):
         import torch
