@@ -125,6 +125,7 @@ def run_forward(args) -> dict:
 
 
 RUNNERS = {"predict": run_predict, "forward": run_forward}
+RUNS = ("predict torch", "predict auto", "forward torch", "forward onnx")
 
 
 def measure(kind: str, args, runtime: str, **extra) -> dict:
@@ -148,7 +149,9 @@ def environment() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=20000)
-    ap.add_argument("--windows", type=int, default=600, help="Tissue windows predicted (the first, in visiting order).")
+    ap.add_argument("--windows", type=int, default=600, help="Tissue windows predicted (the first, in visiting order; 0: all).")
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="Which runs (default: all four).")
+    ap.add_argument("--name", default="cpu_predict", help="bench_out/NAME.json")
     ap.add_argument("--tta", choices=("none", "flip"), default="none")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out")
@@ -172,26 +175,33 @@ def main() -> None:
 
     with open_slide(args.slide) as s:
         tissue = len(plan_prediction(s, Predictor.from_checkpoint(args.checkpoint, PredictOptions(device="cpu", runtime="torch"))))
-    fraction = min(1.0, args.windows / tissue)
-    runs = {}
-    for kind, runtime in (("predict", "torch"), ("predict", "auto"), ("forward", "torch"), ("forward", "onnx")):
-        extra = {"fraction": repr(fraction)} if kind == "predict" else {"windows": runs["predict torch"]["windows"]}
-        runs[f"{kind} {runtime}"] = measure(kind, args, runtime, **extra)
-        print(json.dumps({f"{kind} {runtime}": runs[f"{kind} {runtime}"]}), file=sys.stderr)
+    fraction = min(1.0, args.windows / tissue) if args.windows else 1.0
+    runs: dict[str, dict] = {}
+    for name in (r for r in RUNS if r in args.runs):
+        kind, runtime = name.split()
+        ran = next((r["windows"] for k, r in runs.items() if k.startswith("predict")), round(fraction * tissue))
+        extra = {"fraction": repr(fraction)} if kind == "predict" else {"windows": ran}
+        runs[name] = measure(kind, args, runtime, **extra)
+        print(json.dumps({name: runs[name]}), file=sys.stderr)
     rate = {k: r["windows"] / r["seconds"] for k, r in runs.items()}
+
+    def ratio(a, b):
+        return rate[a] / rate[b] if a in rate and b in rate else None
+
     result = {"environment": environment(), "slide_px": args.size, "tissue_windows": tissue, "tta": args.tta,
               "model": f"fpn-tu-efficientnet_lite0 dsbn, {TILE} px at {MPP} um/px, batch {BATCH}", "runs": runs,
-              "windows_per_s": rate, "predict_auto_over_torch": rate["predict auto"] / rate["predict torch"],
-              "forward_onnx_over_predict_auto": rate["forward onnx"] / rate["predict auto"],
-              "forward_onnx_over_forward_torch": rate["forward onnx"] / rate["forward torch"]}
-    (args.out / "cpu_predict.json").write_text(json.dumps(result, indent=2))
-    print(f"\n{result['model']}; slide {args.size} px, {tissue} tissue windows, first {runs['predict torch']['windows']} run; "
-          f"--tta {args.tta}; {result['environment']}\n")
+              "windows_per_s": rate, "predict_auto_over_torch": ratio("predict auto", "predict torch"),
+              "forward_onnx_over_predict_auto": ratio("forward onnx", "predict auto"),
+              "forward_onnx_over_forward_torch": ratio("forward onnx", "forward torch")}
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    print(f"\n{result['model']}; slide {args.size} px, {tissue} tissue windows, first {next(iter(runs.values()))['windows']} "
+          f"run; --tta {args.tta}; {result['environment']}\n")
     print("| run | runtime used | seconds | windows/s |\n|---|---|---|---|")
     for k, r in runs.items():
         print(f"| {k} | {r.get('runtime', k.split()[1])} | {r['seconds']:.1f} | {rate[k]:.2f} |")
-    print(f"\npredict auto / predict torch: {result['predict_auto_over_torch']:.2f}x; forward onnx / predict auto: "
-          f"{result['forward_onnx_over_predict_auto']:.2f}x; export {runs['forward onnx']['export_s']:.1f} s")
+    for key in ("predict_auto_over_torch", "forward_onnx_over_predict_auto", "forward_onnx_over_forward_torch"):
+        if result[key] is not None:
+            print(f"{key}: {result[key]:.2f}x")
 
 
 if __name__ == "__main__":

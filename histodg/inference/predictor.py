@@ -11,6 +11,7 @@ each flipped back. On CUDA: bf16 autocast, channels_last, pinned host buffers.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ class Predictor:
         self._gaussian_dev = torch.from_numpy(self.gaussian).to(self.device)
         self.onnx: OnnxNetwork | None = None  # --runtime: the network on onnxruntime, once exported
         self.onnx_unavailable: str | None = None  # why onnx cannot run here (auto then runs torch)
+        self.onnx_export_s = 0.0  # how long the export took
         self._use_onnx = False
         self._check_shapes()
         self.meter = None  # the domain-shift score's feature statistics (model.shift), when the checkpoint has a reference
@@ -123,8 +125,10 @@ class Predictor:
     def _build_onnx(self, where: str) -> None:
         from .onnx_net import OnnxNetwork
 
+        t = time.perf_counter()
         try:
             self.onnx = OnnxNetwork(self.model, self.tile, self.meter)
+            self.onnx_export_s = time.perf_counter() - t
         except Exception as exc:  # an exporter or runtime that cannot take this network
             self.onnx_unavailable = f"the model could not be exported to onnxruntime ({exc_line(exc)})"
             if self.options.runtime == "onnx":
