@@ -144,3 +144,26 @@ def test_where_onnx_cannot_run_it_is_one_line(checkpoint, cli, tmp_path, monkeyp
     pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu"))  # auto: torch, whatever the slide
     with pred.runtime_for(10**6) as name:
         assert name == "torch" and pred.onnx is None
+
+
+def test_evaluate_on_stores_takes_onnx_for_all_the_patches_together_and_scores_the_same(checkpoint, cli, tmp_path,
+                                                                                           monkeypatch):
+    from helpers import make_store
+    from histodg.evaluation.stores import evaluate_stores
+    from histodg.inference import predictor
+
+    stores = [make_store(tmp_path / f"{name}.zarr", n=12, scanner=scanner, seed=k, tint=(30 * k, -10 * k, 0))
+              for k, (name, scanner) in enumerate((("a", "s1"), ("b", "s2"), ("c", "new")))]
+    monkeypatch.setattr(predictor, "AUTO_ONNX_WINDOWS", 30)  # 36 patches in all, 12 a store
+    scores = {}
+    for runtime in ("torch", "auto"):
+        pred = Predictor.from_checkpoint(checkpoint, PredictOptions(device="cpu", runtime=runtime, tta="none"))
+        ev = evaluate_stores(pred, stores)
+        assert not ev.errors and (pred.onnx is not None) == (runtime == "auto")
+        scores[runtime] = {s.name: s for s in ev.images}
+    assert len(scores["torch"]) == 3
+    for name, s in scores["torch"].items():
+        assert scores["auto"][name].dice == pytest.approx(s.dice, abs=2e-3), name
+        assert scores["auto"][name].shift["raw"] == pytest.approx(s.shift["raw"], rel=1e-4), name
+    r = cli("evaluate", tmp_path / "a.zarr", "--runtime", "onnx")  # a predictions folder: the option is the checkpoint's
+    assert r.exit_code == 2 and "--runtime" in r.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..constants import AXES, EXTRA_OUTPUTS, LAYOUTS, RUNTIMES
+from ..constants import AXES, EXTRA_OUTPUTS, LAYOUTS
 from .config_file import config_option, note_outputs, records_config
 from .options import CONTEXT, fail_line, label_option, model_run_options, resolve_jobs, slide_batch_options
 
@@ -23,10 +23,6 @@ from .options import CONTEXT, fail_line, label_option, model_run_options, resolv
               help="Several devices at once: cuda:0,cuda:1 (or all: every GPU), one worker process each, slides "
                    "handed out as they finish; cpu,cpu works too.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Tumour where the probability is at least this.")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-              help="What runs the network: torch; onnx = onnxruntime on the CPU (about 2.5x faster there, the same "
-                   "probabilities within 1e-5, exported once per run); auto = onnx for slides of 500 windows or "
-                   "more on a CPU, torch otherwise and on a GPU.")
 @click.option("--geojson-tiles", is_flag=True,
               help="Also write tiles.geojson: the probability map as locked QuPath tiles with a measurement per class.")
 @click.option("--outputs", "outputs", multiple=True, type=click.Choice(EXTRA_OUTPUTS),
@@ -129,7 +125,7 @@ def _jobs_with_regions(jobs, roi, roi_class):
 @model_run_options(purpose="With a checkpoint: ")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @config_option
-def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, stain_norm, stain_ref,
+def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size, tta, device, adapt, stain_norm, stain_ref, runtime,
              as_json):
     """Dice and IoU per image, per domain and overall (the mean over images).
 
@@ -161,7 +157,7 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
 
         try:
             opts = PredictOptions(batch_size=batch_size, tta=tta, device=device, adapt=adapt, stain_norm=stain_norm,
-                                  stain_ref=stain_ref,
+                                  stain_ref=stain_ref, runtime=runtime,
                                   **({"threshold": threshold} if threshold is not None else {}))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
@@ -185,7 +181,7 @@ def evaluate(sources, truth, domain_axis, labels, objects, threshold, batch_size
 
 
 # what each mode of `evaluate` reads; an option of the other mode given explicitly is refused, never ignored
-CHECKPOINT_ONLY = ("batch_size", "tta", "device", "adapt", "stain_norm", "stain_ref")
+CHECKPOINT_ONLY = ("batch_size", "tta", "device", "adapt", "stain_norm", "stain_ref", "runtime")
 PREDICTIONS_ONLY = ("truth", "labels", "objects")
 
 

@@ -65,12 +65,19 @@ def evaluate_stores(predictor, paths, domain_axis: str | None = None, threshold:
             ev.errors.append(str(exc))
     if progress:
         progress(total=len(stores), done=0)
+    opened = []
     for path in stores:
         with collected(ev.errors, path):
-            store = open_store(path)
-            counts, shift = score_and_shift(predictor, store, cut)
-            ev.add(store.name, domain_of(store.attrs.organ, store.attrs.scanner, domain_axis), *counts, source=str(path),
-                   shift=shift)
-        if progress:
-            progress(advance=1)
+            opened.append(open_store(path))  # lazy: the attributes and array shapes
+    if progress and len(opened) < len(stores):
+        progress(advance=len(stores) - len(opened))  # those that did not open are done
+    # --runtime auto decides on all the patches together: a COSAS set is thousands of small stores
+    with predictor.runtime_for(sum(len(s) for s in opened)):
+        for store in opened:
+            with collected(ev.errors, store.path):
+                counts, shift = score_and_shift(predictor, store, cut)
+                ev.add(store.name, domain_of(store.attrs.organ, store.attrs.scanner, domain_axis), *counts,
+                       source=str(store.path), shift=shift)
+            if progress:
+                progress(advance=1)
     return ev
