@@ -153,3 +153,14 @@ def stem_input(model, x):
     """What the first BatchNorm of a ResNet encoder sees for `x`."""
     with torch.no_grad():
         return model.encoder.model.conv1(x) if hasattr(model.encoder, "model") else model.encoder.conv1(x)
+
+
+def feature_moments(model, normalizer, patches: np.ndarray):
+    """The domain-shift meter's `Moments` of (N, T, T, 3) uint8 `patches` through `model` (one forward)."""
+    from histodg.model.shift import FeatureMeter
+
+    meter = FeatureMeter(model)
+    with torch.inference_mode():
+        model(normalizer(torch.from_numpy(patches).permute(0, 3, 1, 2)))
+    meter.remove()
+    return meter.take()

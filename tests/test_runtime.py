@@ -12,13 +12,14 @@ import torch
 import zarr
 from PIL import Image
 
+from helpers import feature_moments
 from histodg.inference import PredictOptions, Predictor, predict_slide
 from histodg.inference.predictor import PredictError
 from histodg.model.build import build_model
 from histodg.model.checkpoint import load_checkpoint, save_checkpoint
 from histodg.model.config import ModelConfig
 from histodg.model.domain_bn import convert, domain, domain_layers, sync_shared
-from histodg.model.shift import FeatureMeter, fit_reference
+from histodg.model.shift import fit_reference
 from histodg.slides.inputs import SlideJob
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,11 +34,7 @@ def he(data_dir) -> np.ndarray:
 
 def _moments(model, normalizer, rgb: np.ndarray):
     patches = np.stack([rgb[y:y + TILE, x:x + TILE] for y in range(0, 256, TILE) for x in range(0, 256, TILE)])
-    meter = FeatureMeter(model)
-    with torch.inference_mode():
-        model(normalizer(torch.from_numpy(patches).permute(0, 3, 1, 2)))
-    meter.remove()
-    return meter.take()
+    return feature_moments(model, normalizer, patches)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_checkpoint
+from helpers import feature_moments, tiny_checkpoint
 from histodg.inference import PredictOptions, Predictor, ReadOptions, predict_slide
 from histodg.model.checkpoint import load_checkpoint, save_checkpoint
 from histodg.model.shift import FeatureMeter, Moments, divergence, fit_reference, slide_shift
@@ -30,11 +30,7 @@ def _patches(rgb: np.ndarray, step: int = TILE) -> np.ndarray:
 
 
 def _moments(model, normalizer, patches: np.ndarray) -> Moments:
-    meter = FeatureMeter(model)
-    with torch.inference_mode():
-        model(normalizer(torch.from_numpy(patches).permute(0, 3, 1, 2)))
-    meter.remove()
-    return meter.take()
+    return feature_moments(model, normalizer, patches)
 
 
 @pytest.fixture(scope="module")
